@@ -1,0 +1,156 @@
+r"""Benchmarks of connectivity measurement (not a test).
+
+Section ``op``: the fused masked layer op (``masked_conv_block``: conv of the
+masked weight, ReLU, [2x2 max-pool] and the per-channel sums in one call)
+against the PyTorch composition it replaces (``F.conv2d(x, w * mask, b)`` ->
+ReLU -> [pool], then a separate ``y.sum((0, 2, 3))``), on every conv layer of
+Conv6 at a 32x32 input. On CUDA both implementations of the op are timed
+(``MCWT_CONV_IMPL=cudnn`` and ``direct``).
+
+    PYTHONPATH=. python benchmarks/bench_connectivity.py --section op \
+        [--device cpu|cuda] [--threads 2] [--batch 60] [--quick]
+"""
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from mcwt_ext import _reference
+from mcwt_ext.ops import masked_conv_block
+from mcwt_ext.ops.masked_conv import CONV_IMPL_ENV
+
+# (name, in channels, out channels, input size, pool): Conv6's conv layers on CIFAR-10.
+CONV6_LAYERS = [
+    ("conv1", 3, 64, 32, False),
+    ("conv2", 64, 64, 32, True),
+    ("conv3", 64, 128, 16, False),
+    ("conv4", 128, 128, 16, True),
+    ("conv5", 128, 256, 8, False),
+    ("conv6", 256, 256, 8, True),
+]
+DENSITY = 0.2  # the paper's tickets keep 20% of every layer
+
+
+def _once_ms(fn, device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _time_ms(fns, device, repeats, warmup=2):
+    """Median wall time (ms) of each of fns, called in turn so that load from
+    other processes hits all of them alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(times, fns):
+            t.append(_once_ms(fn, device))
+    return [statistics.median(t) for t in times]
+
+
+def _layer_inputs(c, k, size, batch, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(batch, c, size, size, generator=g)).to(device)
+    weight = (torch.randn(k, c, 3, 3, generator=g) / (9 * c) ** 0.5).to(device)
+    mask = (torch.rand(k, c, 3, 3, generator=g) < DENSITY).to(device)
+    bias = torch.zeros(k).to(device)
+    return x, weight, mask, bias
+
+
+def bench_op(device, batches, repeats, impls):
+    """Rows of (layer, batch, impl, composition ms, fused ms, speed-up)."""
+    rows = []
+    for batch in batches:
+        for name, c, k, size, pool in CONV6_LAYERS:
+            x, weight, mask, bias = _layer_inputs(c, k, size, batch, device)
+
+            def composition():
+                return _reference.masked_conv_block(x, weight, mask, bias, padding=1, pool=pool)
+
+            def fused():
+                return masked_conv_block(x, weight, mask, bias, padding=1, pool=pool)
+
+            for impl in impls:
+                if impl is not None:
+                    os.environ[CONV_IMPL_ENV] = impl
+                # Both must agree before either is timed.
+                torch.testing.assert_close(fused()[1], composition()[1], rtol=1e-3, atol=1e-3)
+                t_ref, t_op = _time_ms([composition, fused], device, repeats)
+                rows.append((name, c, k, size, pool, batch, impl or "aten", t_ref, t_op))
+    return rows
+
+
+def _machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def run_op_section(args):
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        impls = [None]
+    else:
+        impls = ["cudnn", "direct"]
+    batches = args.batch or ([60] if device.type == "cpu" or args.quick else [60, 500])
+    repeats = 3 if args.quick else 10
+    old_impl = os.environ.get(CONV_IMPL_ENV)
+    try:
+        rows = bench_op(device, batches, repeats, impls)
+    finally:
+        if old_impl is None:
+            os.environ.pop(CONV_IMPL_ENV, None)
+        else:
+            os.environ[CONV_IMPL_ENV] = old_impl
+    print(f"### Masked conv + channel sums: {_machine(device)}, torch {torch.__version__}, "
+          f"density {DENSITY}")
+    print()
+    print("| layer | C->K | input | pool | batch | op impl | composition ms | fused ms "
+          "| speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, c, k, size, pool, batch, impl, t_ref, t_op in rows:
+        print(f"| {name} | {c}->{k} | {size}x{size} | {'yes' if pool else 'no'} | {batch} | {impl} "
+              f"| {t_ref:.3f} | {t_op:.3f} | {t_ref / t_op:.2f}x |")
+    print()
+
+
+SECTIONS = {"op": run_op_section}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--section", action="append", choices=sorted(SECTIONS),
+                        help="section(s) to run (repeatable; default: all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--batch", type=int, action="append",
+                        help="batch size(s) (default: 60, plus 500 on CUDA)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 60 only")
+    args = parser.parse_args(argv)
+    for section in args.section or sorted(SECTIONS):
+        SECTIONS[section](args)
+
+
+if __name__ == "__main__":
+    main()

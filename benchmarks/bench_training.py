@@ -1,0 +1,118 @@
+"""Training step time: masked vs dense (the mask must cost <= 5%), and the cost of evaluation.
+
+Conv-2 (or --arch) on CIFAR-sized random input (3x32x32, 10 classes), batch 60, Adam, the same
+step as ``mcwt_ext.train.train``. Dense and masked (80% pruned per layer, random) steps alternate
+one by one in one process, so a load change on a shared machine hits both alike; medians (and
+the median of the paired differences) are compared. The mask's added work (two fused multiplies)
+is also timed alone, right after real steps.
+
+    PYTHONPATH=. python benchmarks/bench_training.py [--arch conv2] [--threads 2] [--steps 100]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+from torch.utils.data import TensorDataset
+
+from mcwt_ext.masks import random_masks
+from mcwt_ext.models import ARCHS, build_model
+from mcwt_ext.train import BatchOrder, _MaskEnforcer, _step, evaluate
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="conv2")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--batch-size", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=100, help="timed steps of each kind (they alternate)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed step pairs first")
+    ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--eval-images", type=int, default=2000, help="images for the evaluation timing")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    x = torch.randn(n, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(10, (n,), generator=g).to(device)
+    order = BatchOrder(n, a.batch_size, seed=0)
+
+    def setup(masked):
+        model = build_model(a.arch, seed=0).to(device)
+        masks = random_masks(model, a.sparsity, seed=0) if masked else {}
+        enforcer = _MaskEnforcer(model, masks)
+        enforcer.weights()
+        return model, torch.optim.Adam(model.parameters(), lr=ARCHS[a.arch].lr), enforcer
+
+    runs = {"dense": setup(False), "masked": setup(True)}
+    times = {k: [] for k in runs}
+    # Dense and masked steps alternate one by one, so load changes on a shared machine hit both
+    # alike; the first `warmup` pairs (allocator, oneDNN/cuDNN plans) are not timed.
+    for it in range(a.warmup + a.steps):
+        idx = order.indices(it).to(device)
+        for name, (model, opt, enforcer) in runs.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            _step(model, opt, enforcer, x[idx], y[idx])
+            _sync(device)
+            if it >= a.warmup:
+                times[name].append(time.perf_counter() - t0)
+
+    # The added work alone: the two fused multiplies per step (gradients, then weights).
+    # Timed after a step each time, so the caches hold what a real step leaves in them.
+    model, opt, enforcer = runs["masked"]
+    enforce = []
+    for it in range(20):
+        idx = order.indices(it).to(device)
+        _step(model, opt, enforcer, x[idx], y[idx])
+        _sync(device)
+        t0 = time.perf_counter()
+        enforcer.grads()
+        enforcer.weights()
+        _sync(device)
+        enforce.append(time.perf_counter() - t0)
+    enforce = statistics.median(enforce)
+
+    model = runs["dense"][0]
+    split = TensorDataset(x[:a.eval_images], y[:a.eval_images])
+    evaluate(model, TensorDataset(x[:1000], y[:1000]), device)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    evaluate(model, split, device)
+    _sync(device)
+    eval_per_image = (time.perf_counter() - t0) / a.eval_images
+
+    dense, masked = statistics.median(times["dense"]), statistics.median(times["masked"])
+    paired = statistics.median(m - d for m, d in zip(times["masked"], times["dense"]))
+    spec = ARCHS[a.arch]
+    evals = spec.iterations // 100 + 1
+    full = dense * spec.iterations + evals * 15_000 * eval_per_image  # val 5k + test 10k each time
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {a.threads} threads"
+    print(f"# bench_training {datetime.date.today()} | {what} | torch {torch.__version__}")
+    print(f"{a.arch}, batch {a.batch_size}, {a.steps} alternating steps of each kind, sparsity {a.sparsity}")
+    print(f"dense step   median {dense * 1e3:8.2f} ms  (min {min(times['dense']) * 1e3:.2f})")
+    print(f"masked step  median {masked * 1e3:8.2f} ms  (min {min(times['masked']) * 1e3:.2f})")
+    print(f"mask overhead: medians {100 * (masked / dense - 1):+.1f}%, paired median "
+          f"{100 * paired / dense:+.1f}%, mask ops alone {enforce * 1e3:.2f} ms = "
+          f"{100 * enforce / dense:.1f}% of a dense step")
+    print(f"evaluation   {eval_per_image * 1e3:.3f} ms/image -> {15_000 * eval_per_image:.1f} s per "
+          f"val+test evaluation")
+    print(f"full protocol ({spec.iterations} iterations, {evals} evaluations) ~ {full / 3600:.1f} h "
+          f"per training")
+
+
+if __name__ == "__main__":
+    main()

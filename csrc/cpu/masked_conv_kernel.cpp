@@ -1,0 +1,233 @@
+// CPU kernels of the fused masked layers: masked_conv2d_relu_sums and
+// masked_linear_relu_sums (schemas in csrc/mcwt.cpp).
+//
+// Each op returns the activation entering the next layer and, from the same
+// pass that writes it, that activation's per-channel sums in float64 -- the
+// connectivity of the next layer's inputs, before the caller divides by the
+// number of positions. ATen does the conv/matmul; one fused epilogue pass over
+// its output then applies ReLU, [2x2 max-pool], writes y and accumulates the
+// sums, so no later pass re-reads the activations to measure connectivity.
+//
+// The argument checks live here too and are shared with the CUDA kernels
+// (declared again in cuda/masked_conv_kernel.cu; both files build into _C).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+namespace mcwt_ext {
+namespace masked_conv {
+
+namespace {
+
+void check_layer_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                      const at::Tensor& mask, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
+              ": input must be a floating-point tensor, got ", input.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ",
+              weight.scalar_type(), " must equal input dtype ", input.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == weight.sizes(), op, ": mask shape ", mask.sizes(),
+              " must equal weight shape ", weight.sizes());
+  TORCH_CHECK(input.size(1) == weight.size(1), op, ": input has ", input.size(1),
+              " channels/features but weight expects ", weight.size(1));
+  TORCH_CHECK(weight.device() == input.device() && mask.device() == input.device(), op,
+              ": input, weight and mask must be on one device, got ", input.device(), ", ",
+              weight.device(), ", ", mask.device());
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0), op, ": bias must have shape [",
+                weight.size(0), "], got ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == input.scalar_type(), op, ": bias dtype ", b.scalar_type(),
+                " must equal input dtype ", input.scalar_type());
+    TORCH_CHECK(b.device() == input.device(), op, ": bias must be on ", input.device(),
+                ", got ", b.device());
+  }
+}
+
+}  // namespace
+
+// Validates the conv op's arguments; returns the conv output size {Ho, Wo}.
+std::array<int64_t, 2> check_conv_args(const at::Tensor& input, const at::Tensor& weight,
+                                        const at::Tensor& mask,
+                                        const std::optional<at::Tensor>& bias,
+                                        at::IntArrayRef padding, bool pool) {
+  constexpr const char* op = "masked_conv2d_relu_sums";
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got ", input.sizes());
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D [K, C, kh, kw], got ",
+              weight.sizes());
+  check_layer_args(op, input, weight, mask, bias);
+  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
+              ": padding must be two non-negative ints, got ", padding);
+  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, op,
+              ": weight kernel size must be positive, got ", weight.sizes());
+  const int64_t ho = input.size(2) + 2 * padding[0] - weight.size(2) + 1;
+  const int64_t wo = input.size(3) + 2 * padding[1] - weight.size(3) + 1;
+  TORCH_CHECK(ho >= 1 && wo >= 1, op, ": kernel ", weight.size(2), "x", weight.size(3),
+              " is larger than the padded input ", input.size(2) + 2 * padding[0], "x",
+              input.size(3) + 2 * padding[1]);
+  TORCH_CHECK(!pool || (ho >= 2 && wo >= 2), op, ": conv output ", ho, "x", wo,
+              " is too small for 2x2 max-pooling");
+  return {ho, wo};
+}
+
+void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
+                       const at::Tensor& mask, const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "masked_linear_relu_sums";
+  TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D [N, in], got ", input.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
+  check_layer_args(op, input, weight, mask, bias);
+}
+
+namespace {
+
+// NaN-propagating, like torch.relu and max_pool2d.
+template <typename T>
+inline T relu(T v) {
+  return v < T(0) ? T(0) : v;
+}
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// ReLU in place over one contiguous plane; returns the plane's sum. Four
+// independent accumulators break the add latency chain; the order is fixed, so
+// the sum does not depend on the thread count.
+template <typename scalar_t>
+double relu_inplace_sum(scalar_t* p, int64_t n) {
+  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    for (int l = 0; l < 4; ++l) {
+      const scalar_t v = relu(p[i + l]);
+      p[i + l] = v;
+      acc[l] += static_cast<double>(v);
+    }
+  }
+  for (; i < n; ++i) {
+    const scalar_t v = relu(p[i]);
+    p[i] = v;
+    acc[0] += static_cast<double>(v);
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// 2x2 max-pool (floor mode) of one ho x wo plane z into a (ho/2) x (wo/2) plane y,
+// then ReLU (max and ReLU commute); returns y's sum.
+template <typename scalar_t>
+double pool_relu_sum(const scalar_t* z, int64_t ho, int64_t wo, scalar_t* y) {
+  const int64_t hy = ho / 2, wy = wo / 2;
+  double acc = 0.0;
+  for (int64_t py = 0; py < hy; ++py) {
+    const scalar_t* r0 = z + (2 * py) * wo;
+    const scalar_t* r1 = r0 + wo;
+    scalar_t* out = y + py * wy;
+    double row = 0.0;
+    for (int64_t px = 0; px < wy; ++px) {
+      const scalar_t v = relu(nan_max(nan_max(r0[2 * px], r0[2 * px + 1]),
+                                      nan_max(r1[2 * px], r1[2 * px + 1])));
+      out[px] = v;
+      row += static_cast<double>(v);
+    }
+    acc += row;
+  }
+  return acc;
+}
+
+// Grain for at::parallel_for so that each task touches ~32K activations.
+int64_t grain_for(int64_t elems_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems_per_item));
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_conv2d_relu_sums_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef padding, bool pool) {
+  const auto out = check_conv_args(input, weight, mask, bias, padding, pool);
+  const int64_t n = input.size(0), k = weight.size(0), ho = out[0], wo = out[1];
+  const int64_t hy = pool ? ho / 2 : ho, wy = pool ? wo / 2 : wo;
+
+  // weight * mask materialises a masked copy: cheap on CPU, where the weight is
+  // tiny next to the activations, and ATen's conv wants a dense weight. The
+  // bias goes into the conv. Contiguous operands give a contiguous NCHW output
+  // (a channels-last one would make ATen pick a channels-last output).
+  at::Tensor z = at::conv2d(input.contiguous(), (weight * mask).contiguous(), bias,
+                            /*stride=*/{1, 1}, padding)
+                     .contiguous();
+  at::Tensor y = pool ? at::empty({n, k, hy, wy}, z.options()) : z;  // no pool: in place
+  at::Tensor sums = at::zeros({k}, z.options().dtype(at::kDouble));
+  if (n == 0 || k == 0) {
+    return {y, sums};
+  }
+
+  // One partial sum per (image, channel) plane, reduced over images in a fixed
+  // order afterwards: deterministic at any thread count.
+  std::vector<double> plane_sums(static_cast<size_t>(n * k));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, z.scalar_type(), "masked_conv2d_relu_sums_cpu", [&] {
+        scalar_t* zp = z.data_ptr<scalar_t>();
+        scalar_t* yp = y.data_ptr<scalar_t>();
+        at::parallel_for(0, n * k, grain_for(ho * wo), [&](int64_t begin, int64_t end) {
+          for (int64_t plane = begin; plane < end; ++plane) {
+            plane_sums[plane] =
+                pool ? pool_relu_sum(zp + plane * ho * wo, ho, wo, yp + plane * hy * wy)
+                     : relu_inplace_sum(zp + plane * ho * wo, ho * wo);
+          }
+        });
+      });
+  double* s = sums.data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = 0; c < k; ++c) {
+      s[c] += plane_sums[i * k + c];
+    }
+  }
+  return {y, sums};
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_linear_relu_sums_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
+    const std::optional<at::Tensor>& bias) {
+  check_linear_args(input, weight, mask, bias);
+  const int64_t n = input.size(0), k = weight.size(0);
+  // Masked copy of the weight: see masked_conv2d_relu_sums_cpu.
+  at::Tensor y = at::linear(input.contiguous(), weight * mask, bias).contiguous();
+  at::Tensor sums = at::zeros({k}, y.options().dtype(at::kDouble));
+  if (n == 0 || k == 0) {
+    return {y, sums};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, y.scalar_type(), "masked_linear_relu_sums_cpu", [&] {
+        scalar_t* yp = y.data_ptr<scalar_t>();
+        double* s = sums.data_ptr<double>();
+        // Tasks own column ranges and walk all rows in order: each unit's sum
+        // is accumulated by one task, in a fixed order.
+        at::parallel_for(0, k, grain_for(n), [&](int64_t begin, int64_t end) {
+          std::vector<double> acc(static_cast<size_t>(end - begin), 0.0);
+          for (int64_t i = 0; i < n; ++i) {
+            scalar_t* row = yp + i * k;
+            for (int64_t j = begin; j < end; ++j) {
+              const scalar_t v = relu(row[j]);
+              row[j] = v;
+              acc[j - begin] += static_cast<double>(v);
+            }
+          }
+          std::copy(acc.begin(), acc.end(), s + begin);
+        });
+      });
+  return {y, sums};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mcwt_ext, CPU, m) {
+  m.impl("masked_conv2d_relu_sums", &masked_conv2d_relu_sums_cpu);
+  m.impl("masked_linear_relu_sums", &masked_linear_relu_sums_cpu);
+}
+
+}  // namespace masked_conv
+}  // namespace mcwt_ext

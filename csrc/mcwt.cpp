@@ -1,0 +1,37 @@
+// Schemas of every mcwt_ext op, and the Python module `mcwt_ext._C`.
+//
+// Kernels register per backend in cpu/*.cpp and cuda/*.cu (TORCH_LIBRARY_IMPL);
+// fake kernels and the Python wrappers live in mcwt_ext/ops/.
+
+#include <torch/extension.h>
+#include <torch/headeronly/version.h>
+
+#if defined(MCWT_WITH_CUDA)
+#include <cuda.h>
+#define MCWT_CUDA_VERSION CUDA_VERSION
+#else
+#define MCWT_CUDA_VERSION 0
+#endif
+
+TORCH_LIBRARY(mcwt_ext, m) {
+  // Mask sampling (cpu/sampling_kernel.cpp, cuda/sampling_kernel.cu).
+  m.def("logistic_bernoulli(Tensor weight, Tensor? connectivity, float u_mag, float u_conn, "
+        "float bias, int seed, int offset) -> Tensor");
+  m.def("expected_density(Tensor weight, Tensor? connectivity, float u_mag, float u_conn, "
+        "float bias) -> Tensor");
+  m.def("logistic_topk(Tensor weight, Tensor? connectivity, float u_mag, float u_conn, "
+        "float bias, int k, int seed, int offset) -> Tensor");
+  // Masked layers fused with channel sums (cpu/masked_conv*, cuda/masked_conv*).
+  m.def("masked_conv2d_relu_sums(Tensor input, Tensor weight, Tensor mask, Tensor? bias, "
+        "int[2] padding, bool pool) -> (Tensor, Tensor)");
+  m.def("masked_linear_relu_sums(Tensor input, Tensor weight, Tensor mask, Tensor? bias) "
+        "-> (Tensor, Tensor)");
+}
+
+// No functions here: every op goes through the dispatcher. The attributes
+// record what this binary was compiled against, checked at import by
+// mcwt_ext/_extension.py.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("torch_version") = TORCH_VERSION;
+  m.attr("cuda_version") = MCWT_CUDA_VERSION;  // e.g. 13000; 0 when built without CUDA kernels
+}

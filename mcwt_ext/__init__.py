@@ -1,0 +1,37 @@
+"""mcwt_ext: Monte Carlo Winning Tickets (Grzeszczuk & Kurdziel) for PyTorch.
+
+Fit a logistic keep-probability to one genuine winning ticket, then sample new
+tickets layer by layer with fused C++/CUDA kernels::
+
+    from mcwt_ext import sample_masks
+    masks = sample_masks(model, "fit.json", data, sparsity=0.8, seed=0)
+
+The compiled ops (``mcwt_ext.ops``) load lazily, so the pure-PyTorch modules
+(models, data, train, imp) import without them; a failed load of the
+extension is never swallowed, it raises on first use.
+"""
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names and the submodule that defines each; resolved on first access.
+_LAZY = {
+    "sample_masks": "mcwt_ext.sample",
+    "fit_ticket": "mcwt_ext.fit",
+    "LogisticFit": "mcwt_ext.fit",
+    "load_fit": "mcwt_ext.fit",
+    "measure_connectivity": "mcwt_ext.connectivity",
+    "build_model": "mcwt_ext.models",
+    "load_dataset": "mcwt_ext.data",
+}
+_SUBMODULES = {"ops"}
+
+__all__ = sorted(_LAZY) + sorted(_SUBMODULES)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"mcwt_ext.{name}")
+    raise AttributeError(f"module 'mcwt_ext' has no attribute {name!r}")

@@ -1,0 +1,204 @@
+"""Fit: logistic models of "kept in the winning ticket" on per-weight features.
+
+Features of a weight ``w`` of layer ``l`` (normalised per layer, so one model serves
+layers of different scale):
+
+* magnitude    ``|w| / std(initial weights of l)``
+* connectivity ``g / mean(g over l's inputs)``, where ``g`` is the mean activation
+  entering ``w`` in the untrained net masked by the ticket's earlier layers.
+
+Four models are fitted: {conv, linear} x {magnitude only, magnitude + connectivity}
+(the output layer counts as linear; the first layer, whose input is the data, has
+no connectivity and only feeds the magnitude models). The sampler later replaces each
+model's intercept per layer to hit that layer's target density, so what transfers
+are the two slopes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .connectivity import measure_connectivity
+from .masks import layer_kind, prunable_layers
+from .runs import atomic_write
+
+FORMAT = "mcwt-fit/1"
+KINDS = ("conv", "linear")
+VARIANTS = ("magnitude", "connectivity")
+
+
+@dataclass
+class LogisticModel:
+    """``p(keep) = sigmoid(u_mag * magnitude + u_conn * connectivity + bias)`` on normalised features."""
+
+    u_mag: float
+    u_conn: float
+    bias: float
+
+
+@dataclass
+class LogisticFit:
+    """The fitted models, keyed ``models[kind][variant]``, with per-layer diagnostics."""
+
+    models: dict[str, dict[str, LogisticModel]]
+    layers: list[dict] = field(default_factory=list)
+    source: dict = field(default_factory=dict)
+
+    def model(self, kind: str, connectivity: bool) -> LogisticModel:
+        """The model for a layer kind ("conv", "linear" or "output")."""
+        kind = "conv" if kind == "conv" else "linear"
+        variant = "connectivity" if connectivity else "magnitude"
+        try:
+            return self.models[kind][variant]
+        except KeyError:
+            raise ValueError(
+                f"fit: has no {variant} model for {kind} layers (it was fitted on a ticket "
+                f"without such layers); fitted: "
+                f"{ {k: sorted(v) for k, v in self.models.items()} }") from None
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "normalisation": {
+                "magnitude": "|w| / std of the layer's initial weights",
+                "connectivity": "g / mean of g over the layer's inputs",
+            },
+            "models": {k: {v: asdict(m) for v, m in vs.items()} for k, vs in self.models.items()},
+            "layers": self.layers,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "LogisticFit":
+        if obj.get("format") != FORMAT:
+            raise ValueError(f"fit: not an mcwt fit file (format {obj.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        models = {k: {v: LogisticModel(**m) for v, m in vs.items()} for k, vs in obj["models"].items()}
+        return cls(models, obj.get("layers", []), obj.get("source", {}))
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def load_fit(fit: "LogisticFit | str | os.PathLike") -> LogisticFit:
+    """A fitted object as it is, or one read from a JSON file."""
+    if isinstance(fit, LogisticFit):
+        return fit
+    if not isinstance(fit, (str, os.PathLike)):
+        raise TypeError(f"fit: expected a LogisticFit or a path, got {type(fit).__name__}")
+    if not os.path.isfile(fit):
+        raise FileNotFoundError(f"fit: no such file {str(fit)!r} (make one with `mcwt fit`)")
+    with open(fit) as f:
+        return LogisticFit.from_json(json.load(f))
+
+
+def layer_features(weight: torch.Tensor, connectivity: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Normalised feature tensors of one layer, each of ``weight``'s shape."""
+    weight = weight.detach().double()
+    std = weight.std()
+    feats = {"magnitude": weight.abs() / std if std > 0 else weight.abs()}
+    if connectivity is not None:
+        g = normalised_connectivity(connectivity)
+        feats["connectivity"] = g.view(1, -1, *([1] * (weight.dim() - 2))).expand_as(weight)
+    return feats
+
+
+#: Normalised connectivity is rounded to this grid. CPU and CUDA convolutions round
+#: differently (about 1e-9 relative in a mean over many inputs); on a grid 1e5 times
+#: coarser they give the same values, hence the same calibrated bias and the same
+#: masks, while the keep-probabilities move by at most ``u_conn / 8192``.
+CONNECTIVITY_GRID = 1.0 / 4096
+
+
+def normalised_connectivity(g: torch.Tensor) -> torch.Tensor:
+    """``g / mean(g)`` rounded to :data:`CONNECTIVITY_GRID`; a dead layer (all zero) stays zero."""
+    g = g.double()
+    mean = g.mean()
+    if not mean > 0:
+        return torch.zeros_like(g)
+    return torch.round(g / mean / CONNECTIVITY_GRID) * CONNECTIVITY_GRID
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray) -> LogisticModel:
+    from sklearn.linear_model import LogisticRegression
+
+    if y.min() == y.max():
+        raise ValueError("fit: the ticket keeps all or none of these weights, nothing to fit")
+    # Unregularised in effect (large C): the coefficients are the model, not a prediction tool.
+    clf = LogisticRegression(C=1e6, max_iter=1000).fit(x, y)
+    coef = clf.coef_[0]
+    return LogisticModel(u_mag=float(coef[0]), u_conn=float(coef[1]) if len(coef) > 1 else 0.0,
+                         bias=float(clf.intercept_[0]))
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else None
+
+
+def fit_ticket(model: nn.Module, masks: dict[str, torch.Tensor], data, *, max_samples=None,
+               max_weights_per_layer: int = 200_000, seed: int = 0, batch_size: int = 500
+               ) -> LogisticFit:
+    """Fit the four logistic models to a winning ticket.
+
+    ``model`` holds the ticket's initial weights; ``masks`` are the ticket; ``data``
+    (tensor, DataLoader or batches) is what connectivity is measured on. Each layer
+    contributes at most ``max_weights_per_layer`` weights (a seeded subsample), which
+    bounds the fitting time and keeps large layers from drowning small ones.
+    """
+    layers = prunable_layers(model)
+    kinds = layer_kind(model)
+    missing = [f"{n}.weight" for n, _ in layers if f"{n}.weight" not in masks]
+    if missing:
+        raise ValueError(f"masks: the ticket has no mask for {missing}")
+    conn = measure_connectivity(model, masks, data, max_samples=max_samples, batch_size=batch_size)
+    rng = np.random.default_rng(seed)
+
+    rows: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+    per_layer = []
+    for index, (name, module) in enumerate(layers):
+        param = f"{name}.weight"
+        kind = "conv" if kinds[param] == "conv" else "linear"
+        g = conn.get(param) if index > 0 else None
+        feats = {k: v.flatten().cpu().numpy() for k, v in layer_features(module.weight, g).items()}
+        y = masks[param].flatten().cpu().numpy().astype(np.int64)
+        take = (rng.choice(len(y), max_weights_per_layer, replace=False)
+                if len(y) > max_weights_per_layer else np.arange(len(y)))
+        mag = feats["magnitude"][take][:, None]
+        rows.setdefault((kind, "magnitude"), []).append((mag, y[take]))
+        if g is not None:
+            both = np.concatenate([mag, feats["connectivity"][take][:, None]], axis=1)
+            rows.setdefault((kind, "connectivity"), []).append((both, y[take]))
+        per_layer.append({
+            "name": param, "kind": kinds[param], "weights": int(len(y)),
+            "keep_rate": float(y.mean()),
+            "weight_std": float(module.weight.detach().double().std()),
+            "connectivity_mean": float(g.double().mean()) if g is not None else None,
+            "_take": take, "_feats": feats, "_y": y,
+        })
+
+    models: dict[str, dict[str, LogisticModel]] = {}
+    for (kind, variant), parts in rows.items():
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        models.setdefault(kind, {})[variant] = _fit_logistic(x, y)
+
+    for info in per_layer:  # diagnostics: how well each model ranks this layer's weights
+        take, feats, y = info.pop("_take"), info.pop("_feats"), info.pop("_y")
+        kind = "conv" if info["kind"] == "conv" else "linear"
+        info["auc"] = {}
+        for variant, m in models.get(kind, {}).items():
+            if variant == "connectivity" and "connectivity" not in feats:
+                continue
+            score = m.u_mag * feats["magnitude"][take]
+            if variant == "connectivity":
+                score = score + m.u_conn * feats["connectivity"][take]
+            info["auc"][variant] = _auc(y[take], score)
+    return LogisticFit(models, per_layer)
+

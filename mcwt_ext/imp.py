@@ -1,0 +1,172 @@
+"""Iterative magnitude pruning (IMP): the procedure that finds a genuine winning ticket.
+
+Round 0 trains the dense net. Each later round prunes, per layer, a fixed share of the weights
+that remain (by lowest trained magnitude), rewinds the kept weights to their initial values (or
+to their values after ``rewind_iteration`` steps of round 0) and trains again. A layer stops at
+its target; the round that reaches every target is the winning ticket (WT).
+
+Run directory::
+
+    init.safetensors      initial weights (the rewind point when rewind_iteration = 0)
+    imp.json              the IMP settings, checked on resume
+    round_XX/             one training run each: masks.safetensors, final.safetensors, summary...
+    rewind.safetensors    weights after rewind_iteration steps (only when rewind_iteration > 0)
+    rounds.csv            one row per round: density, accuracies
+    masks.safetensors     the WT masks (the last round's)
+    summary.json          rounds, reached_target, WT densities; written last
+
+Rewound rounds train for the full ``train.iterations`` with a fresh optimiser.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .data import Dataset
+from .masks import per_layer, densities, dense_masks, kept_count, layer_kind, magnitude_prune
+from .models import arch_spec
+from .runs import RunDir
+from .train import TrainConfig, snapshot_name, train
+
+__all__ = ["ImpConfig", "run_imp", "KINDS"]
+
+KINDS = ("conv", "linear", "output")
+REWIND = "rewind.safetensors"
+SETTINGS = "imp.json"
+
+
+@dataclass(kw_only=True)
+class ImpConfig:
+    """IMP settings. ``rates``: share of the remaining weights pruned per round, by layer kind;
+    ``sparsity``: the target share pruned, one float for every layer or ``{weight name: float}``
+    (layers not named stay dense); ``max_rounds``: stop after that many pruning rounds even if a
+    target is not reached (None: no limit)."""
+
+    train: TrainConfig
+    rates: dict[str, float] = field(default_factory=lambda: {"conv": 0.1, "linear": 0.2, "output": 0.1})
+    sparsity: float | dict[str, float] = 0.8
+    rewind_iteration: int = 0
+    max_rounds: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.train, TrainConfig):
+            raise TypeError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+        if not isinstance(self.rates, Mapping) or set(self.rates) != set(KINDS):
+            raise ValueError(f"rates must give a rate for each of {list(KINDS)}, got {self.rates!r}")
+        self.rates = {k: float(self.rates[k]) for k in KINDS}
+        for kind, rate in self.rates.items():
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"rate for {kind} must lie in [0, 1), got {rate}")
+        values = self.sparsity.values() if isinstance(self.sparsity, Mapping) else [self.sparsity]
+        for s in values:
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity must lie in [0, 1), got {s!r}")
+        k = self.rewind_iteration
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.train.iterations:
+            raise ValueError(f"rewind_iteration must be an int in [0, {self.train.iterations}), got {k!r}")
+        m = self.max_rounds
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
+            raise ValueError(f"max_rounds must be None or an int >= 0, got {m!r}")
+
+    @classmethod
+    def for_arch(cls, arch: str, **overrides) -> "ImpConfig":
+        """The protocol's IMP for ``arch``. ``overrides`` may hold ImpConfig fields (``rates`` may
+        be partial) and TrainConfig fields (passed to ``TrainConfig.for_arch``); None is ignored."""
+        spec = arch_spec(arch)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        own = {f.name for f in dataclasses.fields(cls)}
+        train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = set(overrides) - own - train_keys
+        if unknown:
+            raise TypeError(f"unknown ImpConfig/TrainConfig fields {sorted(unknown)}")
+        train_overrides = {k: overrides.pop(k) for k in list(overrides) if k in train_keys}
+        if "train" in overrides and train_overrides:
+            raise TypeError(f"give either train or the TrainConfig fields {sorted(train_overrides)}")
+        overrides.setdefault("train", TrainConfig.for_arch(arch, **train_overrides))
+        rates = {"conv": spec.conv_prune_rate, "linear": spec.linear_prune_rate,
+                 "output": spec.output_prune_rate}
+        rates.update(overrides.pop("rates", {}))
+        return cls(rates=rates, **overrides)
+
+    def identity(self) -> dict:
+        """The settings a resumed run must share (all but max_rounds and runtime fields)."""
+        return dict(rates=self.rates, sparsity=self.sparsity, rewind_iteration=self.rewind_iteration,
+                    train=self.train.identity())
+
+
+def _same_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def _at_target(masks: Mapping[str, torch.Tensor], targets: Mapping[str, float]) -> bool:
+    return all(int(m.sum()) <= kept_count(m.numel(), targets[n]) for n, m in masks.items())
+
+
+def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunDir | str,
+            progress: bool = True) -> dict[str, torch.Tensor]:
+    """Run IMP from ``model``'s current (initial) weights; return the WT masks.
+
+    Resumes a run directory that was stopped: finished rounds are read back, the round in
+    progress continues from its last checkpoint. ``model`` ends with the last round's trained
+    weights.
+    """
+    if not isinstance(config, ImpConfig):
+        raise TypeError(f"config must be an ImpConfig, got {type(config).__name__}")
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    device = next(model.parameters()).device
+    kinds = layer_kind(model, dataset.example_input().to(device))
+    rates = {name: config.rates[kind] for name, kind in kinds.items()}
+    targets = {name: 1.0 for name in kinds}
+    targets.update({n: 1.0 - s for n, s in per_layer(config.sparsity, list(kinds), "sparsity").items()})
+    stuck = [n for n in kinds if targets[n] < 1.0 and rates[n] == 0.0]
+    if stuck:
+        raise ValueError(f"layers {stuck} have a sparsity target but a prune rate of 0")
+
+    init = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    if rd.exists(SETTINGS):
+        if rd.load_json(SETTINGS) != config.identity():
+            raise ValueError(f"{rd.file(SETTINGS)} holds other IMP settings; use a fresh run directory")
+        if not _same_tensors(rd.load_tensors(RunDir.INIT), init):
+            raise ValueError(f"{rd.init_path} holds other initial weights than the model's; "
+                             f"use a fresh run directory or the same seed")
+    else:
+        rd.save_tensors(RunDir.INIT, init)
+        rd.save_json(SETTINGS, config.identity())
+
+    k = config.rewind_iteration
+    masks, rewind, rounds = dense_masks(model), init, []
+    for r in itertools.count():
+        round_dir = rd.subdir(f"round_{r:02d}")
+        if round_dir.exists(RunDir.MASKS):
+            if not _same_tensors(round_dir.load_tensors(RunDir.MASKS), masks):
+                raise ValueError(f"{round_dir.masks_path} differs from the masks IMP derives; "
+                                 f"the run directory is inconsistent")
+        else:
+            round_dir.save_tensors(RunDir.MASKS, masks)
+        model.load_state_dict(rewind)
+        result = train(model, dataset, masks, config.train, round_dir, progress, desc=f"IMP round {r}",
+                       snapshot_iterations=[k] if r == 0 and k > 0 else ())
+        if r == 0 and k > 0:
+            rewind = round_dir.load_tensors(snapshot_name(k))
+            rd.save_tensors(REWIND, rewind)
+        s = result.summary
+        kept = sum(int(m.sum()) for m in masks.values())
+        rounds.append(dict(round=r, density=kept / sum(m.numel() for m in masks.values()),
+                           **{key: s[key] for key in ("val_acc_final", "test_acc_final",
+                                                      "val_acc_early_stop", "test_acc_early_stop",
+                                                      "early_stop_iteration", "min_val_loss")}))
+        rd.save_csv("rounds.csv", rounds)
+        reached = _at_target(masks, targets)
+        if reached or (config.max_rounds is not None and r >= config.max_rounds):
+            break
+        masks = magnitude_prune(model.state_dict(), masks, rates, targets)
+
+    rd.save_tensors(RunDir.MASKS, masks)
+    rd.save_json(RunDir.SUMMARY, dict(rounds=rounds, reached_target=reached, kinds=kinds,
+                                      densities=densities(masks), ticket=rounds[-1]))
+    return masks

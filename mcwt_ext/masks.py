@@ -1,0 +1,180 @@
+"""Masks of prunable weights: which layers are prunable, magnitude pruning, random masks.
+
+A mask set is a dict ``{param_name: bool tensor}`` keyed by ``"<module name>.weight"`` of a
+Conv2d/Linear module, True where the weight is kept. A prunable layer absent from the dict is
+dense. Everything here works on any feed-forward model, not only the Conv-k nets.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["prunable_layers", "layer_kind", "dense_masks", "apply_masks", "masked_parameters",
+           "densities", "kept_count", "per_layer", "magnitude_prune", "random_masks", "check_masks"]
+
+_PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+def prunable_layers(model: nn.Module, example_input: torch.Tensor | None = None
+                    ) -> list[tuple[str, nn.Module]]:
+    """Conv2d/Linear modules of ``model`` in forward order, as ``(module name, module)``.
+
+    With ``example_input`` the order is traced with forward hooks (first call wins); without,
+    it is the registration order, which is the forward order for ``nn.Sequential`` nets.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _PRUNABLE)]
+    if example_input is None:
+        return layers
+    order: dict[str, int] = {}
+
+    def seen(name):
+        def hook(module, inputs, output):  # returns None: the output is left as it is
+            order.setdefault(name, len(order))
+        return hook
+
+    hooks = [m.register_forward_hook(seen(name)) for name, m in layers]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    unused = [name for name, _ in layers if name not in order]
+    if unused:
+        raise ValueError(f"layers {unused} are never called in the forward pass; a mask on them "
+                         f"would mean nothing")
+    return sorted(layers, key=lambda item: order[item[0]])
+
+
+def layer_kind(model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, str]:
+    """Map each prunable weight name to ``"conv"``, ``"linear"`` or ``"output"`` (the last layer)."""
+    layers = prunable_layers(model, example_input)
+    if not layers:
+        raise ValueError("model has no Conv2d or Linear layer to prune")
+    kinds = {f"{name}.weight": "conv" if isinstance(m, nn.Conv2d) else "linear" for name, m in layers}
+    kinds[f"{layers[-1][0]}.weight"] = "output"
+    return kinds
+
+
+def dense_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All-True masks for every prunable layer (the unpruned net)."""
+    return {f"{name}.weight": torch.ones_like(m.weight, dtype=torch.bool, device="cpu")
+            for name, m in prunable_layers(model)}
+
+
+def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Raise a ValueError unless every mask names a prunable weight of ``model`` and fits it."""
+    weights = {f"{name}.weight": m.weight for name, m in prunable_layers(model)}
+    for name, mask in masks.items():
+        if name not in weights:
+            raise ValueError(f"mask {name!r} names no Conv2d/Linear weight of the model "
+                             f"(those are {list(weights)})")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"mask {name!r} must be a bool tensor")
+        if mask.shape != weights[name].shape:
+            raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, the weight has "
+                             f"{tuple(weights[name].shape)}")
+
+
+def masked_parameters(model: nn.Module, masks: Mapping[str, torch.Tensor]
+                      ) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+    """Yield ``(weight, mask)`` pairs, the mask moved to the weight's device."""
+    check_masks(model, masks)
+    for name, mask in masks.items():
+        param = model.get_parameter(name)
+        yield param, mask.to(param.device)
+
+
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the pruned weights of ``model`` in place."""
+    with torch.no_grad():
+        for param, mask in masked_parameters(model, masks):
+            param.masked_fill_(~mask, 0.0)
+
+
+def densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Share of kept weights per layer."""
+    return {name: mask.sum().item() / mask.numel() for name, mask in masks.items()}
+
+
+def kept_count(n: int, density: float) -> int:
+    """Weights a layer of ``n`` keeps at ``density``: ``round(n * density)``, the one rule used by
+    IMP's last round and by the random baseline, so both land on the same count."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must lie in [0, 1], got {density}")
+    return int(round(n * density))
+
+
+def per_layer(value, names, what: str) -> dict[str, float]:
+    """Expand a float, or a dict over some of ``names``, into ``{name: float}``; ``what`` names
+    the argument in errors."""
+    if isinstance(value, Mapping):
+        unknown = set(value) - set(names)
+        if unknown:
+            raise ValueError(f"{what} names unknown layers {sorted(unknown)}")
+        return {n: float(value[n]) for n in names if n in value}
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a float or a dict of floats, got {type(value).__name__}")
+    return {n: float(value) for n in names}
+
+
+def magnitude_prune(model_weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+                    rates: Mapping[str, float], target_density: Mapping[str, float]
+                    ) -> dict[str, torch.Tensor]:
+    """One IMP round: per layer, prune ``rates[name]`` of the remaining weights by lowest |w|.
+
+    A layer already at ``target_density[name]`` is left alone, and a round that would overshoot
+    the target keeps exactly ``kept_count(n, target)`` weights. A round always prunes at least one
+    weight of a layer above its target, so IMP ends even on tiny layers. Ties in |w| keep the
+    lower flat index. ``rates`` and ``target_density`` are keyed like ``masks``.
+    """
+    new_masks = {}
+    for name, mask in masks.items():
+        if name not in rates or name not in target_density:
+            raise ValueError(f"layer {name!r} needs an entry in both rates and target_density")
+        rate, target = float(rates[name]), float(target_density[name])
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"rate of {name!r} must lie in [0, 1), got {rate}")
+        weight = model_weights[name].detach().to("cpu")
+        if weight.shape != mask.shape:
+            raise ValueError(f"weight {name!r} has shape {tuple(weight.shape)}, its mask "
+                             f"{tuple(mask.shape)}")
+        kept = int(mask.sum())
+        goal = kept_count(mask.numel(), target)
+        if kept <= goal or rate == 0.0:
+            new_masks[name] = mask.clone()
+            continue
+        keep = max(goal, min(int(round(kept * (1.0 - rate))), kept - 1))
+        # Pruned weights score -1 (< any |w|) so they stay pruned.
+        score = torch.where(mask, weight.abs(), torch.full_like(weight, -1.0)).flatten()
+        order = torch.sort(score, descending=True, stable=True).indices
+        flat = torch.zeros(mask.numel(), dtype=torch.bool)
+        flat[order[:keep]] = True
+        new_masks[name] = flat.view_as(mask)
+    return new_masks
+
+
+def random_masks(model: nn.Module, sparsity: float | Mapping[str, float], seed: int
+                 ) -> dict[str, torch.Tensor]:
+    """Uniform random masks pruning ``sparsity`` of each layer, exactly ``kept_count(n, 1 - s)``
+    weights kept per layer, drawn from a ``torch.Generator`` seeded with ``seed`` (layers in
+    registration order). A dict ``sparsity`` masks only the layers it names."""
+    layers = prunable_layers(model)
+    names = [f"{name}.weight" for name, _ in layers]
+    sparsities = per_layer(sparsity, names, "sparsity")
+    generator = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, module in layers:
+        key = f"{name}.weight"
+        if key not in sparsities:
+            continue
+        s = sparsities[key]
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity of {key!r} must lie in [0, 1), got {s}")
+        n = module.weight.numel()
+        flat = torch.zeros(n, dtype=torch.bool)
+        flat[torch.randperm(n, generator=generator)[:kept_count(n, 1.0 - s)]] = True
+        masks[key] = flat.view(module.weight.shape)
+    return masks

@@ -1,0 +1,130 @@
+"""The paper's figures, as PNG with their numbers saved beside them (JSON).
+
+* Fig. 1  - histograms of the initial values of kept weights (dense, WT, MCWT), per layer type.
+* Fig. 2b - distributions of the connectivity of kept weights (WT, MCWT, random), per layer type.
+* Curves  - validation accuracy against training iteration, one line per method.
+
+Values are normalised per layer before layers are pooled into one histogram: initial
+weights by the layer's std, connectivity by the layer's mean in the dense net, so that
+layers of different scale share one axis.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .runs import atomic_write
+
+KIND_OF = {"conv": "conv", "linear": "linear", "output": "linear"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, numbers: dict, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out.with_suffix(".json"), json.dumps(numbers, indent=1) + "\n")
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    _pyplot().close(fig)
+    return out
+
+
+def _histograms(values: Mapping[str, Mapping[str, np.ndarray]], bins: np.ndarray) -> dict:
+    """``values[kind][method]`` -> normalised histogram counts over shared ``bins``."""
+    return {kind: {method: np.histogram(v, bins=bins, density=True)[0].tolist()
+                   for method, v in per.items()} for kind, per in values.items()}
+
+
+def _plot_histograms(hist: dict, bins: np.ndarray, xlabel: str, title: str, out: Path) -> Path:
+    plt = _pyplot()
+    kinds = list(hist)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
+    centres = 0.5 * (bins[1:] + bins[:-1])
+    for ax, kind in zip(axes[0], kinds):
+        for method, counts in hist[kind].items():
+            ax.step(centres, counts, where="mid", label=method)
+        ax.set_title(f"{kind} layers")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    numbers = {"bins": bins.tolist(), "histograms": hist, "xlabel": xlabel}
+    return _save(fig, numbers, out)
+
+
+def fig1_initial_weights(init: Mapping[str, torch.Tensor], kinds: Mapping[str, str],
+                         masks: Mapping[str, Mapping[str, torch.Tensor]], out: str | Path,
+                         bins: int = 81) -> Path:
+    """Fig. 1: initial values (in units of the layer's std) of the weights each method keeps.
+
+    ``masks`` maps a method name ("WT", "MCWT", ...) to its mask set; "dense" (every
+    weight) is added first.
+    """
+    values: dict[str, dict[str, list]] = {}
+    for name, kind in kinds.items():
+        w = init[name].double()
+        scaled = (w / w.std()).flatten()
+        per = values.setdefault(KIND_OF[kind], {})
+        per.setdefault("dense", []).append(scaled.numpy())
+        for method, m in masks.items():
+            per.setdefault(method, []).append(scaled[m[name].flatten()].numpy())
+    joined = {k: {m: np.concatenate(v) for m, v in per.items()} for k, per in values.items()}
+    edges = np.linspace(-4, 4, bins + 1)
+    return _plot_histograms(_histograms(joined, edges), edges, "initial weight / layer std",
+                            "Fig. 1: initial values of kept weights", Path(out))
+
+
+def fig2b_connectivity(kinds: Mapping[str, str], dense_connectivity: Mapping[str, torch.Tensor],
+                       nets: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]]],
+                       out: str | Path, bins: int = 60) -> Path:
+    """Fig. 2b: connectivity of kept weights, each in its own masked net.
+
+    ``nets`` maps a method to ``(masks, connectivity)``, its connectivity measured on the
+    net it masks (``measure_connectivity``). A kept weight ``w[k, c, ...]`` contributes
+    ``g[c]`` divided by the layer's mean connectivity in the dense net.
+    """
+    values: dict[str, dict[str, list]] = {}
+    for name, kind in kinds.items():
+        if name not in dense_connectivity:
+            continue  # the first layer has no connectivity
+        scale = dense_connectivity[name].double().mean()
+        for method, (masks, conn) in nets.items():
+            g = conn[name].double() / scale if scale > 0 else conn[name].double()
+            m = masks[name]
+            per_input = m.transpose(0, 1).reshape(m.shape[1], -1).sum(1)  # kept weights per input
+            values.setdefault(KIND_OF[kind], {}).setdefault(method, []).append(
+                np.repeat(g.numpy(), per_input.numpy()))
+    joined = {k: {m: np.concatenate(v) for m, v in per.items()} for k, per in values.items()}
+    top = max(float(np.quantile(v, 0.995)) for per in joined.values() for v in per.values() if len(v))
+    edges = np.linspace(0, max(top, 1e-6), bins + 1)
+    return _plot_histograms(_histograms(joined, edges), edges,
+                            "connectivity / dense-net layer mean",
+                            "Fig. 2b: connectivity of kept weights", Path(out))
+
+
+def accuracy_curves(histories: Mapping[str, list[Mapping]], out: str | Path, title: str = "") -> Path:
+    """Validation accuracy against iteration, one line per method (``history`` rows)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    numbers = {}
+    for method, rows in histories.items():
+        it = [int(r["iteration"]) for r in rows]
+        acc = [float(r["val_acc"]) for r in rows]
+        numbers[method] = {"iteration": it, "val_acc": acc}
+        ax.plot(it, acc, label=method)
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title or "validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, numbers, Path(out))

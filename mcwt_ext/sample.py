@@ -1,0 +1,192 @@
+"""Sample: draw Monte Carlo Winning Tickets from a fitted logistic model.
+
+Greedy, from input to output: layer ``l``'s connectivity is measured on the net with
+the masks sampled so far, the layer's intercept is calibrated so its expected density
+equals its target, and its mask is drawn with the fused Bernoulli op (or, with
+``exact=True``, exactly the target count with the fused top-k op). Layer ``l`` uses
+Philox stream ``(seed, offset=l)``, so the same seed gives the same masks on CPU and
+CUDA.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .connectivity import DEFAULT_CACHE_BYTES, ActivationStream
+from .fit import LogisticFit, load_fit, normalised_connectivity
+from .masks import kept_count, layer_kind, prunable_layers
+
+
+@dataclass
+class LayerDraw:
+    """How one layer was sampled (for summaries and figures)."""
+
+    name: str
+    kind: str
+    target_density: float
+    expected_density: float
+    density: float
+    u_mag: float            # slopes on raw |w| and raw g, after per-layer normalisation
+    u_conn: float
+    bias: float             # the calibrated intercept
+    connectivity: list[float] | None = field(default=None, repr=False)
+
+
+def calibrate_bias(weight, connectivity, *, u_mag: float, u_conn: float, density: float,
+                   tol: float = 1e-7, max_iter: int = 200) -> float:
+    """The intercept at which the layer's expected density (mean keep-probability) is ``density``.
+
+    Bisection on the fused ``expected_density`` reduction, which is monotone in the bias.
+    """
+    from . import ops
+
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"density: must lie in (0, 1), got {density}")
+
+    def mean_p(b):
+        return ops.expected_density(weight, connectivity, u_mag=u_mag, u_conn=u_conn, bias=b)
+
+    lo, hi = -1.0, 1.0
+    while mean_p(lo) > density:  # widen the bracket; logits are at most a few hundred wide
+        lo *= 2
+        if lo < -1e6:
+            raise RuntimeError("calibrate_bias: could not bracket the target density")
+    while mean_p(hi) < density:
+        hi *= 2
+        if hi > 1e6:
+            raise RuntimeError("calibrate_bias: could not bracket the target density")
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        if mean_p(mid) < density:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < tol * max(1.0, abs(mid)):
+            break
+    return 0.5 * (lo + hi)
+
+
+def _target_densities(sparsity, names: list[str]) -> dict[str, float]:
+    if isinstance(sparsity, Mapping):
+        unknown = sorted(set(sparsity) - set(names))
+        missing = [n for n in names if n not in sparsity]
+        if unknown or missing:
+            raise ValueError(f"sparsity: per-layer dict must name exactly the prunable weights "
+                             f"{names}; unknown {unknown}, missing {missing}")
+        per_layer = {n: sparsity[n] for n in names}
+    else:
+        per_layer = {n: sparsity for n in names}
+    for name, s in per_layer.items():
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity: must lie in [0, 1), got {s!r} for {name!r}")
+    return {n: 1.0 - float(s) for n, s in per_layer.items()}
+
+
+def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, connectivity: bool = True,
+                  exact: bool = False, seed: int = 0, max_samples: int | None = None,
+                  batch_size: int = 500, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                  progress: bool = False) -> tuple[dict[str, torch.Tensor], list[LayerDraw]]:
+    """:func:`sample_masks`, also returning how each layer was drawn."""
+    from . import ops
+
+    fit = load_fit(fit)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: must be an int, got {type(seed).__name__}")
+    layers = prunable_layers(model)
+    if not layers:
+        raise ValueError("model: has no prunable (Conv2d or Linear) layers")
+    kinds = layer_kind(model)
+    names = [f"{n}.weight" for n, _ in layers]
+    targets = _target_densities(sparsity, names)
+    for name in names:  # fail before any work if the fit lacks a model this net needs
+        fit.model(kinds[name], connectivity and name != names[0])
+    stream = None
+    if connectivity and len(layers) > 1:
+        if data is None:
+            raise ValueError("data: connectivity needs data to measure activations on "
+                             "(or pass connectivity=False)")
+        stream = ActivationStream(model, data, max_samples=max_samples, batch_size=batch_size,
+                                  cache_bytes=cache_bytes)
+
+    masks: dict[str, torch.Tensor] = {}
+    draws: list[LayerDraw] = []
+    bar = _progress(len(layers), progress)
+    for index, (name, module) in enumerate(layers):
+        param = names[index]
+        weight = module.weight.detach()
+        g = stream.advance(masks[names[index - 1]]) if stream is not None and index > 0 else None
+        coef = fit.model(kinds[param], g is not None)
+        std = float(weight.double().std()) if weight.numel() > 1 else 1.0
+        u_mag = coef.u_mag / std if std > 0 else coef.u_mag
+        u_conn, g_norm = 0.0, None
+        if g is not None:
+            g_norm = normalised_connectivity(g).to(weight.device, weight.dtype)
+            u_conn = coef.u_conn
+        density = targets[param]
+        k = kept_count(weight.numel(), density)
+        if density >= 1.0 or k == weight.numel():
+            mask, bias = torch.ones_like(weight, dtype=torch.bool), math.inf
+        else:
+            bias = calibrate_bias(weight, g_norm, u_mag=u_mag, u_conn=u_conn, density=density)
+            args = dict(u_mag=u_mag, u_conn=u_conn, bias=bias, seed=seed, offset=index)
+            mask = (ops.logistic_topk(weight, g_norm, k=k, **args) if exact
+                    else ops.logistic_bernoulli(weight, g_norm, **args))
+        masks[param] = mask
+        draws.append(LayerDraw(
+            name=param, kind=kinds[param], target_density=density,
+            expected_density=density if math.isinf(bias) else ops.expected_density(
+                weight, g_norm, u_mag=u_mag, u_conn=u_conn, bias=bias),
+            density=float(mask.double().mean()) if mask.numel() else 0.0,
+            u_mag=u_mag, u_conn=u_conn, bias=bias,
+            connectivity=None if g is None else g.cpu().tolist()))
+        bar.update(1)
+    bar.close()
+    return masks, draws
+
+
+def sample_masks(model: nn.Module, fit: "LogisticFit | str | os.PathLike", data=None, *,
+                 sparsity: float | Mapping[str, float] = 0.8, connectivity: bool = True,
+                 exact: bool = False, seed: int = 0, max_samples: int | None = None,
+                 batch_size: int = 500, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 progress: bool = False) -> dict[str, torch.Tensor]:
+    """Sample a Monte Carlo Winning Ticket for ``model`` (which holds its initial weights).
+
+    Args:
+        model: a feed-forward ``nn.Sequential`` of Conv2d/Linear layers (ReLU, pooling and
+            flattening between them); its current weights are the initial weights.
+        fit: a :class:`~mcwt_ext.fit.LogisticFit` or the path of its JSON (``mcwt fit``).
+        data: the inputs connectivity is measured on: a tensor, a DataLoader, a Dataset, or
+            an iterable of batches (tensors or ``(input, target)`` pairs).
+        sparsity: share of each layer to prune, a float or ``{param name: float}``, in [0, 1).
+        connectivity: use the magnitude + connectivity models (False: magnitude only).
+        exact: keep exactly ``round(n * (1 - sparsity))`` weights per layer (else Bernoulli,
+            whose expected density is the target).
+        seed: Philox seed; the same seed gives the same masks on CPU and CUDA.
+        max_samples: measure connectivity on the first ``max_samples`` inputs only.
+
+    Returns:
+        ``{"<module>.weight": bool tensor}``, True where the weight is kept.
+    """
+    masks, _ = sample_ticket(model, fit, data, sparsity=sparsity, connectivity=connectivity,
+                             exact=exact, seed=seed, max_samples=max_samples,
+                             batch_size=batch_size, cache_bytes=cache_bytes, progress=progress)
+    return masks
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sample", unit="layer", disable=not enabled, leave=False)
+
+
+def timed_sample(*args, **kwargs):
+    """``sample_ticket`` plus its wall time in seconds (the cost of an MCWT mask)."""
+    start = time.perf_counter()
+    masks, draws = sample_ticket(*args, **kwargs)
+    return masks, draws, time.perf_counter() - start

@@ -1,0 +1,343 @@
+"""Masked training with Adam, periodic evaluation, early-stopping bookkeeping and exact resume.
+
+The mask is enforced at every step: the gradients of pruned weights are zeroed before the Adam
+step (so their moments stay zero) and the mask is re-applied after it, so pruned weights are
+exactly zero throughout. The batch of iteration ``i`` is a function of ``(seed, i)`` only: each
+epoch's order is a permutation seeded from ``(seed, epoch)``. A checkpoint therefore needs no RNG
+state, and a resumed run on CPU ends with weights bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from .data import Dataset
+from .masks import apply_masks, check_masks, densities, masked_parameters
+from .models import arch_spec
+from .runs import RunDir, atomic_write
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "BatchOrder", "snapshot_name"]
+
+CHECKPOINT = "checkpoints/last.pt"
+METRICS_FIELDS = ["iteration", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc"]
+# Settings that do not change what is computed; a run may resume under other values.
+_RUNTIME_FIELDS = ("device", "num_workers")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Training settings; ``for_arch`` fills in the protocol's (Frankle & Carbin, App. H)."""
+
+    iterations: int
+    lr: float
+    batch_size: int = 60
+    eval_every: int = 100
+    checkpoint_every: int = 1000  # 0: never checkpoint
+    seed: int = 0  # seeds the batch order
+    device: str = "cpu"
+    num_workers: int = 0  # >0: assemble batches in that many DataLoader worker processes
+
+    def __post_init__(self):
+        for name, low in (("iterations", 1), ("batch_size", 1), ("eval_every", 1),
+                          ("checkpoint_every", 0), ("seed", 0), ("num_workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0 \
+                or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        self.lr = float(self.lr)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {self.device!r} is not a torch device") from None
+
+    @classmethod
+    def for_arch(cls, arch: str, **overrides) -> "TrainConfig":
+        """The protocol's settings for ``arch``; ``overrides`` set to None are ignored."""
+        spec = arch_spec(arch)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown TrainConfig fields {sorted(unknown)}")
+        values = dict(iterations=spec.iterations, lr=spec.lr)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def identity(self) -> dict:
+        """The fields that determine the result (all but device and num_workers)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_FIELDS}
+
+
+@dataclass
+class TrainResult:
+    """``summary``: final and early-stop accuracies etc.; ``history``: one dict per evaluation."""
+
+    summary: dict
+    history: list[dict] = field(default_factory=list)
+
+
+class BatchOrder:
+    """The training batch of each iteration, derived from ``(seed, iteration)`` alone.
+
+    Epoch ``e`` visits the training set in a permutation drawn from a generator seeded with
+    ``SeedSequence([seed, e])``; the last ``n % batch_size`` images of each epoch are skipped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def indices(self, iteration: int) -> torch.Tensor:
+        """Indices of the batch trained on at 0-based ``iteration``."""
+        epoch, pos = divmod(iteration, self.per_epoch)
+        if epoch != self._epoch:
+            seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+            self._epoch = epoch
+        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+
+class _BatchSource(torch.utils.data.Dataset):
+    """Batch ``i`` = the batch of iteration ``start + i``, for DataLoader workers."""
+
+    def __init__(self, x, y, order: BatchOrder, start: int, stop: int):
+        self.x, self.y, self.order, self.start, self.stop = x, y, order, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        idx = self.order.indices(self.start + i)
+        return self.x[idx], self.y[idx]
+
+
+def _batches(train_set: TensorDataset, order: BatchOrder, start: int, stop: int,
+             num_workers: int, device: torch.device):
+    x, y = train_set.tensors
+    if num_workers == 0:
+        x, y = x.to(device), y.to(device)  # once: indexing then happens on the device
+        for it in range(start, stop):
+            idx = order.indices(it).to(device)
+            yield x[idx], y[idx]
+        return
+    loader = DataLoader(_BatchSource(x, y, order, start, stop), batch_size=None,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: TensorDataset, device: str | torch.device = "cpu",
+             batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split``."""
+    was_training = model.training
+    model.eval()
+    x, y = split.tensors
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        logits = model(xb)
+        loss += F.cross_entropy(logits, yb, reduction="sum").double()
+        correct += (logits.argmax(1) == yb).sum()
+    model.train(was_training)
+    return loss.item() / len(y), correct.item() / len(y)
+
+
+class _MaskEnforcer:
+    """Zeroes pruned gradients and weights with one fused multiply per list (the hot path)."""
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]):
+        pairs = [(p, m) for p, m in masked_parameters(model, masks) if not bool(m.all())]
+        self.params = [p for p, _ in pairs]
+        self.masks = [m.to(p.dtype) for p, m in pairs]
+
+    def grads(self):
+        if self.params:
+            torch._foreach_mul_([p.grad for p in self.params], self.masks)
+
+    @torch.no_grad()
+    def weights(self):
+        if self.params:
+            torch._foreach_mul_(self.params, self.masks)
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, enforcer: _MaskEnforcer,
+          xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    """One masked Adam step; returns the batch loss (detached, not synchronised)."""
+    loss = F.cross_entropy(model(xb), yb)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    enforcer.grads()
+    optimizer.step()
+    enforcer.weights()
+    return loss.detach()
+
+
+def _masks_digest(masks: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(masks):
+        h.update(name.encode())
+        h.update(np.packbits(masks[name].cpu().flatten().numpy()).tobytes())
+    return h.hexdigest()
+
+
+def snapshot_name(iteration: int) -> str:
+    """File (in the run directory) holding the weights after ``iteration`` steps."""
+    return f"weights_{iteration:06d}.safetensors"
+
+
+def _early_stop(history: list[dict]) -> dict:
+    return min(history, key=lambda row: (row["val_loss"], row["iteration"]))
+
+
+def _summary(history, config, masks, wall_time) -> dict:
+    last, best = history[-1], _early_stop(history)
+    return {
+        "iterations": config.iterations,
+        "val_acc_final": last["val_acc"], "test_acc_final": last["test_acc"],
+        "val_loss_final": last["val_loss"],
+        "early_stop_iteration": best["iteration"], "min_val_loss": best["val_loss"],
+        "val_acc_early_stop": best["val_acc"], "test_acc_early_stop": best["test_acc"],
+        "wall_time_s": wall_time,
+        "densities": densities(masks),
+        "masks_sha256": _masks_digest(masks),
+        "config": dataclasses.asdict(config),
+    }
+
+
+def _check_same_run(stored: dict, config: TrainConfig, digest: str, where) -> None:
+    ours = config.identity()
+    theirs = {k: v for k, v in stored["config"].items() if k not in _RUNTIME_FIELDS}
+    diff = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in sorted(set(ours) | set(theirs))
+            if theirs.get(k) != ours.get(k)]
+    if diff:
+        raise ValueError(f"{where} belongs to a run with other settings ({'; '.join(diff)}); "
+                         f"use a fresh run directory")
+    if stored["masks_sha256"] != digest:
+        raise ValueError(f"{where} belongs to a run with other masks; use a fresh run directory")
+
+
+def _read_history(rd: RunDir) -> list[dict]:
+    return [{k: int(v) if k == "iteration" else float(v) for k, v in row.items()}
+            for row in rd.load_csv(RunDir.METRICS)]
+
+
+def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] | None = None,
+          config: TrainConfig | None = None, run_dir: RunDir | str | None = None,
+          progress: bool = True, desc: str = "train", *,
+          snapshot_iterations: Iterable[int] = ()) -> TrainResult:
+    """Train ``model`` in place on ``dataset`` with its pruned weights held at zero.
+
+    Evaluates on the validation and test splits at iteration 0, every ``eval_every`` iterations
+    and at the end. With ``run_dir``: ``metrics.csv`` after each evaluation, a checkpoint every
+    ``checkpoint_every`` iterations, then ``final.safetensors`` and ``summary.json``. A run
+    directory with a checkpoint resumes from it; one with a summary is finished, and its final
+    weights are loaded instead of training again. ``snapshot_iterations``: save the weights after
+    those many steps as ``weights_XXXXXX.safetensors`` (IMP's rewind point).
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    rd = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
+    masks = {k: v.to("cpu") for k, v in (masks or {}).items()}
+    check_masks(model, masks)
+    snapshots = sorted(set(snapshot_iterations))
+    if snapshots and rd is None:
+        raise ValueError("snapshot_iterations needs a run_dir to save the snapshots in")
+    if snapshots and not 0 <= snapshots[0] <= snapshots[-1] <= config.iterations:
+        raise ValueError(f"snapshot_iterations must lie in [0, {config.iterations}], got {snapshots}")
+    device = torch.device(config.device)
+    digest = _masks_digest(masks)
+    model.to(device)
+
+    if rd is not None and rd.exists(RunDir.SUMMARY):
+        summary = rd.load_json(RunDir.SUMMARY)
+        _check_same_run(summary, config, digest, rd.summary_path)
+        model.load_state_dict(rd.load_tensors(RunDir.FINAL, device))
+        return TrainResult(summary, _read_history(rd))
+
+    apply_masks(model, masks)
+    enforcer = _MaskEnforcer(model, masks)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    start, history, wall_time = 0, [], 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_count = 0
+    if rd is not None and rd.exists(CHECKPOINT):
+        ckpt = torch.load(rd.file(CHECKPOINT), map_location=device, weights_only=True)
+        _check_same_run(ckpt, config, digest, rd.file(CHECKPOINT))
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, history, wall_time = ckpt["iteration"], ckpt["history"], ckpt["wall_time_s"]
+        loss_sum, loss_count = ckpt["loss_sum"].to(device), ckpt["loss_count"]
+
+    val, test = (TensorDataset(*(t.to(device) for t in s.tensors)) for s in (dataset.val, dataset.test))
+    order = BatchOrder(len(dataset.train), config.batch_size, config.seed)
+    bar = tqdm(total=config.iterations, initial=start, desc=desc, dynamic_ncols=True,
+               disable=not (progress and sys.stderr.isatty()))
+    began = time.perf_counter()
+
+    def record(iteration):
+        nonlocal loss_sum, loss_count
+        val_loss, val_acc = evaluate(model, val, device)
+        test_loss, test_acc = evaluate(model, test, device)
+        train_loss = loss_sum.item() / loss_count if loss_count else float("nan")
+        history.append(dict(iteration=iteration, train_loss=train_loss, val_loss=val_loss,
+                            val_acc=val_acc, test_loss=test_loss, test_acc=test_acc))
+        loss_sum, loss_count = torch.zeros_like(loss_sum), 0
+        bar.set_postfix(val_acc=f"{val_acc:.4f}", val_loss=f"{val_loss:.4f}", refresh=False)
+        if rd is not None:
+            rd.save_csv(RunDir.METRICS, history, METRICS_FIELDS)
+
+    def checkpoint(iteration):
+        state = dict(iteration=iteration, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     history=history, loss_sum=loss_sum, loss_count=loss_count,
+                     wall_time_s=wall_time + time.perf_counter() - began,
+                     config=dataclasses.asdict(config), masks_sha256=digest)
+        atomic_write(rd.file(CHECKPOINT), lambda tmp: torch.save(state, tmp))
+
+    if start == 0:
+        record(0)
+        if 0 in snapshots:
+            rd.save_tensors(snapshot_name(0), model.state_dict())
+    model.train()
+    try:
+        batches = _batches(dataset.train, order, start, config.iterations, config.num_workers, device)
+        for it, (xb, yb) in enumerate(batches, start=start + 1):  # it = steps done after this one
+            loss_sum += _step(model, optimizer, enforcer, xb, yb)
+            loss_count += 1
+            bar.update()
+            if it in snapshots:
+                rd.save_tensors(snapshot_name(it), model.state_dict())
+            if it % config.eval_every == 0 or it == config.iterations:
+                record(it)
+            if rd is not None and config.checkpoint_every and it % config.checkpoint_every == 0 \
+                    and it < config.iterations:
+                checkpoint(it)
+    finally:
+        bar.close()
+
+    summary = _summary(history, config, masks, wall_time + time.perf_counter() - began)
+    if rd is not None:
+        rd.save_tensors(RunDir.FINAL, model.state_dict())
+        rd.save_json(RunDir.SUMMARY, summary)
+        if rd.exists(CHECKPOINT):  # the finished run needs it no more
+            rd.file(CHECKPOINT).unlink()
+            if not any(rd.checkpoints_dir.iterdir()):
+                rd.checkpoints_dir.rmdir()
+    return TrainResult(summary, history)

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+
+from mcwt_ext.cli import main
+from mcwt_ext.masks import kept_count
+from mcwt_ext.models import build_model_from_config
+from mcwt_ext.runs import RunDir
+
+BASE = ["--arch", "conv2", "--dataset", "synthetic", "--iterations", "4", "--eval-every", "2", "--no-progress"]
+
+
+def _fails(capsys, argv, match):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert match in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", *BASE, "--lr", "-1", "--out", "x"], "--lr"),
+    (["train", *BASE, "--iterations", "many", "--out", "x"], "--iterations"),
+    (["train", *BASE, "--batch-size", "0", "--out", "x"], "--batch-size"),
+    (["train", "--arch", "conv9", "--dataset", "synthetic", "--out", "x"], "--arch"),
+    (["train", *BASE], "--out"),
+    (["train", *BASE, "--device", "tpu", "--out", "x"], "--device"),
+    (["train", *BASE, "--masks", "/nonexistent.safetensors", "--out", "x"], "--masks"),
+    (["train", "--arch", "conv2", "--dataset", "cifar10", "--out", "x"], "--data-root"),
+    (["imp", *BASE, "--sparsity", "1.2", "--out", "x"], "--sparsity"),
+    (["imp", *BASE, "--rates", "conv=0.1,dense=0.2", "--out", "x"], "--rates"),
+    (["imp", *BASE, "--rewind-iteration", "4", "--out", "x"], "rewind_iteration"),
+    (["random", *BASE, "--sparsity", "0.5", "--like", "m.safetensors", "--out", "x"], "--like"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(capsys, tmp_path, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    _fails(capsys, argv, match)
+
+
+def test_missing_cifar_files_are_a_clean_error(capsys, tmp_path):
+    _fails(capsys, ["train", "--arch", "conv2", "--dataset", "cifar10", "--data-root", str(tmp_path),
+                    "--out", str(tmp_path / "run")], "cifar-10-batches-py")
+
+
+@pytest.fixture(scope="module")
+def imp_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "imp"
+    assert main(["imp", *BASE, "--sparsity", "0.5", "--rates", "conv=0.5,linear=0.5,output=0.5",
+                 "--out", str(out)]) == 0
+    return RunDir(out)
+
+
+def test_imp_writes_a_ticket_and_a_rebuildable_config(imp_dir):
+    config = imp_dir.load_json("config.json")
+    assert {k: config[k] for k in ("command", "arch", "dataset", "in_channels", "image_size", "num_classes", "seed")} \
+        == dict(command="imp", arch="conv2", dataset="synthetic", in_channels=3, image_size=8, num_classes=10, seed=0)
+    model = build_model_from_config(config)
+    init = imp_dir.load_tensors("init.safetensors")
+    assert all(torch.equal(init[k], v) for k, v in model.state_dict().items())
+    model.load_state_dict(init)  # the documented way to restore the initial weights
+    for m in imp_dir.load_tensors("masks.safetensors").values():
+        assert int(m.sum()) == kept_count(m.numel(), 0.5)
+
+
+def test_train_with_a_ticket_uses_the_init_next_to_its_masks(imp_dir, tmp_path, capsys):
+    out = tmp_path / "wt"
+    assert main(["train", *BASE, "--masks", str(imp_dir.masks_path), "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rd = RunDir(out)
+    ticket_round = imp_dir.subdir("round_01")  # trained the same ticket, same init, same settings
+    assert report["val_acc_final"] == ticket_round.load_json("summary.json")["val_acc_final"]
+    final, expected = rd.load_tensors("final.safetensors"), ticket_round.load_tensors("final.safetensors")
+    assert all(torch.equal(final[k], expected[k]) for k in final)
+    assert rd.load_json("config.json")["init"] == str(imp_dir.init_path.resolve())
+
+
+def test_random_matches_the_ticket_density_and_keeps_the_init(imp_dir, tmp_path):
+    out = tmp_path / "rand"
+    assert main(["random", *BASE, "--like", str(imp_dir.masks_path), "--no-train", "--out", str(out)]) == 0
+    rd = RunDir(out)
+    ticket, masks = imp_dir.load_tensors("masks.safetensors"), rd.load_tensors("masks.safetensors")
+    assert all(int(masks[k].sum()) == int(ticket[k].sum()) for k in ticket)
+    assert not all(torch.equal(masks[k], ticket[k]) for k in ticket)
+    init, ticket_init = rd.load_tensors("init.safetensors"), imp_dir.load_tensors("init.safetensors")
+    assert all(torch.equal(init[k], ticket_init[k]) for k in init)
+    assert not rd.exists("final.safetensors")
+
+
+def test_random_trains_with_exact_sparsity(tmp_path):
+    out = tmp_path / "rand"
+    assert main(["random", *BASE, "--sparsity", "0.9", "--mask-seed", "3", "--out", str(out)]) == 0
+    rd = RunDir(out)
+    final = rd.load_tensors("final.safetensors")
+    for name, mask in rd.load_tensors("masks.safetensors").items():
+        assert int(mask.sum()) == kept_count(mask.numel(), 1 - 0.9)
+        assert torch.count_nonzero(final[name][~mask]) == 0
+    assert rd.load_json("summary.json")["iterations"] == 4
+
+
+def test_rerun_resumes_and_other_settings_are_refused(tmp_path, capsys):
+    out = str(tmp_path / "dense")
+    assert main(["train", *BASE, "--out", out]) == 0
+    first = capsys.readouterr().out
+    assert main(["train", *BASE, "--out", out]) == 0  # finished: read back
+    assert capsys.readouterr().out == first
+    _fails(capsys, ["train", *BASE, "--lr", "0.01", "--out", out], "train.lr")
+
+
+def test_init_from_another_architecture_is_refused(imp_dir, tmp_path, capsys):
+    _fails(capsys, ["train", *BASE[:1], "conv4", *BASE[2:], "--init", str(imp_dir.init_path),
+                    "--out", str(tmp_path / "x")], "does not fit")
