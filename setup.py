@@ -63,7 +63,7 @@ def _nvidia_include_dirs():
         return []
     dirs = []
     for base in spec.submodule_search_locations:
-        dirs += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+        dirs += sorted(glob.glob(os.path.join(base, "cu[0-9]*", "include")))
     return dirs
 
 

@@ -35,7 +35,7 @@ MCWT_HD Key make_key(int64_t seed) {
 }
 
 MCWT_HD Words philox4x32_10(Words c, Key k) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDACC__)
 #pragma unroll
 #else
 #pragma GCC unroll 10

@@ -40,26 +40,25 @@ BUILT_CUDA_VERSION = _cuda_release(_C.cuda_version)
 HAS_CUDA_KERNELS = BUILT_CUDA_VERSION is not None
 
 
-def _check_build():
-    if _release(torch.__version__) != _release(BUILT_TORCH_VERSION):
+def check_build(built_torch, built_cuda, running_torch, running_cuda):
+    """Raise ImportError unless a build (torch headers, CUDA kernels) suits the running torch."""
+    if _release(running_torch) != _release(built_torch):
         raise ImportError(
-            f"mcwt_ext._C was built against torch {BUILT_TORCH_VERSION} but torch "
-            f"{torch.__version__} is running; {_REBUILD}"
+            f"mcwt_ext._C was built against torch {built_torch} but torch {running_torch} is running; {_REBUILD}"
         )
-    if HAS_CUDA_KERNELS:
-        if torch.version.cuda is None:
-            raise ImportError(
-                f"mcwt_ext._C has CUDA {BUILT_CUDA_VERSION} kernels but torch {torch.__version__} "
-                f"is a CPU-only build; {_REBUILD}"
-            )
-        if torch.version.cuda.split(".")[:2] != BUILT_CUDA_VERSION.split("."):
-            raise ImportError(
-                f"mcwt_ext._C was compiled with CUDA {BUILT_CUDA_VERSION} but torch uses CUDA "
-                f"{torch.version.cuda}; {_REBUILD}"
-            )
+    if built_cuda is None:
+        return
+    if running_cuda is None:
+        raise ImportError(
+            f"mcwt_ext._C has CUDA {built_cuda} kernels but torch {running_torch} is a CPU-only build; {_REBUILD}"
+        )
+    if running_cuda.split(".")[:2] != built_cuda.split("."):
+        raise ImportError(
+            f"mcwt_ext._C was compiled with CUDA {built_cuda} but torch uses CUDA {running_cuda}; {_REBUILD}"
+        )
 
 
-_check_build()
+check_build(BUILT_TORCH_VERSION, BUILT_CUDA_VERSION, torch.__version__, torch.version.cuda)
 
 
 def require_kernels(tensor, op):

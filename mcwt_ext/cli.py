@@ -535,7 +535,7 @@ def add_reproduce_parser(subparsers) -> None:
                     "cells are skipped.\n\nProtocols:\n"
                     "  full     Frankle & Carbin: 20K/25K/30K iterations, IMP rates conv 10% (conv6 15%), "
                     "linear 20%, output 10%\n"
-                    "  reduced  for CPUs: a tenth of the iterations, evaluation every 200, IMP rates 60% (two "
+                    "  reduced  for CPUs: a twentieth of the iterations, evaluation every 200, IMP rates 60% (two "
                     "rounds to 80%), "
                     "connectivity on 10,000 images")
     p.add_argument("--arch", type=arch_list, default=["conv2"],

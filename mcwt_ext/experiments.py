@@ -78,10 +78,11 @@ PROTOCOLS = {
     # Frankle & Carbin App. H: 20K/25K/30K iterations, rates conv 10% (15% conv6),
     # linear 20%, output 10%, connectivity over all 45,000 training images.
     "full": Protocol("full", None, None, eval_every=100, connectivity_samples=None),
-    # For 2-core CPUs: a tenth of the iterations, and IMP reaching 80% in two rounds
-    # (60% of the remaining weights per round, the last round landing on the target).
-    # Evaluations (validation + test, 15,000 CIFAR images) every 200 iterations.
-    "reduced": Protocol("reduced", {a: ARCHS[a].iterations // 10 for a in ARCHS},
+    # For 2-core CPUs: a twentieth of the iterations (1,000 for conv2: 1.3 epochs of
+    # CIFAR-10), IMP reaching 80% in two rounds (60% of the remaining weights per round,
+    # the last round landing on the target), evaluations (validation + test, 15,000
+    # CIFAR images) every 200 iterations, connectivity on 10,000 training images.
+    "reduced": Protocol("reduced", {a: ARCHS[a].iterations // 20 for a in ARCHS},
                         {"conv": 0.6, "linear": 0.6, "output": 0.6}, eval_every=200,
                         connectivity_samples=10_000),
 }
@@ -102,6 +103,7 @@ class Cell:
     eval_every: int | None = None   # overrides the protocol's
     device: str = "cpu"
     threads: int = 0
+    progress: bool = False          # training progress bars (only with one job: bars would interleave)
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -138,13 +140,17 @@ def _context(cell: Cell):
     return ds, model, train_cfg, imp_cfg, config
 
 
+def _desc(cell: Cell) -> str:
+    return f"{cell.arch} seed {cell.seed} {cell.kind}"
+
+
 def _run_imp(cell: Cell) -> None:
     from .imp import run_imp
 
     ds, model, _, imp_cfg, config = _context(cell)
     rd = cell.dir()
     rd.save_json(RunDir.CONFIG, config)
-    run_imp(model, ds, imp_cfg, rd, progress=False)
+    run_imp(model, ds, imp_cfg, rd, progress=cell.progress)
 
 
 def _run_random(cell: Cell) -> None:
@@ -157,7 +163,7 @@ def _run_random(cell: Cell) -> None:
     masks = random_masks(model, cell.protocol.sparsity, cell.seed)
     rd.save_tensors(RunDir.INIT, model.state_dict())
     rd.save_tensors(RunDir.MASKS, masks)
-    train(model, ds, masks, train_cfg, rd, progress=False)
+    train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
 
 
 def _run_fit(cell: Cell) -> None:
@@ -190,13 +196,14 @@ def _run_mcwt(cell: Cell) -> None:
         start = time.perf_counter()
         masks, draws = sample_ticket(model, cell.dir("fit").file("fit.json"), ds.train.tensors[0],
                                      sparsity=cell.protocol.sparsity, connectivity=connectivity,
-                                     seed=cell.seed, max_samples=cell.protocol.connectivity_samples)
+                                     seed=cell.seed, max_samples=cell.protocol.connectivity_samples,
+                                     progress=cell.progress)
         wall = time.perf_counter() - start
         rd.save_json("sample.json", dict(wall_time_s=wall, layers=[
             {k: v for k, v in dataclasses.asdict(d).items() if k != "connectivity"} for d in draws]))
         rd.save_tensors(RunDir.INIT, model.state_dict())
         rd.save_tensors(RunDir.MASKS, masks)
-    train(model, ds, masks, train_cfg, rd, progress=False)
+    train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
 
 
 RUNNERS = {"imp": _run_imp, "random": _run_random, "fit": _run_fit,
@@ -235,7 +242,8 @@ class Grid:
         threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else 0
         self.out = Path(self.out)
         self.cells = [Cell(kind, arch, seed, self.dataset, self.data_root, PROTOCOLS[self.protocol],
-                           str(self.out), self.iterations, self.eval_every, self.device, threads)
+                           str(self.out), self.iterations, self.eval_every, self.device, threads,
+                           self.progress and self.jobs == 1)
                       for arch in self.archs for seed in self.seeds for kind in CELLS]
 
     def settings(self) -> dict:

@@ -28,7 +28,7 @@ from .masks import apply_masks, check_masks, densities, masked_parameters
 from .models import arch_spec
 from .runs import RunDir, atomic_write
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "BatchOrder", "snapshot_name"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "BatchOrder", "snapshot_name", "make_optimizer"]
 
 CHECKPOINT = "checkpoints/last.pt"
 METRICS_FIELDS = ["iteration", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc"]
@@ -178,6 +178,14 @@ class _MaskEnforcer:
             torch._foreach_mul_(self.params, self.masks)
 
 
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam, fused (one kernel per step) where the device supports it. The unfused CPU Adam slows
+    down about 2x on a pruned net: the moments of pruned weights are exactly zero, and its
+    vectorised sqrt of zero takes a slow path on AVX-512 CPUs."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in model.parameters())
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
+
+
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, enforcer: _MaskEnforcer,
           xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
     """One masked Adam step; returns the batch loss (detached, not synchronised)."""
@@ -274,7 +282,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
 
     apply_masks(model, masks)
     enforcer = _MaskEnforcer(model, masks)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, config.lr)
     start, history, wall_time = 0, [], 0.0
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     loss_count = 0

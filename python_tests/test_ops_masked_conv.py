@@ -153,9 +153,11 @@ def test_linear_non_contiguous_and_empty(device):
     assert torch.equal(sums, torch.zeros(4, dtype=torch.float64, device=device))
 
 
-def test_cpu_sums_independent_of_thread_count():
-    args, kwargs = _conv_args((6, 4, 15, 13, 9, 3, 3, 1, True, True), "cpu", torch.float32)
-    lin = _linear_args(50, 30, 40, True, "cpu", torch.float32)
+@pytest.mark.parametrize("pool", [False, True])
+def test_cpu_sums_independent_of_thread_count(pool):
+    # Big enough for at::parallel_for to split the planes / units into several tasks.
+    args, kwargs = _conv_args((8, 4, 15, 13, 60, 3, 3, 1, pool, True), "cpu", torch.float64)
+    lin = _linear_args(500, 30, 300, True, "cpu", torch.float64)
     threads = torch.get_num_threads()
     try:
         results = []

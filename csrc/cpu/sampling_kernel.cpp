@@ -3,9 +3,9 @@
 //
 // The weight is walked in blocks of kBlock elements (whole Philox groups).
 // Each block draws the random words of all its groups first (philox_block.h),
-// then runs one branch-free, vectorised loop of logit -> sigmoid -> compare. Every result
-// depends only on the element index, so the output is the same for any thread
-// count or grain.
+// then runs one branch-free, vectorised loop of logit -> sigmoid -> compare.
+// Every result depends only on the element index, so the output is the same
+// for any thread count or grain.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -33,7 +33,7 @@ namespace {
 
 constexpr int64_t kGroups = 64;          // Philox groups per block
 constexpr int64_t kBlock = 4 * kGroups;  // elements per block
-constexpr int64_t kGrainBlocks = 16;     // smallest parallel task: 4096 elements
+constexpr int64_t kGrainBlocks = 32;     // smallest parallel task: 8192 elements (~15 us)
 
 alignas(64) const float kZeros[kBlock] = {};  // g of a weight without connectivity
 
@@ -135,8 +135,8 @@ at::Tensor logistic_bernoulli_cpu(const at::Tensor& weight,
   const philox::Key key = philox::make_key(seed);
   const uint64_t off = static_cast<uint64_t>(offset);
   dispatch_blocks(w, row, [&](int64_t b, int64_t begin, int64_t n, const float* wf, const float* gf) {
-                    bernoulli_block(wf, gf, n, b * kGroups, off, key, c, out + begin);
-                  });
+    bernoulli_block(wf, gf, n, b * kGroups, off, key, c, out + begin);
+  });
   return mask;
 }
 
@@ -149,8 +149,8 @@ at::Tensor expected_density_cpu(const at::Tensor& weight,
   const int64_t numel = w.numel();
   std::vector<double> block_sums((numel + kBlock - 1) / kBlock);
   dispatch_blocks(w, row, [&](int64_t b, int64_t, int64_t n, const float* wf, const float* gf) {
-                    block_sums[b] = density_block(wf, gf, n, c);
-                  });
+    block_sums[b] = density_block(wf, gf, n, c);
+  });
   double total = 0.0;  // fixed order: the same sum for any thread count
   for (const double s : block_sums) total += s;
   // The mean over no weights is NaN, as torch.mean.
@@ -169,8 +169,8 @@ at::Tensor logistic_topk_cpu(const at::Tensor& weight,
   const philox::Key key = philox::make_key(seed);
   const uint64_t off = static_cast<uint64_t>(offset);
   dispatch_blocks(w, row, [&](int64_t b, int64_t begin, int64_t n, const float* wf, const float* gf) {
-                    topk_block(wf, gf, n, b * kGroups, off, key, c, out + begin);
-                  });
+    topk_block(wf, gf, n, b * kGroups, off, key, c, out + begin);
+  });
   return keep_top_k(packed, k, w.sizes());
 }
 

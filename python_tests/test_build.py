@@ -1,0 +1,59 @@
+"""The compiled extension: what it was built against, how it fails to load, its op schemas."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mcwt_ext import _extension
+
+SAMPLING_SCHEMAS = {
+    "logistic_bernoulli": "mcwt_ext::logistic_bernoulli(Tensor weight, Tensor? connectivity, float u_mag, "
+                          "float u_conn, float bias, int seed, int offset) -> Tensor",
+    "expected_density": "mcwt_ext::expected_density(Tensor weight, Tensor? connectivity, float u_mag, "
+                        "float u_conn, float bias) -> Tensor",
+    "logistic_topk": "mcwt_ext::logistic_topk(Tensor weight, Tensor? connectivity, float u_mag, "
+                     "float u_conn, float bias, int k, int seed, int offset) -> Tensor",
+}
+
+
+def test_build_matches_running_torch():
+    assert torch.__version__.startswith(_extension.BUILT_TORCH_VERSION)
+    if _extension.HAS_CUDA_KERNELS:
+        assert torch.version.cuda.split(".")[:2] == _extension.BUILT_CUDA_VERSION.split(".")
+
+
+@pytest.mark.parametrize("built, running, match", [
+    (("2.0.0", None), ("2.14.1+cu130", "13.0"), "built against torch 2.0.0 but torch 2.14.1"),
+    (("2.14.1", "12.8"), ("2.14.1+cu130", "13.0"), "compiled with CUDA 12.8 but torch uses CUDA 13.0"),
+    (("2.14.1", "13.0"), ("2.14.1+cpu", None), "CPU-only build"),
+])
+def test_mismatched_build_is_a_readable_import_error(built, running, match):
+    with pytest.raises(ImportError, match=match) as info:
+        _extension.check_build(*built, *running)
+    assert "pip install --no-build-isolation" in str(info.value)
+
+
+def test_matching_builds_pass():
+    _extension.check_build("2.14.1", "13.0", "2.14.1+cu130", "13.0")
+    _extension.check_build("2.14.1", None, "2.14.1+cpu", None)
+
+
+def test_failed_load_names_the_cause_and_the_fix():
+    # sys.modules[name] = None makes `from . import _C` fail as a missing binary would.
+    code = "import sys; sys.modules['mcwt_ext._C'] = None; import mcwt_ext._extension"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "ImportError: mcwt_ext: cannot load the compiled extension mcwt_ext._C" in result.stderr
+    assert "halted; None in sys.modules" in result.stderr  # the cause, not swallowed
+    assert "pip install --no-build-isolation" in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLING_SCHEMAS))
+def test_sampling_schemas(name):
+    assert str(getattr(torch.ops.mcwt_ext, name).default._schema) == SAMPLING_SCHEMAS[name]
+
+
+def test_masked_layer_schemas_are_registered():
+    for name in ("masked_conv2d_relu_sums", "masked_linear_relu_sums"):
+        assert hasattr(torch.ops.mcwt_ext, name)
