@@ -1,6 +1,6 @@
 """Throughput of the fused mask-sampling op against the PyTorch composition.
 
-    python benchmarks/bench_sampling.py [--device cpu|cuda|all] [--quick]
+    .venv/bin/python benchmarks/bench_sampling.py [--device cpu|cuda|all] [--quick]
 
 For every Conv6 layer weight shape and a 64M-element tensor: elements/s and
 GB/s (4 bytes read + 1 written per float32 weight) of ``logistic_bernoulli``

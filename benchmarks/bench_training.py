@@ -6,7 +6,7 @@ one by one in one process, so a load change on a shared machine hits both alike;
 the median of the paired differences) are compared. The mask's added work (two fused multiplies)
 is also timed alone, right after real steps.
 
-    PYTHONPATH=. python benchmarks/bench_training.py [--arch conv2] [--threads 2] [--steps 100]
+    .venv/bin/python benchmarks/bench_training.py [--arch conv2] [--threads 2] [--steps 100]
 """
 from __future__ import annotations
 

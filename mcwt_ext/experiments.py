@@ -25,6 +25,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,7 +270,7 @@ class Grid:
         pending = {c.key: c for c in self.cells if not c.done()}
         finished = {c.key for c in self.cells if c.done()}
         bar = tqdm(total=len(self.cells), initial=len(finished), desc="reproduce", unit="cell",
-                   disable=not self.progress)
+                   disable=not (self.progress and sys.stderr.isatty()))
 
         def ready():
             return [c for c in pending.values()

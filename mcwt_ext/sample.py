@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -180,13 +179,10 @@ def sample_masks(model: nn.Module, fit: "LogisticFit | str | os.PathLike", data=
 
 
 def _progress(total: int, enabled: bool):
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="sample", unit="layer", disable=not enabled, leave=False)
+    return tqdm(total=total, desc="sample", unit="layer", leave=False,
+                disable=not (enabled and sys.stderr.isatty()))
 
-
-def timed_sample(*args, **kwargs):
-    """``sample_ticket`` plus its wall time in seconds (the cost of an MCWT mask)."""
-    start = time.perf_counter()
-    masks, draws = sample_ticket(*args, **kwargs)
-    return masks, draws, time.perf_counter() - start
