@@ -483,29 +483,19 @@ def add_plot_parser(subparsers) -> None:
 
 
 def cmd_plot(args) -> int:
-    from .connectivity import measure_connectivity
-    from .plots import fig1_initial_weights, fig2b_connectivity
+    from .plots import ticket_figures
 
     rd, config, ds, model = _ticket_context(args.ticket, args.data_root)
-    init = {k: v for k, v in model.state_dict().items()}
-    kinds = masks_lib.layer_kind(model)
     mcwt = load_masks(RunDir(args.mcwt).masks_path)
     if args.random is not None:
         rnd = load_masks(RunDir(args.random).masks_path)
-    else:
-        rnd = masks_lib.random_masks(model, {k: 1.0 - d for k, d in
-                                             masks_lib.densities(mcwt).items()}, config["seed"])
+    else:  # the same per-layer sparsity as the sample
+        rnd = masks_lib.random_masks(model, {k: 1.0 - d for k, d in masks_lib.densities(mcwt).items()},
+                                     config["seed"])
     masks = {"WT": load_masks(rd.masks_path), "MCWT": mcwt, "random": rnd}
-    for name, m in masks.items():
+    for m in masks.values():
         masks_lib.check_masks(model, m)
-    x = ds.train.tensors[0]
-    conn = {k: measure_connectivity(model, m, x, max_samples=args.max_samples) for k, m in masks.items()}
-    dense = measure_connectivity(model, {}, x, max_samples=args.max_samples)
-    out = [fig1_initial_weights(init, kinds, {k: masks[k] for k in ("WT", "MCWT")},
-                                args.out / "fig1_initial_weights.png"),
-           fig2b_connectivity(kinds, dense, {k: (masks[k], conn[k]) for k in masks},
-                              args.out / "fig2b_connectivity.png")]
-    for path in out:
+    for path in ticket_figures(model, masks, ds.train.tensors[0], args.out, args.max_samples):
         print(f"wrote {path} (numbers: {path.with_suffix('.json')})")
     return 0
 

@@ -366,7 +366,7 @@ def table_markdown(rows: list[dict], archs: list[str], header: str) -> str:
     index = {(r["metric"], r["method"], r["arch"]): r for r in rows}
     for metric, title in METRICS.items():
         paper = metric == "val_acc_early_stop"
-        cols = [f"{a.capitalize()}" + (" (paper)" if paper else "") for a in archs]
+        cols = [f"{a.capitalize()}" + (" (paper, CIFAR-10)" if paper else "") for a in archs]
         lines += [f"### {title}", "", "| Method | " + " | ".join(cols) + " |",
                   "|---|" + "---|" * len(archs)]
         for method, label in METHODS.items():
@@ -447,32 +447,22 @@ def _rows_csv(rows: list[dict], path: Path) -> None:
 
 def figures(grid: Grid, seed: int | None = None, samples: int = 2000) -> list[Path]:
     """Fig. 1, Fig. 2b and the accuracy curves of each architecture (one seed)."""
-    from .connectivity import measure_connectivity
-    from .masks import layer_kind, random_masks
-    from .plots import accuracy_curves, fig1_initial_weights, fig2b_connectivity
+    from .plots import accuracy_curves, ticket_figures
 
     seed = grid.seeds[0] if seed is None else seed
     ds = load_dataset(grid.dataset, grid.data_root)
-    x = ds.train.tensors[0][:samples]
     out = []
     for arch in grid.archs:
         base = RunDir(grid.out / arch / f"seed_{seed}")
-        needed = [base.subdir(k) for k in ("imp", "random", "mcwt_magnitude", "mcwt_connectivity")]
-        if not all(rd.exists(RunDir.SUMMARY) for rd in needed):
+        runs = {"WT": base.subdir("imp"), "MCWT": base.subdir("mcwt_connectivity"),
+                "random": base.subdir("random")}
+        if not all(rd.exists(RunDir.SUMMARY) for rd in runs.values()):
             continue
         model = build_model(arch, ds.in_channels, ds.num_classes, ds.image_size, seed)
-        init = base.subdir("imp").load_tensors(RunDir.INIT)
-        model.load_state_dict(init)
-        kinds = layer_kind(model)
-        masks = {"WT": base.subdir("imp").load_tensors(RunDir.MASKS),
-                 "MCWT": base.subdir("mcwt_connectivity").load_tensors(RunDir.MASKS),
-                 "random": base.subdir("random").load_tensors(RunDir.MASKS)}
+        model.load_state_dict(runs["WT"].load_tensors(RunDir.INIT))
         fig_dir = grid.out / "figures" / arch
-        out.append(fig1_initial_weights(init, kinds, {k: masks[k] for k in ("WT", "MCWT")},
-                                        fig_dir / "fig1_initial_weights.png"))
-        dense_conn = measure_connectivity(model, {}, x)
-        nets = {k: (m, measure_connectivity(model, m, x)) for k, m in masks.items()}
-        out.append(fig2b_connectivity(kinds, dense_conn, nets, fig_dir / "fig2b_connectivity.png"))
+        masks = {m: rd.load_tensors(RunDir.MASKS) for m, rd in runs.items()}
+        out += ticket_figures(model, masks, ds.train.tensors[0], fig_dir, samples)
         histories = {label: method_run(grid.out, arch, seed, method).load_csv(RunDir.METRICS)
                      for method, label in METHODS.items()}
         out.append(accuracy_curves(histories, fig_dir / "val_accuracy.png",

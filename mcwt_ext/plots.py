@@ -128,3 +128,25 @@ def accuracy_curves(histories: Mapping[str, list[Mapping]], out: str | Path, tit
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, numbers, Path(out))
+
+
+def ticket_figures(model, masks: Mapping[str, Mapping[str, torch.Tensor]], data, out_dir: str | Path,
+                   max_samples: int | None = 2000) -> list[Path]:
+    """Fig. 1 and Fig. 2b for one net (``model`` holding its initial weights).
+
+    ``masks`` maps method names to mask sets and must hold "WT" and "MCWT" (Fig. 1 shows
+    those beside the dense net; Fig. 2b shows every method). Connectivity is measured on
+    the first ``max_samples`` inputs of ``data``, once for the dense net and once per method.
+    """
+    from .connectivity import measure_connectivity
+    from .masks import layer_kind
+
+    init = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    kinds = layer_kind(model)
+    dense = measure_connectivity(model, {}, data, max_samples=max_samples)
+    nets = {m: (ms, measure_connectivity(model, ms, data, max_samples=max_samples))
+            for m, ms in masks.items()}
+    out = Path(out_dir)
+    return [fig1_initial_weights(init, kinds, {m: masks[m] for m in ("WT", "MCWT")},
+                                 out / "fig1_initial_weights.png"),
+            fig2b_connectivity(kinds, dense, nets, out / "fig2b_connectivity.png")]
