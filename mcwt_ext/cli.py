@@ -205,6 +205,19 @@ def save_start(rd: RunDir, name: str, tensors: dict) -> None:
         rd.save_tensors(name, tensors)
 
 
+def save_starts(rd: RunDir, model: torch.nn.Module, masks: dict | None) -> None:
+    """The initial weights and (if any) the masks a run trains from, saved or checked."""
+    save_start(rd, RunDir.INIT, model.state_dict())
+    if masks is not None:
+        save_start(rd, RunDir.MASKS, masks)
+
+
+def train_and_report(args, ds: Dataset, model, masks, cfg: TrainConfig, rd: RunDir, what: str) -> int:
+    result = train(model, ds, masks, cfg, rd, progress=not args.no_progress, desc=f"{what} {args.arch}")
+    _report(result.summary)
+    return 0
+
+
 def load_state(model: torch.nn.Module, path: Path) -> None:
     """Load initial weights, naming the first mismatch when they belong to another model."""
     state, ours = load_tensors(path), model.state_dict()
@@ -262,12 +275,8 @@ def cmd_train(args) -> int:
     rd = open_run(args.out, run_config(args, ds, masks=str(args.masks.resolve()) if args.masks else None,
                                        init=str(init.resolve()) if init else None,
                                        train=dataclasses.asdict(cfg)))
-    save_start(rd, RunDir.INIT, model.state_dict())
-    if masks is not None:
-        save_start(rd, RunDir.MASKS, masks)
-    result = train(model, ds, masks, cfg, rd, progress=not args.no_progress, desc=f"train {args.arch}")
-    _report(result.summary)
-    return 0
+    save_starts(rd, model, masks)
+    return train_and_report(args, ds, model, masks, cfg, rd, "train")
 
 
 # --- imp -----------------------------------------------------------------------------------------
@@ -349,14 +358,11 @@ def cmd_random(args) -> int:
     rd = open_run(args.out, run_config(args, ds, sparsity=sparsity, mask_seed=mask_seed,
                                        init=str(args.init.resolve()) if args.init else None,
                                        train=None if args.no_train else dataclasses.asdict(cfg)))
-    save_start(rd, RunDir.INIT, model.state_dict())
-    save_start(rd, RunDir.MASKS, masks)
+    save_starts(rd, model, masks)
     if args.no_train:
         print(f"wrote {rd.masks_path} and {rd.init_path}")
         return 0
-    result = train(model, ds, masks, cfg, rd, progress=not args.no_progress, desc=f"random {args.arch}")
-    _report(result.summary)
-    return 0
+    return train_and_report(args, ds, model, masks, cfg, rd, "random")
 
 
 # --- fit -----------------------------------------------------------------------------------------
@@ -437,7 +443,7 @@ def add_sample_parser(subparsers) -> None:
 
 
 def cmd_sample(args) -> int:
-    from .sample import sample_ticket
+    from .sample import sample_record, sample_ticket
 
     ds = load_data(args)
     model = fresh_model(args, ds)
@@ -453,11 +459,10 @@ def cmd_sample(args) -> int:
                                  seed=args.seed, max_samples=args.max_samples,
                                  progress=sys.stderr.isatty())
     wall = time.perf_counter() - start
-    save_start(rd, RunDir.INIT, model.state_dict())
-    rd.save_tensors(RunDir.MASKS, masks)
-    layers = [{k: v for k, v in dataclasses.asdict(d).items() if k != "connectivity"} for d in draws]
-    rd.save_json("sample.json", dict(wall_time_s=wall, layers=layers))
-    for d in layers:
+    save_starts(rd, model, masks)
+    record = sample_record(draws, wall)
+    rd.save_json("sample.json", record)
+    for d in record["layers"]:
         print(f"{d['name']:>14}  {d['kind']:<6}  density {d['density']:.4f} "
               f"(target {d['target_density']:.4f})  bias {d['bias']:+.3f}")
     print(f"wrote {rd.masks_path} in {wall:.1f} s")

@@ -184,7 +184,7 @@ def _run_fit(cell: Cell) -> None:
 
 
 def _run_mcwt(cell: Cell) -> None:
-    from .sample import sample_ticket
+    from .sample import sample_record, sample_ticket
     from .train import train
 
     ds, model, train_cfg, _, config = _context(cell)
@@ -200,8 +200,7 @@ def _run_mcwt(cell: Cell) -> None:
                                      seed=cell.seed, max_samples=cell.protocol.connectivity_samples,
                                      progress=cell.progress)
         wall = time.perf_counter() - start
-        rd.save_json("sample.json", dict(wall_time_s=wall, layers=[
-            {k: v for k, v in dataclasses.asdict(d).items() if k != "connectivity"} for d in draws]))
+        rd.save_json("sample.json", sample_record(draws, wall))
         rd.save_tensors(RunDir.INIT, model.state_dict())
         rd.save_tensors(RunDir.MASKS, masks)
     train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))

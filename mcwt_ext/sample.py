@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -176,6 +176,12 @@ def sample_masks(model: nn.Module, fit: "LogisticFit | str | os.PathLike", data=
                              exact=exact, seed=seed, max_samples=max_samples,
                              batch_size=batch_size, cache_bytes=cache_bytes, progress=progress)
     return masks
+
+
+def sample_record(draws: list[LayerDraw], wall_time_s: float) -> dict:
+    """What ``sample.json`` in a run directory holds: the time and each layer's draw."""
+    return dict(wall_time_s=wall_time_s, layers=[
+        {k: v for k, v in asdict(d).items() if k != "connectivity"} for d in draws])
 
 
 def _progress(total: int, enabled: bool):
