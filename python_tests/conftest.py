@@ -22,3 +22,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "needs_cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """The tiny synthetic dataset (3x8x8, 10 classes) of the fast training tests."""
+    from mcwt_ext.data import load_dataset
+
+    return load_dataset("synthetic")
+
+
+def synthetic_model(seed=0):
+    """Conv-2 sized for :func:`synthetic`."""
+    from mcwt_ext.models import build_model
+
+    return build_model("conv2", 3, 10, 8, seed=seed)

@@ -2,23 +2,13 @@ import pytest
 import torch
 
 import mcwt_ext.train as train_mod
-from mcwt_ext.data import load_dataset
+from conftest import synthetic_model
 from mcwt_ext.imp import ImpConfig, run_imp
 from mcwt_ext.masks import kept_count
-from mcwt_ext.models import build_model
 from mcwt_ext.runs import RunDir
 from mcwt_ext.train import TrainConfig, snapshot_name, train
 
 RATES = dict(conv=0.5, linear=0.5, output=0.4)
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset("synthetic")
-
-
-def _model(seed=0):
-    return build_model("conv2", 3, 10, 8, seed=seed)
 
 
 def _cfg(**kw):
@@ -27,10 +17,10 @@ def _cfg(**kw):
 
 
 @pytest.fixture(scope="module")
-def imp_run(ds, tmp_path_factory):
+def imp_run(synthetic, tmp_path_factory):
     rd = RunDir(tmp_path_factory.mktemp("imp"))
-    model = _model()
-    masks = run_imp(model, ds, _cfg(), rd, progress=False)
+    model = synthetic_model()
+    masks = run_imp(model, synthetic, _cfg(), rd, progress=False)
     return rd, masks, model
 
 
@@ -69,39 +59,39 @@ def test_every_layer_lands_exactly_on_its_target(imp_run):
     assert all(torch.equal(previous[k], rd.load_tensors("masks.safetensors")[k]) for k in masks)
 
 
-def test_rounds_rewind_to_the_initial_weights(ds, imp_run):
+def test_rounds_rewind_to_the_initial_weights(synthetic, imp_run):
     rd, _, _ = imp_run
     init = rd.load_tensors("init.safetensors")
-    assert all(torch.equal(init[k], v) for k, v in _model().state_dict().items())
+    assert all(torch.equal(init[k], v) for k, v in synthetic_model().state_dict().items())
     round1 = rd.subdir("round_01")
-    fresh = _model()  # kept weights at their initial values, pruned ones zeroed by train()
-    train(fresh, ds, round1.load_tensors("masks.safetensors"), _cfg().train, progress=False)
+    fresh = synthetic_model()  # kept weights at their initial values, pruned ones zeroed by train()
+    train(fresh, synthetic, round1.load_tensors("masks.safetensors"), _cfg().train, progress=False)
     final = round1.load_tensors("final.safetensors")
     assert all(torch.equal(final[k], v) for k, v in fresh.state_dict().items())
 
 
-def test_late_rewinding_uses_the_weights_of_iteration_k(ds, tmp_path):
+def test_late_rewinding_uses_the_weights_of_iteration_k(synthetic, tmp_path):
     rd = RunDir(tmp_path)
-    run_imp(_model(), ds, _cfg(rewind_iteration=2, max_rounds=1), rd, progress=False)
+    run_imp(synthetic_model(), synthetic, _cfg(rewind_iteration=2, max_rounds=1), rd, progress=False)
     rewind = rd.load_tensors("rewind.safetensors")
     assert all(torch.equal(rewind[k], v) for k, v in rd.subdir("round_00").load_tensors(snapshot_name(2)).items())
     assert not torch.equal(rewind["0.weight"], rd.load_tensors("init.safetensors")["0.weight"])
-    model = _model()
+    model = synthetic_model()
     model.load_state_dict(rewind)
     round1 = rd.subdir("round_01")
-    train(model, ds, round1.load_tensors("masks.safetensors"), _cfg().train, progress=False)
+    train(model, synthetic, round1.load_tensors("masks.safetensors"), _cfg().train, progress=False)
     final = round1.load_tensors("final.safetensors")
     assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
 
 
-def test_max_rounds_stops_short_of_the_target(ds, tmp_path):
+def test_max_rounds_stops_short_of_the_target(synthetic, tmp_path):
     rd = RunDir(tmp_path)
-    masks = run_imp(_model(), ds, _cfg(max_rounds=1), rd, progress=False)
+    masks = run_imp(synthetic_model(), synthetic, _cfg(max_rounds=1), rd, progress=False)
     assert not rd.load_json("summary.json")["reached_target"]
     assert int(masks["0.weight"].sum()) == kept_count(1728, 0.5)
 
 
-def test_resume_after_a_kill_inside_a_round(ds, imp_run, tmp_path, monkeypatch):
+def test_resume_after_a_kill_inside_a_round(synthetic, imp_run, tmp_path, monkeypatch):
     expected_rd, expected_masks, expected_model = imp_run
     real, calls = train_mod._batches, []
 
@@ -114,20 +104,20 @@ def test_resume_after_a_kill_inside_a_round(ds, imp_run, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "_batches", dying)
     rd = RunDir(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        run_imp(_model(), ds, _cfg(), rd, progress=False)
+        run_imp(synthetic_model(), synthetic, _cfg(), rd, progress=False)
     assert rd.subdir("round_02").exists("checkpoints/last.pt") and not rd.exists("summary.json")
     monkeypatch.undo()
 
-    model = _model()
-    masks = run_imp(model, ds, _cfg(), rd, progress=False)
+    model = synthetic_model()
+    masks = run_imp(model, synthetic, _cfg(), rd, progress=False)
     assert all(torch.equal(masks[k], expected_masks[k]) for k in masks)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected_model.state_dict().values()))
     assert rd.file("rounds.csv").read_text() == expected_rd.file("rounds.csv").read_text()
 
 
-def test_resume_refuses_another_init_or_other_settings(ds, imp_run):
+def test_resume_refuses_another_init_or_other_settings(synthetic, imp_run):
     rd, _, _ = imp_run
     with pytest.raises(ValueError, match="initial weights"):
-        run_imp(_model(seed=1), ds, _cfg(), rd, progress=False)
+        run_imp(synthetic_model(seed=1), synthetic, _cfg(), rd, progress=False)
     with pytest.raises(ValueError, match="IMP settings"):
-        run_imp(_model(), ds, _cfg(sparsity=0.5), rd, progress=False)
+        run_imp(synthetic_model(), synthetic, _cfg(sparsity=0.5), rd, progress=False)

@@ -2,21 +2,10 @@ import pytest
 import torch
 
 import mcwt_ext.train as train_mod
-from conftest import DEVICES
-from mcwt_ext.data import load_dataset
+from conftest import DEVICES, synthetic_model
 from mcwt_ext.masks import random_masks
-from mcwt_ext.models import build_model
 from mcwt_ext.runs import RunDir
 from mcwt_ext.train import CHECKPOINT, BatchOrder, TrainConfig, snapshot_name, train
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset("synthetic")
-
-
-def _model(seed=0):
-    return build_model("conv2", 3, 10, 8, seed=seed)
 
 
 def _cfg(**kw):
@@ -58,8 +47,8 @@ def test_batch_order_depends_only_on_seed_and_iteration():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pruned_weights_stay_exactly_zero_at_every_step(ds, device):
-    model = _model()
+def test_pruned_weights_stay_exactly_zero_at_every_step(synthetic, device):
+    model = synthetic_model()
     masks = random_masks(model, 0.8, seed=3)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     seen = []
@@ -69,7 +58,7 @@ def test_pruned_weights_stay_exactly_zero_at_every_step(ds, device):
                         for n, m in masks.items()))
 
     model.register_forward_pre_hook(check)
-    result = train(model, ds, masks, _cfg(iterations=8, eval_every=4, device=device), progress=False)
+    result = train(model, synthetic, masks, _cfg(iterations=8, eval_every=4, device=device), progress=False)
     assert len(seen) > 8 and all(seen)
     for name, mask in masks.items():
         w = model.get_parameter(name).detach().cpu()
@@ -78,9 +67,9 @@ def test_pruned_weights_stay_exactly_zero_at_every_step(ds, device):
     assert result.summary["densities"]["0.weight"] == pytest.approx(0.2, abs=1e-3)
 
 
-def test_history_summary_and_files(ds, tmp_path):
+def test_history_summary_and_files(synthetic, tmp_path):
     rd = RunDir(tmp_path / "run")
-    result = train(_model(), ds, None, _cfg(iterations=10, eval_every=3), rd, progress=False)
+    result = train(synthetic_model(), synthetic, None, _cfg(iterations=10, eval_every=3), rd, progress=False)
     assert [row["iteration"] for row in result.history] == [0, 3, 6, 9, 10]
     assert set(result.history[0]) == {"iteration", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc"}
     best = min(result.history, key=lambda r: r["val_loss"])
@@ -94,11 +83,11 @@ def test_history_summary_and_files(ds, tmp_path):
     assert not rd.exists(CHECKPOINT)  # removed once the run is finished
 
 
-def test_deterministic_for_a_seed(ds):
-    a, b, c = _model(), _model(), _model()
-    train(a, ds, None, _cfg(iterations=5), progress=False)
-    train(b, ds, None, _cfg(iterations=5), progress=False)
-    train(c, ds, None, _cfg(iterations=5, seed=1), progress=False)
+def test_deterministic_for_a_seed(synthetic):
+    a, b, c = synthetic_model(), synthetic_model(), synthetic_model()
+    train(a, synthetic, None, _cfg(iterations=5), progress=False)
+    train(b, synthetic, None, _cfg(iterations=5), progress=False)
+    train(c, synthetic, None, _cfg(iterations=5, seed=1), progress=False)
     assert _same_weights(a, b) and not _same_weights(a, c)
 
 
@@ -118,63 +107,63 @@ def _kill_at(monkeypatch, iteration):
     monkeypatch.setattr(train_mod, "_batches", dying)
 
 
-def test_resume_after_a_kill_is_bit_identical(ds, tmp_path, monkeypatch):
-    masks = random_masks(_model(), 0.5, seed=0)
-    whole = _model()
-    expected = train(whole, ds, masks, _cfg(), tmp_path / "whole", progress=False)
+def test_resume_after_a_kill_is_bit_identical(synthetic, tmp_path, monkeypatch):
+    masks = random_masks(synthetic_model(), 0.5, seed=0)
+    whole = synthetic_model()
+    expected = train(whole, synthetic, masks, _cfg(), tmp_path / "whole", progress=False)
 
     _kill_at(monkeypatch, 10)  # after the checkpoint at 8
     with pytest.raises(_Killed):
-        train(_model(), ds, masks, _cfg(), tmp_path / "killed", progress=False)
+        train(synthetic_model(), synthetic, masks, _cfg(), tmp_path / "killed", progress=False)
     rd = RunDir(tmp_path / "killed")
     assert torch.load(rd.file(CHECKPOINT), weights_only=True)["iteration"] == 8
     assert not rd.exists("summary.json")
     monkeypatch.undo()
 
-    resumed = _model()  # a fresh process would start from a fresh model
-    result = train(resumed, ds, masks, _cfg(), rd, progress=False)
+    resumed = synthetic_model()  # a fresh process would start from a fresh model
+    result = train(resumed, synthetic, masks, _cfg(), rd, progress=False)
     assert _same_weights(whole, resumed)
     assert repr(result.history) == repr(expected.history)  # repr: nan == nan
     assert rd.metrics_path.read_text() == RunDir(tmp_path / "whole").metrics_path.read_text()
 
 
-def test_finished_run_is_read_back_not_retrained(ds, tmp_path, monkeypatch):
-    trained = _model()
-    first = train(trained, ds, None, _cfg(iterations=4), tmp_path, progress=False)
+def test_finished_run_is_read_back_not_retrained(synthetic, tmp_path, monkeypatch):
+    trained = synthetic_model()
+    first = train(trained, synthetic, None, _cfg(iterations=4), tmp_path, progress=False)
     _kill_at(monkeypatch, 0)  # any training step would now fail
-    again = _model()
-    second = train(again, ds, None, _cfg(iterations=4), tmp_path, progress=False)
+    again = synthetic_model()
+    second = train(again, synthetic, None, _cfg(iterations=4), tmp_path, progress=False)
     assert _same_weights(trained, again)
     assert second.summary == first.summary and repr(second.history) == repr(first.history)
 
 
-def test_resume_refuses_other_settings_or_masks(ds, tmp_path):
-    train(_model(), ds, None, _cfg(iterations=4), tmp_path, progress=False)
+def test_resume_refuses_other_settings_or_masks(synthetic, tmp_path):
+    train(synthetic_model(), synthetic, None, _cfg(iterations=4), tmp_path, progress=False)
     with pytest.raises(ValueError, match="iterations"):
-        train(_model(), ds, None, _cfg(iterations=5), tmp_path, progress=False)
+        train(synthetic_model(), synthetic, None, _cfg(iterations=5), tmp_path, progress=False)
     with pytest.raises(ValueError, match="masks"):
-        train(_model(), ds, random_masks(_model(), 0.5, 0), _cfg(iterations=4), tmp_path, progress=False)
+        train(synthetic_model(), synthetic, random_masks(synthetic_model(), 0.5, 0), _cfg(iterations=4), tmp_path, progress=False)
 
 
-def test_snapshot_equals_a_run_stopped_there(ds, tmp_path):
-    train(_model(), ds, None, _cfg(iterations=6), tmp_path / "long", progress=False, snapshot_iterations=[3])
-    short = _model()
-    train(short, ds, None, _cfg(iterations=3), progress=False)
+def test_snapshot_equals_a_run_stopped_there(synthetic, tmp_path):
+    train(synthetic_model(), synthetic, None, _cfg(iterations=6), tmp_path / "long", progress=False, snapshot_iterations=[3])
+    short = synthetic_model()
+    train(short, synthetic, None, _cfg(iterations=3), progress=False)
     snap = RunDir(tmp_path / "long").load_tensors(snapshot_name(3))
     assert all(torch.equal(snap[k], v) for k, v in short.state_dict().items())
     with pytest.raises(ValueError, match="run_dir"):
-        train(_model(), ds, None, _cfg(iterations=6), progress=False, snapshot_iterations=[3])
+        train(synthetic_model(), synthetic, None, _cfg(iterations=6), progress=False, snapshot_iterations=[3])
 
 
-def test_worker_processes_give_the_same_batches(ds):
-    a, b = _model(), _model()
-    train(a, ds, None, _cfg(iterations=4), progress=False)
-    train(b, ds, None, _cfg(iterations=4, num_workers=1), progress=False)
+def test_worker_processes_give_the_same_batches(synthetic):
+    a, b = synthetic_model(), synthetic_model()
+    train(a, synthetic, None, _cfg(iterations=4), progress=False)
+    train(b, synthetic, None, _cfg(iterations=4, num_workers=1), progress=False)
     assert _same_weights(a, b)
 
 
-def test_bad_arguments(ds):
+def test_bad_arguments(synthetic):
     with pytest.raises(TypeError, match="TrainConfig"):
-        train(_model(), ds, None, None)
+        train(synthetic_model(), synthetic, None, None)
     with pytest.raises(ValueError, match="names no"):
-        train(_model(), ds, {"1.weight": torch.ones(1, dtype=torch.bool)}, _cfg(), progress=False)
+        train(synthetic_model(), synthetic, {"1.weight": torch.ones(1, dtype=torch.bool)}, _cfg(), progress=False)
