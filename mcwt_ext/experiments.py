@@ -424,8 +424,8 @@ def cost_rows(grid: Grid) -> list[dict]:
     return rows
 
 
-def cost_markdown(rows: list[dict]) -> str:
-    lines = ["### Cost to construct one mask", "",
+def cost_markdown(rows: list[dict], header: str = "") -> str:
+    lines = ([header, ""] if header else []) + ["### Cost to construct one mask", "",
              "| Arch | Method | Wall time (s) | Training iterations | Share of IMP's time |",
              "|---|---|---|---|---|"]
     for r in rows:
@@ -473,14 +473,14 @@ def report(grid: Grid) -> dict[str, Path]:
     """Write table.md/csv, cost.md/csv and the figures; return their paths."""
     rows = collect(grid)
     proto = PROTOCOLS[grid.protocol]
-    header = (f"## Table 1 on {grid.dataset}: {', '.join(grid.archs)}, seeds {grid.seeds}, "
-              f"{proto.name} protocol\n\nProtocol: `{json.dumps(grid.settings())}`")
+    what = f"{grid.dataset}: {', '.join(grid.archs)}, seeds {grid.seeds}, {proto.name} protocol"
+    protocol = f"Protocol: `{json.dumps(grid.settings())}`"
     paths = {"table_md": grid.out / "table.md", "table_csv": grid.out / "table.csv",
              "cost_md": grid.out / "cost.md", "cost_csv": grid.out / "cost.csv"}
-    atomic_write(paths["table_md"], table_markdown(rows, grid.archs, header))
+    atomic_write(paths["table_md"], table_markdown(rows, grid.archs, f"## Table 1 on {what}\n\n{protocol}"))
     write_table_csv(rows, paths["table_csv"])
     costs = cost_rows(grid)
-    atomic_write(paths["cost_md"], cost_markdown(costs))
+    atomic_write(paths["cost_md"], cost_markdown(costs, f"## Cost on {what}\n\n{protocol}"))
     _rows_csv(costs, paths["cost_csv"])
     paths["figures"] = grid.out / "figures"
     figures(grid)
