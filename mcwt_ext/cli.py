@@ -464,7 +464,8 @@ def cmd_sample(args) -> int:
     rd.save_json("sample.json", record)
     for d in record["layers"]:
         print(f"{d['name']:>14}  {d['kind']:<6}  density {d['density']:.4f} "
-              f"(target {d['target_density']:.4f})  bias {d['bias']:+.3f}")
+              f"(target {d['target_density']:.4f})  bias " +
+              ("dense" if d["bias"] is None else f"{d['bias']:+.3f}"))
     print(f"wrote {rd.masks_path} in {wall:.1f} s")
     return 0
 

@@ -179,9 +179,15 @@ def sample_masks(model: nn.Module, fit: "LogisticFit | str | os.PathLike", data=
 
 
 def sample_record(draws: list[LayerDraw], wall_time_s: float) -> dict:
-    """What ``sample.json`` in a run directory holds: the time and each layer's draw."""
-    return dict(wall_time_s=wall_time_s, layers=[
-        {k: v for k, v in asdict(d).items() if k != "connectivity"} for d in draws])
+    """What ``sample.json`` in a run directory holds: the time and each layer's draw.
+
+    A dense layer's intercept (+inf) is written as null, so the file stays strict JSON.
+    """
+    layers = [{k: v for k, v in asdict(d).items() if k != "connectivity"} for d in draws]
+    for layer in layers:
+        if not math.isfinite(layer["bias"]):
+            layer["bias"] = None
+    return dict(wall_time_s=wall_time_s, layers=layers)
 
 
 def _progress(total: int, enabled: bool):

@@ -85,6 +85,19 @@ def test_keep_probability_follows_magnitude(digits):
     assert w[kept].mean() > w[~kept].mean()
 
 
+def test_dense_layers_and_strict_json_record(digits):
+    import json
+
+    from mcwt_ext.sample import sample_record
+
+    model = _model(digits)
+    masks, draws = sample_ticket(model, FIT, None, sparsity=0.0, connectivity=False)
+    assert all(bool(m.all()) for m in masks.values())
+    record = sample_record(draws, 1.0)
+    json.dumps(record, allow_nan=False)  # raises on inf/nan
+    assert all(layer["bias"] is None and layer["density"] == 1.0 for layer in record["layers"])
+
+
 def test_fit_from_path(digits, tmp_path):
     model = _model(digits)
     FIT.save(tmp_path / "fit.json")
