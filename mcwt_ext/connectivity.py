@@ -136,7 +136,7 @@ def _check_input(stage: Stage, x: torch.Tensor) -> None:
         raise ValueError(f"data: layer {stage.name!r} expects input of shape {want}, got {list(x.shape)}")
 
 
-def run_stage(stage: Stage, x: torch.Tensor, mask: torch.Tensor | None):
+def run_stage(stage: Stage, x: torch.Tensor, mask: torch.Tensor):
     """The activation leaving ``stage`` (its layer masked) and its per-channel sums.
 
     Sums are over batch and space per channel for 4-D outputs, per unit for 2-D.
@@ -145,7 +145,6 @@ def run_stage(stage: Stage, x: torch.Tensor, mask: torch.Tensor | None):
 
     layer, kind = stage.layer, stage.fused_kind()
     weight = layer.weight
-    mask = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask
     if kind in ("conv", "conv_pool"):
         y, sums = ops.masked_conv_block(x, weight, mask, layer.bias, padding=layer.padding,
                                         pool=kind == "conv_pool")
@@ -183,7 +182,7 @@ class ActivationStream:
         self._anchor = 0  # stage whose inputs are cached
         self._cache = input_batches(data, max_samples=max_samples, batch_size=batch_size)
         _check_input(self.stages[0], self._cache[0].to(self.device))
-        self._masks: list[torch.Tensor | None] = []  # masks of the stages passed so far
+        self._masks: list[torch.Tensor] = []  # masks of the stages passed so far
         self.num_samples = sum(len(x) for x in self._cache)
 
     @property
@@ -209,7 +208,9 @@ class ActivationStream:
         if mask is not None and mask.shape != stage.layer.weight.shape:
             raise ValueError(f"mask for {stage.param!r}: shape {list(mask.shape)} does not match "
                              f"the weight's {list(stage.layer.weight.shape)}")
-        self._masks.append(None if mask is None else mask.to(self.device))
+        weight = stage.layer.weight
+        self._masks.append(torch.ones_like(weight, dtype=torch.bool) if mask is None  # dense: once,
+                           else mask.to(weight.device))                               # not per batch
         total, count, outputs, size = None, 0, [], 0
         for x in self._inputs_to(index):
             y, sums = run_stage(stage, x, self._masks[index])

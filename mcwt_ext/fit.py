@@ -97,11 +97,16 @@ def load_fit(fit: "LogisticFit | str | os.PathLike") -> LogisticFit:
         return LogisticFit.from_json(json.load(f))
 
 
+def magnitude_scale(weight: torch.Tensor) -> float:
+    """What ``|w|`` is divided by: the std of the layer's initial weights (1 if undefined or 0)."""
+    std = float(weight.detach().double().std()) if weight.numel() > 1 else 1.0
+    return std if std > 0 else 1.0
+
+
 def layer_features(weight: torch.Tensor, connectivity: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Normalised feature tensors of one layer, each of ``weight``'s shape."""
     weight = weight.detach().double()
-    std = weight.std()
-    feats = {"magnitude": weight.abs() / std if std > 0 else weight.abs()}
+    feats = {"magnitude": weight.abs() / magnitude_scale(weight)}
     if connectivity is not None:
         g = normalised_connectivity(connectivity)
         feats["connectivity"] = g.view(1, -1, *([1] * (weight.dim() - 2))).expand_as(weight)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fit import magnitude_scale
 from .runs import atomic_write
 
 KIND_OF = {"conv": "conv", "linear": "linear", "output": "linear"}
@@ -73,7 +74,7 @@ def fig1_initial_weights(init: Mapping[str, torch.Tensor], kinds: Mapping[str, s
     values: dict[str, dict[str, list]] = {}
     for name, kind in kinds.items():
         w = init[name].double()
-        scaled = (w / w.std()).flatten()
+        scaled = (w / magnitude_scale(w)).flatten()
         per = values.setdefault(KIND_OF[kind], {})
         per.setdefault("dense", []).append(scaled.numpy())
         for method, m in masks.items():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .connectivity import DEFAULT_CACHE_BYTES, ActivationStream
-from .fit import LogisticFit, load_fit, normalised_connectivity
+from .fit import LogisticFit, load_fit, magnitude_scale, normalised_connectivity
 from .masks import kept_count, layer_kind, prunable_layers
 
 
@@ -121,8 +121,7 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, connectivit
         weight = module.weight.detach()
         g = stream.advance(masks[names[index - 1]]) if stream is not None and index > 0 else None
         coef = fit.model(kinds[param], g is not None)
-        std = float(weight.double().std()) if weight.numel() > 1 else 1.0
-        u_mag = coef.u_mag / std if std > 0 else coef.u_mag
+        u_mag = coef.u_mag / magnitude_scale(weight)
         u_conn, g_norm = 0.0, None
         if g is not None:
             g_norm = normalised_connectivity(g).to(weight.device, weight.dtype)

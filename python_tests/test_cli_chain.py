@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mcwt_ext.cli import main
-from mcwt_ext.runs import RunDir, load_tensors
+from mcwt_ext.runs import load_tensors
 
 COMMON = ["--arch", "conv2", "--dataset", "digits", "--seed", "0", "--no-progress"]
 SHORT = ["--iterations", "6", "--eval-every", "3"]
