@@ -5,15 +5,10 @@ that remain (by lowest trained magnitude), rewinds the kept weights to their ini
 to their values after ``rewind_iteration`` steps of round 0) and trains again. A layer stops at
 its target; the round that reaches every target is the winning ticket (WT).
 
-Run directory::
-
-    init.safetensors      initial weights (the rewind point when rewind_iteration = 0)
-    imp.json              the IMP settings, checked on resume
-    round_XX/             one training run each: masks.safetensors, final.safetensors, summary...
-    rewind.safetensors    weights after rewind_iteration steps (only when rewind_iteration > 0)
-    rounds.csv            one row per round: density, accuracies
-    masks.safetensors     the WT masks (the last round's)
-    summary.json          rounds, reached_target, WT densities; written last
+The run directory (file names in :mod:`mcwt_ext.runs`) holds the initial weights, the IMP
+settings (checked on resume), one training run per round, the rewind weights (only when
+rewind_iteration > 0), one row per round (density, accuracies), the WT masks (the last round's)
+and, written last, a summary: rounds, reached_target, WT densities.
 
 Rewound rounds train for the full ``train.iterations`` with a fresh optimiser.
 """
@@ -30,14 +25,13 @@ from torch import nn
 from .data import Dataset
 from .masks import per_layer, densities, dense_masks, kept_count, layer_kind, magnitude_prune
 from .models import arch_spec
-from .runs import RunDir
-from .train import TrainConfig, snapshot_name, train
+from .runs import RunDir, snapshot_name
+from .train import TrainConfig, train
+from .validate import check_rate, check_sparsity
 
 __all__ = ["ImpConfig", "run_imp", "KINDS"]
 
 KINDS = ("conv", "linear", "output")
-REWIND = "rewind.safetensors"
-SETTINGS = "imp.json"
 
 
 @dataclass(kw_only=True)
@@ -58,14 +52,12 @@ class ImpConfig:
             raise TypeError(f"train must be a TrainConfig, got {type(self.train).__name__}")
         if not isinstance(self.rates, Mapping) or set(self.rates) != set(KINDS):
             raise ValueError(f"rates must give a rate for each of {list(KINDS)}, got {self.rates!r}")
-        self.rates = {k: float(self.rates[k]) for k in KINDS}
-        for kind, rate in self.rates.items():
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"rate for {kind} must lie in [0, 1), got {rate}")
-        values = self.sparsity.values() if isinstance(self.sparsity, Mapping) else [self.sparsity]
-        for s in values:
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
-                raise ValueError(f"sparsity must lie in [0, 1), got {s!r}")
+        self.rates = {k: check_rate(self.rates[k], f"rates: rate for {k}") for k in KINDS}
+        if isinstance(self.sparsity, Mapping):
+            for name, s in self.sparsity.items():
+                check_sparsity(s, f"sparsity of {name!r}")
+        else:
+            check_sparsity(self.sparsity)
         k = self.rewind_iteration
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.train.iterations:
             raise ValueError(f"rewind_iteration must be an int in [0, {self.train.iterations}), got {k!r}")
@@ -99,10 +91,6 @@ class ImpConfig:
                     train=self.train.identity())
 
 
-def _same_tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
-
-
 def _at_target(masks: Mapping[str, torch.Tensor], targets: Mapping[str, float]) -> bool:
     return all(int(m.sum()) <= kept_count(m.numel(), targets[n]) for n, m in masks.items())
 
@@ -128,39 +116,27 @@ def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunD
         raise ValueError(f"layers {stuck} have a sparsity target but a prune rate of 0")
 
     init = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    if rd.exists(SETTINGS):
-        if rd.load_json(SETTINGS) != config.identity():
-            raise ValueError(f"{rd.file(SETTINGS)} holds other IMP settings; use a fresh run directory")
-        if not _same_tensors(rd.load_tensors(RunDir.INIT), init):
-            raise ValueError(f"{rd.init_path} holds other initial weights than the model's; "
-                             f"use a fresh run directory or the same seed")
-    else:
-        rd.save_tensors(RunDir.INIT, init)
-        rd.save_json(SETTINGS, config.identity())
+    RunDir.open(rd.path, config.identity(), name=RunDir.IMP)
+    rd.save_or_check_tensors(RunDir.INIT, init, "initial weights")
 
     k = config.rewind_iteration
     masks, rewind, rounds = dense_masks(model), init, []
     for r in itertools.count():
-        round_dir = rd.subdir(f"round_{r:02d}")
-        if round_dir.exists(RunDir.MASKS):
-            if not _same_tensors(round_dir.load_tensors(RunDir.MASKS), masks):
-                raise ValueError(f"{round_dir.masks_path} differs from the masks IMP derives; "
-                                 f"the run directory is inconsistent")
-        else:
-            round_dir.save_tensors(RunDir.MASKS, masks)
+        round_dir = rd.round(r)
+        round_dir.save_or_check_tensors(RunDir.MASKS, masks, "masks (than IMP derives)")
         model.load_state_dict(rewind)
         result = train(model, dataset, masks, config.train, round_dir, progress, desc=f"IMP round {r}",
                        snapshot_iterations=[k] if r == 0 and k > 0 else ())
         if r == 0 and k > 0:
             rewind = round_dir.load_tensors(snapshot_name(k))
-            rd.save_tensors(REWIND, rewind)
+            rd.save_tensors(RunDir.REWIND, rewind)
         s = result.summary
         kept = sum(int(m.sum()) for m in masks.values())
         rounds.append(dict(round=r, density=kept / sum(m.numel() for m in masks.values()),
                            **{key: s[key] for key in ("val_acc_final", "test_acc_final",
                                                       "val_acc_early_stop", "test_acc_early_stop",
                                                       "early_stop_iteration", "min_val_loss")}))
-        rd.save_csv("rounds.csv", rounds)
+        rd.save_csv(RunDir.ROUNDS, rounds)
         reached = _at_target(masks, targets)
         if reached or (config.max_rounds is not None and r >= config.max_rounds):
             break

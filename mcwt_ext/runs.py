@@ -1,16 +1,25 @@
-"""Run directories: where every command keeps what it makes, written atomically.
+"""Run directories: every file name a run uses, whether a directory is "the same run", atomic IO.
 
-Layout (each file optional, depending on the command)::
+This is the only module that spells a file name; everything else asks it (like open_lth's
+``paths`` and ``desc`` modules). Layout of one run (each file optional, by command)::
 
     config.json           what was run: command, arch, dataset, in_channels, image_size,
-                          num_classes, seed, train/IMP settings
+                          num_classes, seed, train/IMP settings; the run's identity
     init.safetensors      the model's state_dict at initialisation (all parameters)
     masks.safetensors     {"<module>.weight": bool tensor}, True = kept
     final.safetensors     the state_dict after training
+    weights_XXXXXX.safetensors   the weights after XXXXXX steps (IMP's rewind point)
     metrics.csv           one row per evaluation
     summary.json          final / early-stop accuracies; written last, so it marks a finished run
     checkpoints/last.pt   the latest training checkpoint (deleted when training finishes)
-    round_XX/             IMP rounds, each a run directory of its own
+    sample.json           `mcwt sample`: per-layer calibrated intercepts and densities
+    imp.json              IMP: its settings, checked on resume
+    rewind.safetensors    IMP: the weights after rewind_iteration steps (only when > 0)
+    rounds.csv            IMP: one row per round
+    round_XX/             IMP: each round a run directory of its own
+
+A reproduce grid keeps ``<arch>/seed_<s>/<cell>/`` run directories (the fit cell's model in
+``fit.json``), ``table.{md,csv}``, ``cost.{md,csv}`` and ``figures/``.
 
 Tensors are safetensors and configs JSON, so loading a run never executes code. Every write
 goes to a temporary file in the same directory and is then ``os.replace``d into place, so a killed
@@ -24,12 +33,59 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["RunDir", "atomic_write", "load_tensors"]
+__all__ = ["RunDir", "atomic_write", "load_tensors", "load_masks", "load_weights", "check_identity",
+           "Ticket", "load_ticket", "snapshot_name", "round_name", "grid_cell", "RUNTIME_KEYS",
+           "GRID_FILES"]
+
+#: Config keys that may change between a run and its resumption (where the data lives, which
+#: device trains, how batches are assembled); at any depth of the identity.
+RUNTIME_KEYS = frozenset({"data_root", "device", "num_workers"})
+
+#: The files a reproduce grid writes at its top level.
+GRID_FILES = dict(table_md="table.md", table_csv="table.csv", cost_md="cost.md", cost_csv="cost.csv",
+                  figures="figures")
+
+
+def snapshot_name(iteration: int) -> str:
+    """File (in the run directory) holding the weights after ``iteration`` steps."""
+    return f"weights_{iteration:06d}.safetensors"
+
+
+def round_name(r: int) -> str:
+    """IMP's round ``r`` sub-directory."""
+    return f"round_{r:02d}"
+
+
+def grid_cell(root: str | os.PathLike, arch: str, seed: int, cell: str) -> "RunDir":
+    """The run directory of one cell of a reproduce grid."""
+    return RunDir(Path(root) / arch / f"seed_{seed}" / cell)
+
+
+def _flat(config: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in config.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_identity(stored: Mapping, ours: Mapping, where, mutable=RUNTIME_KEYS) -> None:
+    """Raise a ValueError naming every difference between two run identities (nested dicts),
+    keys named in ``mutable`` (at any depth) aside. The one test of "is this the same run"."""
+    def comparable(config):
+        return {k: v for k, v in _flat(config).items() if k.rsplit(".", 1)[-1] not in mutable}
+    a, b = comparable(stored), comparable(ours)
+    diff = [f"{k} {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+    if diff:
+        raise ValueError(f"{where} belongs to another run ({'; '.join(diff)}); "
+                         f"use a fresh run directory")
+
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp creates files 0600, and we want the usual permissions
@@ -73,11 +129,29 @@ class RunDir:
     METRICS = "metrics.csv"
     SUMMARY = "summary.json"
     CHECKPOINTS = "checkpoints"
+    CHECKPOINT = "checkpoints/last.pt"
+    SAMPLE = "sample.json"
+    FIT = "fit.json"
+    IMP = "imp.json"
+    REWIND = "rewind.safetensors"
+    ROUNDS = "rounds.csv"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"run directory {str(self.path)!r} exists and is not a directory")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, identity: Mapping, *, name: str = CONFIG,
+             mutable=RUNTIME_KEYS) -> "RunDir":
+        """The run directory ``path`` with ``identity`` written to ``name``: a new run, or the
+        resumption of the same one (checked with :func:`check_identity`; ``mutable`` keys may
+        differ and take their new values)."""
+        rd = cls(path)
+        if rd.exists(name):
+            check_identity(rd.load_json(name), identity, rd.file(name), mutable)
+        rd.save_json(name, identity)
+        return rd
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -164,6 +238,29 @@ class RunDir:
     def load_tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         return load_tensors(self.file(name), device)
 
+    def save_or_check_tensors(self, name: str, tensors: Mapping[str, torch.Tensor], what: str) -> None:
+        """Save ``tensors``, or check that a resumed run saved the same ones (``what`` they are)."""
+        if self.exists(name):
+            stored = self.load_tensors(name)
+            if stored.keys() != tensors.keys() or \
+                    not all(torch.equal(stored[k], tensors[k].detach().cpu()) for k in stored):
+                raise ValueError(f"{self.file(name)} holds other {what} than this run's; "
+                                 f"use a fresh run directory")
+        else:
+            self.save_tensors(name, tensors)
+
+    def round(self, r: int) -> "RunDir":
+        """IMP's round ``r``."""
+        return self.subdir(round_name(r))
+
+    def ticket_round(self) -> int:
+        """The last round of a finished IMP run: the one that trained the winning ticket."""
+        return self.load_json(self.SUMMARY)["rounds"][-1]["round"]
+
+    def done(self) -> bool:
+        """Finished: its summary is written last."""
+        return self.exists(self.SUMMARY)
+
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load a safetensors file, with a readable error when it is missing or not safetensors."""
@@ -174,3 +271,51 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A mask set (``masks.safetensors``): bool tensors, checked."""
+    masks = load_tensors(path)
+    bad = [k for k, v in masks.items() if v.dtype != torch.bool]
+    if bad:
+        raise ValueError(f"{path}: masks must be bool tensors, {bad} are not")
+    return masks
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a state_dict file into ``model``, naming the first mismatch when it belongs to another
+    model."""
+    state, ours = load_tensors(path), model.state_dict()
+    for name in sorted(set(state) | set(ours)):
+        if name not in state or name not in ours or state[name].shape != ours[name].shape:
+            theirs = tuple(state[name].shape) if name in state else "absent"
+            mine = tuple(ours[name].shape) if name in ours else "absent"
+            raise ValueError(f"{path} does not fit the model: {name} is {theirs} "
+                             f"there, {mine} in the model")
+    model.load_state_dict(state)
+
+
+@dataclass
+class Ticket:
+    """A finished run's config, its model at initialisation and its masks (a ticket)."""
+
+    run: RunDir
+    config: dict
+    model: torch.nn.Module
+    masks: dict[str, torch.Tensor] | None
+
+
+def load_ticket(path: str | os.PathLike, *, masks: bool = True) -> Ticket:
+    """The model (rebuilt from ``config.json``, with the run's initial weights) and, with
+    ``masks``, the masks of the run directory ``path``; readable errors when a part is missing."""
+    from .models import build_model_from_config
+
+    rd = RunDir(path)
+    if not rd.exists(RunDir.CONFIG):
+        raise ValueError(f"{path} is not a run directory (no {RunDir.CONFIG})")
+    config = rd.load_json(RunDir.CONFIG)
+    model = build_model_from_config(config)
+    load_weights(model, rd.init_path)
+    if masks and not rd.exists(RunDir.MASKS):
+        raise ValueError(f"{path} has no {RunDir.MASKS} (is IMP finished?)")
+    return Ticket(rd, config, model, load_masks(rd.masks_path) if masks else None)

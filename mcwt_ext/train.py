@@ -26,35 +26,43 @@ from tqdm import tqdm
 from .data import Dataset
 from .masks import apply_masks, check_masks, densities, masked_parameters
 from .models import arch_spec
-from .runs import RunDir, atomic_write
+from .runs import RUNTIME_KEYS, RunDir, atomic_write, check_identity, snapshot_name
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "BatchOrder", "snapshot_name", "make_optimizer"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "BatchOrder", "make_optimizer"]
 
-CHECKPOINT = "checkpoints/last.pt"
 METRICS_FIELDS = ["iteration", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc"]
-# Settings that do not change what is computed; a run may resume under other values.
-_RUNTIME_FIELDS = ("device", "num_workers")
+
+
+def _setting(default=dataclasses.MISSING, *, help: str, low: int | None = None):
+    """A TrainConfig field: ``help`` documents it (and its generated CLI flag); ``low`` is an int
+    field's least value."""
+    return field(default=default, metadata=dict(help=help, low=low))
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     """Training settings; ``for_arch`` fills in the protocol's (Frankle & Carbin, App. H)."""
 
-    iterations: int
-    lr: float
-    batch_size: int = 60
-    eval_every: int = 100
-    checkpoint_every: int = 1000  # 0: never checkpoint
-    seed: int = 0  # seeds the batch order
-    device: str = "cpu"
-    num_workers: int = 0  # >0: assemble batches in that many DataLoader worker processes
+    iterations: int = _setting(help="training iterations (default 20000 / 25000 / 30000 for "
+                                    "conv2 / conv4 / conv6)", low=1)
+    lr: float = _setting(help="Adam learning rate (default 2e-4 conv2, 3e-4 conv4/conv6)")
+    batch_size: int = _setting(60, help="batch size (default 60)", low=1)
+    eval_every: int = _setting(100, help="iterations between evaluations (default 100)", low=1)
+    checkpoint_every: int = _setting(1000, help="iterations between checkpoints, 0 for none "
+                                                "(default 1000)", low=0)
+    seed: int = _setting(0, help="seed of the batch order", low=0)
+    device: str = _setting("cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
+    num_workers: int = _setting(0, help="DataLoader worker processes assembling batches "
+                                        "(default 0: in the main process)", low=0)
 
     def __post_init__(self):
-        for name, low in (("iterations", 1), ("batch_size", 1), ("eval_every", 1),
-                          ("checkpoint_every", 0), ("seed", 0), ("num_workers", 0)):
-            value = getattr(self, name)
+        for f in dataclasses.fields(self):
+            low = f.metadata["low"]
+            if low is None:
+                continue
+            value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+                raise ValueError(f"{f.name} must be an int >= {low}, got {value!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0 \
                 or not math.isfinite(self.lr):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
@@ -78,7 +86,7 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The fields that determine the result (all but device and num_workers)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_FIELDS}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_KEYS}
 
 
 @dataclass
@@ -206,11 +214,6 @@ def _masks_digest(masks: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def snapshot_name(iteration: int) -> str:
-    """File (in the run directory) holding the weights after ``iteration`` steps."""
-    return f"weights_{iteration:06d}.safetensors"
-
-
 def _early_stop(history: list[dict]) -> dict:
     return min(history, key=lambda row: (row["val_loss"], row["iteration"]))
 
@@ -231,15 +234,9 @@ def _summary(history, config, masks, wall_time) -> dict:
 
 
 def _check_same_run(stored: dict, config: TrainConfig, digest: str, where) -> None:
-    ours = config.identity()
-    theirs = {k: v for k, v in stored["config"].items() if k not in _RUNTIME_FIELDS}
-    diff = [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in sorted(set(ours) | set(theirs))
-            if theirs.get(k) != ours.get(k)]
-    if diff:
-        raise ValueError(f"{where} belongs to a run with other settings ({'; '.join(diff)}); "
-                         f"use a fresh run directory")
-    if stored["masks_sha256"] != digest:
-        raise ValueError(f"{where} belongs to a run with other masks; use a fresh run directory")
+    """A summary or checkpoint was made with these settings and these masks."""
+    check_identity(dict(config=stored["config"], masks_sha256=stored["masks_sha256"]),
+                   dict(config=config.identity(), masks_sha256=digest), where)
 
 
 def _read_history(rd: RunDir) -> list[dict]:
@@ -286,9 +283,9 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
     start, history, wall_time = 0, [], 0.0
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     loss_count = 0
-    if rd is not None and rd.exists(CHECKPOINT):
-        ckpt = torch.load(rd.file(CHECKPOINT), map_location=device, weights_only=True)
-        _check_same_run(ckpt, config, digest, rd.file(CHECKPOINT))
+    if rd is not None and rd.exists(RunDir.CHECKPOINT):
+        ckpt = torch.load(rd.file(RunDir.CHECKPOINT), map_location=device, weights_only=True)
+        _check_same_run(ckpt, config, digest, rd.file(RunDir.CHECKPOINT))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, history, wall_time = ckpt["iteration"], ckpt["history"], ckpt["wall_time_s"]
@@ -317,7 +314,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
                      history=history, loss_sum=loss_sum, loss_count=loss_count,
                      wall_time_s=wall_time + time.perf_counter() - began,
                      config=dataclasses.asdict(config), masks_sha256=digest)
-        atomic_write(rd.file(CHECKPOINT), lambda tmp: torch.save(state, tmp))
+        atomic_write(rd.file(RunDir.CHECKPOINT), lambda tmp: torch.save(state, tmp))
 
     if start == 0:
         record(0)
@@ -344,8 +341,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
     if rd is not None:
         rd.save_tensors(RunDir.FINAL, model.state_dict())
         rd.save_json(RunDir.SUMMARY, summary)
-        if rd.exists(CHECKPOINT):  # the finished run needs it no more
-            rd.file(CHECKPOINT).unlink()
+        if rd.exists(RunDir.CHECKPOINT):  # the finished run needs it no more
+            rd.file(RunDir.CHECKPOINT).unlink()
             if not any(rd.checkpoints_dir.iterdir()):
                 rd.checkpoints_dir.rmdir()
     return TrainResult(summary, history)

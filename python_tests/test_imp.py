@@ -6,7 +6,8 @@ from conftest import synthetic_model
 from mcwt_ext.imp import ImpConfig, run_imp
 from mcwt_ext.masks import kept_count
 from mcwt_ext.runs import RunDir
-from mcwt_ext.train import TrainConfig, snapshot_name, train
+from mcwt_ext.runs import snapshot_name
+from mcwt_ext.train import TrainConfig, train
 
 RATES = dict(conv=0.5, linear=0.5, output=0.4)
 
@@ -119,5 +120,5 @@ def test_resume_refuses_another_init_or_other_settings(synthetic, imp_run):
     rd, _, _ = imp_run
     with pytest.raises(ValueError, match="initial weights"):
         run_imp(synthetic_model(seed=1), synthetic, _cfg(), rd, progress=False)
-    with pytest.raises(ValueError, match="IMP settings"):
+    with pytest.raises(ValueError, match="sparsity 0.75 there, 0.5 now"):
         run_imp(synthetic_model(), synthetic, _cfg(sparsity=0.5), rd, progress=False)

@@ -4,8 +4,10 @@ import torch
 import mcwt_ext.train as train_mod
 from conftest import DEVICES, synthetic_model
 from mcwt_ext.masks import random_masks
-from mcwt_ext.runs import RunDir
-from mcwt_ext.train import CHECKPOINT, BatchOrder, TrainConfig, snapshot_name, train
+from mcwt_ext.runs import RunDir, snapshot_name
+from mcwt_ext.train import BatchOrder, TrainConfig, train
+
+CHECKPOINT = RunDir.CHECKPOINT
 
 
 def _cfg(**kw):
