@@ -49,10 +49,10 @@ class LogisticFit:
     layers: list[dict] = field(default_factory=list)
     source: dict = field(default_factory=dict)
 
-    def model(self, kind: str, connectivity: bool) -> LogisticModel:
+    def model(self, kind: str, use_connectivity: bool) -> LogisticModel:
         """The model for a layer kind ("conv", "linear" or "output")."""
         kind = "conv" if kind == "conv" else "linear"
-        variant = "connectivity" if connectivity else "magnitude"
+        variant = "connectivity" if use_connectivity else "magnitude"
         try:
             return self.models[kind][variant]
         except KeyError:

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from .validate import check_rate, check_seed, check_sparsity
+
 __all__ = ["prunable_layers", "layer_kind", "dense_masks", "apply_masks", "masked_parameters",
            "densities", "kept_count", "per_layer", "magnitude_prune", "random_masks", "check_masks"]
 
@@ -134,9 +136,7 @@ def magnitude_prune(model_weights: Mapping[str, torch.Tensor], masks: Mapping[st
     for name, mask in masks.items():
         if name not in rates or name not in target_density:
             raise ValueError(f"layer {name!r} needs an entry in both rates and target_density")
-        rate, target = float(rates[name]), float(target_density[name])
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"rate of {name!r} must lie in [0, 1), got {rate}")
+        rate, target = check_rate(rates[name], f"rate of {name!r}"), float(target_density[name])
         weight = model_weights[name].detach().to("cpu")
         if weight.shape != mask.shape:
             raise ValueError(f"weight {name!r} has shape {tuple(weight.shape)}, its mask "
@@ -164,15 +164,13 @@ def random_masks(model: nn.Module, sparsity: float | Mapping[str, float], seed: 
     layers = prunable_layers(model)
     names = [f"{name}.weight" for name, _ in layers]
     sparsities = per_layer(sparsity, names, "sparsity")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     masks = {}
     for name, module in layers:
         key = f"{name}.weight"
         if key not in sparsities:
             continue
-        s = sparsities[key]
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity of {key!r} must lie in [0, 1), got {s}")
+        s = check_sparsity(sparsities[key], f"sparsity of {key!r}")
         n = module.weight.numel()
         flat = torch.zeros(n, dtype=torch.bool)
         flat[torch.randperm(n, generator=generator)[:kept_count(n, 1.0 - s)]] = True

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .validate import check_seed
+
 __all__ = ["ArchSpec", "ARCHS", "build_model", "build_model_from_config", "count_weights"]
 
 
@@ -60,8 +62,7 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_si
     _positive_int(in_channels, "in_channels")
     _positive_int(num_classes, "num_classes")
     _positive_int(image_size, "image_size")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_seed(seed)
     pools = len(spec.conv_widths) // 2
     side = image_size >> pools
     if side < 1:

@@ -20,6 +20,7 @@ from torch import nn
 from .connectivity import DEFAULT_CACHE_BYTES, ActivationStream
 from .fit import LogisticFit, load_fit, magnitude_scale, normalised_connectivity
 from .masks import kept_count, layer_kind, prunable_layers
+from .validate import check_seed, check_sparsity
 
 
 @dataclass
@@ -31,8 +32,8 @@ class LayerDraw:
     target_density: float
     expected_density: float
     density: float
-    u_mag: float            # slopes on raw |w| and raw g, after per-layer normalisation
-    u_conn: float
+    u_mag: float            # slope on raw |w|: the fit's slope over the layer's weight scale
+    u_conn: float           # slope on normalised g (g / its mean over the layer's inputs)
     bias: float             # the calibrated intercept
     connectivity: list[float] | None = field(default=None, repr=False)
 
@@ -81,13 +82,10 @@ def _target_densities(sparsity, names: list[str]) -> dict[str, float]:
         per_layer = {n: sparsity[n] for n in names}
     else:
         per_layer = {n: sparsity for n in names}
-    for name, s in per_layer.items():
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity: must lie in [0, 1), got {s!r} for {name!r}")
-    return {n: 1.0 - float(s) for n, s in per_layer.items()}
+    return {n: 1.0 - check_sparsity(s, f"sparsity of {n!r}") for n, s in per_layer.items()}
 
 
-def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, connectivity: bool = True,
+def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, use_connectivity: bool = True,
                   exact: bool = False, seed: int = 0, max_samples: int | None = None,
                   batch_size: int = 500, cache_bytes: int = DEFAULT_CACHE_BYTES,
                   progress: bool = False) -> tuple[dict[str, torch.Tensor], list[LayerDraw]]:
@@ -95,8 +93,7 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, connectivit
     from . import ops
 
     fit = load_fit(fit)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: must be an int, got {type(seed).__name__}")
+    check_seed(seed)
     layers = prunable_layers(model)
     if not layers:
         raise ValueError("model: has no prunable (Conv2d or Linear) layers")
@@ -104,12 +101,12 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, connectivit
     names = [f"{n}.weight" for n, _ in layers]
     targets = _target_densities(sparsity, names)
     for name in names:  # fail before any work if the fit lacks a model this net needs
-        fit.model(kinds[name], connectivity and name != names[0])
+        fit.model(kinds[name], use_connectivity and name != names[0])
     stream = None
-    if connectivity and len(layers) > 1:
+    if use_connectivity and len(layers) > 1:
         if data is None:
             raise ValueError("data: connectivity needs data to measure activations on "
-                             "(or pass connectivity=False)")
+                             "(or pass use_connectivity=False)")
         stream = ActivationStream(model, data, max_samples=max_samples, batch_size=batch_size,
                                   cache_bytes=cache_bytes)
 
@@ -149,7 +146,7 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, connectivit
 
 
 def sample_masks(model: nn.Module, fit: "LogisticFit | str | os.PathLike", data=None, *,
-                 sparsity: float | Mapping[str, float] = 0.8, connectivity: bool = True,
+                 sparsity: float | Mapping[str, float] = 0.8, use_connectivity: bool = True,
                  exact: bool = False, seed: int = 0, max_samples: int | None = None,
                  batch_size: int = 500, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  progress: bool = False) -> dict[str, torch.Tensor]:
@@ -162,7 +159,7 @@ def sample_masks(model: nn.Module, fit: "LogisticFit | str | os.PathLike", data=
         data: the inputs connectivity is measured on: a tensor, a DataLoader, a Dataset, or
             an iterable of batches (tensors or ``(input, target)`` pairs).
         sparsity: share of each layer to prune, a float or ``{param name: float}``, in [0, 1).
-        connectivity: use the magnitude + connectivity models (False: magnitude only).
+        use_connectivity: use the magnitude + connectivity models (False: magnitude only).
         exact: keep exactly ``round(n * (1 - sparsity))`` weights per layer (else Bernoulli,
             whose expected density is the target).
         seed: Philox seed; the same seed gives the same masks on CPU and CUDA.
@@ -171,7 +168,7 @@ def sample_masks(model: nn.Module, fit: "LogisticFit | str | os.PathLike", data=
     Returns:
         ``{"<module>.weight": bool tensor}``, True where the weight is kept.
     """
-    masks, _ = sample_ticket(model, fit, data, sparsity=sparsity, connectivity=connectivity,
+    masks, _ = sample_ticket(model, fit, data, sparsity=sparsity, use_connectivity=use_connectivity,
                              exact=exact, seed=seed, max_samples=max_samples,
                              batch_size=batch_size, cache_bytes=cache_bytes, progress=progress)
     return masks

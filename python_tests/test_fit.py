@@ -25,7 +25,7 @@ def _setup():
 def test_recovers_known_slopes(connectivity):
     """Masks sampled from known slopes are fitted back to slopes near the truth."""
     model, x = _setup()
-    masks = sample_masks(model, TRUE, x, sparsity=0.5, connectivity=connectivity, seed=1)
+    masks = sample_masks(model, TRUE, x, sparsity=0.5, use_connectivity=connectivity, seed=1)
     fit = fit_ticket(model, masks, x)
     variant = "connectivity" if connectivity else "magnitude"
     for kind in ("conv", "linear"):

@@ -71,7 +71,7 @@ def test_per_layer_sparsity_and_determinism(digits):
 def test_connectivity_changes_masks_and_magnitude_needs_no_data(digits):
     model = _model(digits)
     with_g = sample_masks(model, FIT, digits.train.tensors[0], seed=0)
-    without = sample_masks(model, FIT, None, connectivity=False, seed=0)
+    without = sample_masks(model, FIT, None, use_connectivity=False, seed=0)
     first = "0.weight"
     assert torch.equal(with_g[first], without[first])  # layer 1: magnitude alone in both
     assert not torch.equal(with_g["2.weight"], without["2.weight"])
@@ -79,7 +79,7 @@ def test_connectivity_changes_masks_and_magnitude_needs_no_data(digits):
 
 def test_keep_probability_follows_magnitude(digits):
     model = _model(digits)
-    masks = sample_masks(model, FIT, None, connectivity=False, seed=0)
+    masks = sample_masks(model, FIT, None, use_connectivity=False, seed=0)
     w = model[0].weight.detach().abs().flatten()
     kept = masks["0.weight"].flatten()
     assert w[kept].mean() > w[~kept].mean()
@@ -91,7 +91,7 @@ def test_dense_layers_and_strict_json_record(digits):
     from mcwt_ext.sample import sample_record
 
     model = _model(digits)
-    masks, draws = sample_ticket(model, FIT, None, sparsity=0.0, connectivity=False)
+    masks, draws = sample_ticket(model, FIT, None, sparsity=0.0, use_connectivity=False)
     assert all(bool(m.all()) for m in masks.values())
     record = sample_record(draws, 1.0)
     json.dumps(record, allow_nan=False)  # raises on inf/nan
