@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-__all__ = ["Dataset", "DATASETS", "load_dataset", "load_cifar10_batches"]
+from .validate import check_seed
 
-DATASETS = ("cifar10", "digits", "synthetic")
+__all__ = ["Dataset", "DatasetSpec", "DATASETS", "load_dataset", "load_cifar10_batches"]
+
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
@@ -163,6 +165,34 @@ def _synthetic():
     return draw(s["train"]), draw(s["test"])
 
 
+def _cifar10(data_root, download):
+    if data_root is None:
+        raise ValueError(f"cifar10 needs data_root: the folder holding {CIFAR_DIR}/")
+    (x, y), (x_test, y_test) = load_cifar10_batches(data_root, download)
+    return (x.astype(np.float32) / 255.0, y), (x_test.astype(np.float32) / 255.0, y_test)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: ``load(data_root, download)`` returns ``((x, y), (x_test, y_test))``,
+    images float32 NCHW in [0, 1], labels int64."""
+
+    load: Callable
+    num_classes: int
+    needs_root: bool
+    help: str
+
+
+#: The dataset registry (like the models' ARCHS): name -> how to load it.
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec(_cifar10, 10, True, "CIFAR-10 (needs --data-root)"),
+    "digits": DatasetSpec(lambda root, download: _digits(), 10, False,
+                          "scikit-learn digits, 1x8x8, offline"),
+    "synthetic": DatasetSpec(lambda root, download: _synthetic(), _SYNTHETIC["classes"], False,
+                             "generated, 3x8x8, tiny"),
+}
+
+
 # --- split and normalisation -------------------------------------------------------------------
 
 def _split(n: int, val_size: int | None, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,23 +205,13 @@ def _split(n: int, val_size: int | None, split_seed: int) -> tuple[torch.Tensor,
 
 def load_dataset(name: str, data_root: str | os.PathLike | None = None, *, split_seed: int = 0,
                  val_size: int | None = None, download: bool = False) -> Dataset:
-    """Load ``name`` (``"cifar10"``, ``"digits"``, ``"synthetic"``) with the split described above."""
-    if not isinstance(split_seed, int) or isinstance(split_seed, bool):
-        raise TypeError(f"split_seed must be an int, got {type(split_seed).__name__}")
-    if name == "cifar10":
-        if data_root is None:
-            raise ValueError(f"cifar10 needs data_root: the folder holding {CIFAR_DIR}/")
-        (x, y), (x_test, y_test) = load_cifar10_batches(data_root, download)
-        x, x_test = x.astype(np.float32) / 255.0, x_test.astype(np.float32) / 255.0
-        num_classes = 10
-    elif name == "digits":
-        (x, y), (x_test, y_test) = _digits()
-        num_classes = 10
-    elif name == "synthetic":
-        (x, y), (x_test, y_test) = _synthetic()
-        num_classes = _SYNTHETIC["classes"]
-    else:
+    """Load a registered dataset (:data:`DATASETS`) with the split described above."""
+    check_seed(split_seed, "split_seed")
+    if name not in DATASETS:
         raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
+    spec = DATASETS[name]
+    (x, y), (x_test, y_test) = spec.load(data_root, download)
+    num_classes = spec.num_classes
     x, x_test = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(x_test))
     y, y_test = torch.from_numpy(y), torch.from_numpy(y_test)
     train_idx, val_idx = _split(len(y), val_size, split_seed)
