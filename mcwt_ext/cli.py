@@ -1,4 +1,5 @@
-"""The ``mcwt`` command line: one ``add_<cmd>_parser`` / ``cmd_<cmd>`` pair per subcommand.
+"""The ``mcwt`` command line: parsing only. One ``add_<cmd>_parser`` per subcommand; what a
+command does is in :mod:`mcwt_ext.commands`.
 
 Every command writes into a run directory (``--out``); rerunning the same command on it resumes
 where it stopped. Bad arguments end with one ``mcwt <cmd>: error: ...`` line and exit status 2.
@@ -7,19 +8,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from . import masks as masks_lib
-from .data import DATASETS, Dataset, load_dataset
-from .imp import KINDS, ImpConfig, run_imp
-from .models import ARCHS, build_model, build_model_from_config
-from .runs import RunDir, load_tensors
-from .train import TrainConfig, train
+from . import commands
+from .data import DATASETS
+from .imp import KINDS
+from .models import ARCHS
+from .train import TrainConfig
+from .validate import check_rate, check_seed, check_sparsity
 
 __all__ = ["main", "build_parser", "add_model_data_args", "add_train_args"]
 
@@ -49,25 +48,41 @@ def _int_at_least(low: int):
 positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
-def positive_float(text: str) -> float:
+def _integer(text: str) -> int:
     try:
-        value = float(text)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float(text: str) -> float:
+    value = _number(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
 
 
-def fraction(text: str) -> float:
-    """A share in [0, 1): a sparsity or a prune rate."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
-    return value
+def _checked(check, parse):
+    """An argument type from a :mod:`mcwt_ext.validate` check."""
+    def arg(text: str):
+        try:
+            return check(parse(text), "value")
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    arg.__name__ = check.__name__.removeprefix("check_")
+    return arg
+
+
+sparsity = _checked(check_sparsity, _number)
+rate = _checked(check_rate, _number)
+seed = _checked(check_seed, _integer)
 
 
 def rates_spec(text: str) -> dict[str, float]:
@@ -78,7 +93,7 @@ def rates_spec(text: str) -> dict[str, float]:
         kind = kind.strip()
         if not sep or kind not in KINDS:
             raise argparse.ArgumentTypeError(f"{item!r} is not KIND=RATE with KIND one of {', '.join(KINDS)}")
-        rates[kind] = fraction(value)
+        rates[kind] = rate(value)
     return rates
 
 
@@ -101,36 +116,39 @@ def existing_file(text: str) -> Path:
 
 # --- shared flags ------------------------------------------------------------------------------
 
+def _dataset_help() -> str:
+    return "; ".join(f"{name}: {spec.help}" for name, spec in DATASETS.items())
+
+
 def add_model_data_args(p: argparse.ArgumentParser) -> None:
     """--arch, --dataset and its split, --seed: what every command needs to rebuild a model."""
     g = p.add_argument_group("model and data")
     g.add_argument("--arch", choices=sorted(ARCHS), required=True, help="architecture (Frankle & Carbin)")
-    g.add_argument("--dataset", choices=DATASETS, required=True,
-                   help="cifar10 (needs --data-root), digits (sklearn, 1x8x8, offline) or synthetic (tiny)")
+    g.add_argument("--dataset", choices=list(DATASETS), required=True, help=_dataset_help())
     g.add_argument("--data-root", type=Path, help="folder holding cifar-10-batches-py/")
     g.add_argument("--download", action="store_true",
                    help="download CIFAR-10 into --data-root through torchvision if it is absent")
-    g.add_argument("--split-seed", type=nonnegative_int, default=0,
+    g.add_argument("--split-seed", type=seed, default=0,
                    help="seed of the train/validation split (default 0)")
     g.add_argument("--val-size", type=positive_int,
                    help="validation images held out of the training set (default: a tenth, 5,000 for CIFAR-10)")
-    g.add_argument("--seed", type=nonnegative_int, default=0,
+    g.add_argument("--seed", type=seed, default=0,
                    help="seed of the initial weights and of the batch order (default 0)")
 
 
+def _setting_type(f: dataclasses.Field):
+    if f.name == "device":
+        return device_spec
+    return positive_float if f.type in ("float", float) else _int_at_least(f.metadata["low"])
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    """The training protocol's knobs; unset ones take the architecture's protocol value."""
+    """One flag per TrainConfig field (help from its metadata; --seed is the model's); unset ones
+    take the architecture's protocol value."""
     g = p.add_argument_group("training (defaults: the protocol for --arch)")
-    g.add_argument("--iterations", type=positive_int,
-                   help="training iterations (default 20000 / 25000 / 30000 for conv2 / conv4 / conv6)")
-    g.add_argument("--batch-size", type=positive_int, help="batch size (default 60)")
-    g.add_argument("--lr", type=positive_float, help="Adam learning rate (default 2e-4 conv2, 3e-4 conv4/conv6)")
-    g.add_argument("--eval-every", type=positive_int, help="iterations between evaluations (default 100)")
-    g.add_argument("--checkpoint-every", type=nonnegative_int,
-                   help="iterations between checkpoints, 0 for none (default 1000)")
-    g.add_argument("--device", type=device_spec, help="torch device, e.g. cpu or cuda:0 (default cpu)")
-    g.add_argument("--num-workers", type=nonnegative_int,
-                   help="DataLoader worker processes assembling batches (default 0: in the main process)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "seed":
+            g.add_argument("--" + f.name.replace("_", "-"), type=_setting_type(f), help=f.metadata["help"])
     g.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when "
                                                               "stderr is not a terminal)")
 
@@ -138,110 +156,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def add_out_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="run directory; rerunning the same command on it resumes the run")
-
-
-def load_data(args) -> Dataset:
-    if args.dataset == "cifar10" and args.data_root is None:
-        raise ValueError("--dataset cifar10 needs --data-root DIR (the folder holding cifar-10-batches-py/)")
-    return load_dataset(args.dataset, args.data_root, split_seed=args.split_seed,
-                        val_size=args.val_size, download=args.download)
-
-
-def train_config(args) -> TrainConfig:
-    return TrainConfig.for_arch(args.arch, iterations=args.iterations, batch_size=args.batch_size,
-                                lr=args.lr, eval_every=args.eval_every,
-                                checkpoint_every=args.checkpoint_every, seed=args.seed,
-                                device=args.device, num_workers=args.num_workers)
-
-
-def fresh_model(args, ds: Dataset) -> torch.nn.Module:
-    return build_model(args.arch, ds.in_channels, ds.num_classes, ds.image_size, args.seed)
-
-
-def run_config(args, ds: Dataset, **extra) -> dict:
-    """``config.json``: enough to rebuild the model (``build_model_from_config``) and the data."""
-    return dict(command=args.command, arch=args.arch, dataset=args.dataset,
-                data_root=str(args.data_root.resolve()) if args.data_root else None,
-                split_seed=args.split_seed, val_size=args.val_size, in_channels=ds.in_channels,
-                image_size=ds.image_size, num_classes=ds.num_classes, seed=args.seed, **extra)
-
-
-def _comparable(config: dict) -> dict:
-    """config.json without what may change between a run and its resumption."""
-    config = {k: v for k, v in config.items() if k != "data_root"}
-    if isinstance(config.get("train"), dict):
-        config["train"] = {k: v for k, v in config["train"].items() if k not in ("device", "num_workers")}
-    return config
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in config.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def open_run(out: Path, config: dict) -> RunDir:
-    """The run directory ``out``, with ``config`` written, or checked against a resumed run's."""
-    rd = RunDir(out)
-    if rd.exists(RunDir.CONFIG):
-        stored = rd.load_json(RunDir.CONFIG)
-        a, b = _flat(_comparable(stored)), _flat(_comparable(config))
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if diff:
-            raise ValueError(f"--out {out} holds another run (differs in {', '.join(diff)}); "
-                             f"pick a new --out to start a new one")
-    rd.save_json(RunDir.CONFIG, config)
-    return rd
-
-
-def save_start(rd: RunDir, name: str, tensors: dict) -> None:
-    """Save the run's starting tensors, or check that a resumed run started from the same."""
-    if rd.exists(name):
-        stored = rd.load_tensors(name)
-        if stored.keys() != tensors.keys() or not all(torch.equal(stored[k], tensors[k].cpu()) for k in stored):
-            raise ValueError(f"{rd.file(name)} differs from this command's; pick a new --out")
-    else:
-        rd.save_tensors(name, tensors)
-
-
-def save_starts(rd: RunDir, model: torch.nn.Module, masks: dict | None) -> None:
-    """The initial weights and (if any) the masks a run trains from, saved or checked."""
-    save_start(rd, RunDir.INIT, model.state_dict())
-    if masks is not None:
-        save_start(rd, RunDir.MASKS, masks)
-
-
-def train_and_report(args, ds: Dataset, model, masks, cfg: TrainConfig, rd: RunDir, what: str) -> int:
-    result = train(model, ds, masks, cfg, rd, progress=not args.no_progress, desc=f"{what} {args.arch}")
-    _report(result.summary)
-    return 0
-
-
-def load_state(model: torch.nn.Module, path: Path) -> None:
-    """Load initial weights, naming the first mismatch when they belong to another model."""
-    state, ours = load_tensors(path), model.state_dict()
-    for name in sorted(set(state) | set(ours)):
-        if name not in state or name not in ours or state[name].shape != ours[name].shape:
-            theirs = tuple(state[name].shape) if name in state else "absent"
-            mine = tuple(ours[name].shape) if name in ours else "absent"
-            raise ValueError(f"{path} does not fit the model: {name} is {theirs} "
-                             f"there, {mine} in the model")
-    model.load_state_dict(state)
-
-
-def load_masks(path: Path) -> dict[str, torch.Tensor]:
-    masks = load_tensors(path)
-    bad = [k for k, v in masks.items() if v.dtype != torch.bool]
-    if bad:
-        raise ValueError(f"{path}: masks must be bool tensors, {bad} are not")
-    return masks
-
-
-def _report(summary: dict) -> None:
-    keys = ("val_acc_early_stop", "test_acc_early_stop", "early_stop_iteration", "val_acc_final",
-            "test_acc_final")
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -257,26 +171,7 @@ def add_train_parser(subparsers) -> None:
                    help="initial weights (default: the init.safetensors next to --masks if there is one, "
                         "else a fresh init from --seed)")
     add_out_arg(p)
-    p.set_defaults(func=cmd_train)
-
-
-def cmd_train(args) -> int:
-    ds = load_data(args)
-    model = fresh_model(args, ds)
-    masks = load_masks(args.masks) if args.masks else None
-    if masks is not None:
-        masks_lib.check_masks(model, masks)
-    init = args.init
-    if init is None and args.masks and (args.masks.parent / RunDir.INIT).is_file():
-        init = args.masks.parent / RunDir.INIT
-    if init is not None:
-        load_state(model, init)
-    cfg = train_config(args)
-    rd = open_run(args.out, run_config(args, ds, masks=str(args.masks.resolve()) if args.masks else None,
-                                       init=str(init.resolve()) if init else None,
-                                       train=dataclasses.asdict(cfg)))
-    save_starts(rd, model, masks)
-    return train_and_report(args, ds, model, masks, cfg, rd, "train")
+    p.set_defaults(func=commands.train_cmd)
 
 
 # --- imp -----------------------------------------------------------------------------------------
@@ -289,7 +184,7 @@ def add_imp_parser(subparsers) -> None:
     add_model_data_args(p)
     add_train_args(p)
     g = p.add_argument_group("pruning")
-    g.add_argument("--sparsity", type=fraction, default=0.8,
+    g.add_argument("--sparsity", type=sparsity, default=0.8,
                    help="share of every layer's weights pruned in the ticket (default 0.8)")
     g.add_argument("--rates", type=rates_spec, default={},
                    help="per-round prune rates by layer kind, e.g. conv=0.1,linear=0.2,output=0.1 "
@@ -299,25 +194,7 @@ def add_imp_parser(subparsers) -> None:
     g.add_argument("--max-rounds", type=nonnegative_int,
                    help="stop after this many pruning rounds even short of --sparsity (default: no limit)")
     add_out_arg(p)
-    p.set_defaults(func=cmd_imp)
-
-
-def cmd_imp(args) -> int:
-    ds = load_data(args)
-    model = fresh_model(args, ds)
-    cfg = ImpConfig.for_arch(args.arch, train=train_config(args), rates=args.rates,
-                             sparsity=args.sparsity, rewind_iteration=args.rewind_iteration,
-                             max_rounds=args.max_rounds)
-    rd = open_run(args.out, run_config(args, ds, train=dataclasses.asdict(cfg.train),
-                                       imp=dict(rates=cfg.rates, sparsity=cfg.sparsity,
-                                                rewind_iteration=cfg.rewind_iteration)))
-    run_imp(model, ds, cfg, rd, progress=not args.no_progress)
-    summary = rd.load_json(RunDir.SUMMARY)
-    if not summary["reached_target"]:
-        print(f"warning: stopped after --max-rounds {args.max_rounds} short of --sparsity "
-              f"{args.sparsity}", file=sys.stderr)
-    _report(summary["ticket"])
-    return 0
+    p.set_defaults(func=commands.imp_cmd)
 
 
 # --- random --------------------------------------------------------------------------------------
@@ -330,39 +207,15 @@ def add_random_parser(subparsers) -> None:
     add_train_args(p)
     g = p.add_argument_group("pruning")
     how = g.add_mutually_exclusive_group()
-    how.add_argument("--sparsity", type=fraction, default=0.8,
+    how.add_argument("--sparsity", type=sparsity, default=0.8,
                      help="share of every layer's weights pruned (default 0.8)")
     how.add_argument("--like", type=existing_file,
                      help="masks.safetensors whose per-layer sparsity to match (e.g. a ticket's)")
-    g.add_argument("--mask-seed", type=nonnegative_int, help="seed of the random masks (default: --seed)")
+    g.add_argument("--mask-seed", type=seed, help="seed of the random masks (default: --seed)")
     g.add_argument("--init", type=existing_file, help="initial weights (default: a fresh init from --seed)")
     g.add_argument("--no-train", action="store_true", help="only write masks.safetensors and init.safetensors")
     add_out_arg(p)
-    p.set_defaults(func=cmd_random)
-
-
-def cmd_random(args) -> int:
-    ds = load_data(args)
-    model = fresh_model(args, ds)
-    if args.init is not None:
-        load_state(model, args.init)
-    if args.like is not None:
-        like = load_masks(args.like)
-        masks_lib.check_masks(model, like)
-        sparsity = {k: 1.0 - d for k, d in masks_lib.densities(like).items()}
-    else:
-        sparsity = args.sparsity
-    mask_seed = args.seed if args.mask_seed is None else args.mask_seed
-    masks = masks_lib.random_masks(model, sparsity, mask_seed)
-    cfg = train_config(args)
-    rd = open_run(args.out, run_config(args, ds, sparsity=sparsity, mask_seed=mask_seed,
-                                       init=str(args.init.resolve()) if args.init else None,
-                                       train=None if args.no_train else dataclasses.asdict(cfg)))
-    save_starts(rd, model, masks)
-    if args.no_train:
-        print(f"wrote {rd.masks_path} and {rd.init_path}")
-        return 0
-    return train_and_report(args, ds, model, masks, cfg, rd, "random")
+    p.set_defaults(func=commands.random_cmd)
 
 
 # --- fit -----------------------------------------------------------------------------------------
@@ -383,37 +236,7 @@ def add_fit_parser(subparsers) -> None:
     p.add_argument("--max-weights", type=positive_int, default=200_000,
                    help="weights per layer the regression sees, a seeded subsample (default 200000)")
     p.add_argument("--out", type=Path, required=True, help="the fit's JSON file")
-    p.set_defaults(func=cmd_fit)
-
-
-def _ticket_context(run: Path, data_root: Path | None):
-    """The model (with the run's initial weights) and data of a run directory."""
-    rd = RunDir(run)
-    if not rd.exists(RunDir.CONFIG):
-        raise ValueError(f"{run} is not a run directory (no config.json)")
-    config = rd.load_json(RunDir.CONFIG)
-    root = data_root or (Path(config["data_root"]) if config.get("data_root") else None)
-    ds = load_dataset(config["dataset"], root, split_seed=config.get("split_seed", 0),
-                      val_size=config.get("val_size"))
-    model = build_model_from_config(config)
-    load_state(model, rd.init_path)
-    return rd, config, ds, model
-
-
-def cmd_fit(args) -> int:
-    from .fit import fit_ticket
-
-    rd, config, ds, model = _ticket_context(args.ticket, args.data_root)
-    if not rd.exists(RunDir.MASKS):
-        raise ValueError(f"--ticket {args.ticket} has no masks.safetensors (is IMP finished?)")
-    fit = fit_ticket(model, load_masks(rd.masks_path), ds.train.tensors[0],
-                     max_samples=args.max_samples, max_weights_per_layer=args.max_weights,
-                     seed=config["seed"])
-    fit.source = dict(ticket=str(args.ticket.resolve()), arch=config["arch"], dataset=config["dataset"])
-    fit.save(args.out)
-    print(json.dumps(fit.to_json()["models"], indent=2))
-    print(f"wrote {args.out}")
-    return 0
+    p.set_defaults(func=commands.fit_cmd)
 
 
 # --- sample --------------------------------------------------------------------------------------
@@ -429,9 +252,9 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--fit", type=existing_file, required=True, help="fit JSON from `mcwt fit`")
     p.add_argument("--init", type=existing_file,
                    help="initial weights (default: a fresh init from --seed)")
-    p.add_argument("--sparsity", type=fraction, default=0.8,
+    p.add_argument("--sparsity", type=sparsity, default=0.8,
                    help="share of every layer's weights to prune (default 0.8)")
-    p.add_argument("--no-connectivity", action="store_true",
+    p.add_argument("--no-connectivity", dest="use_connectivity", action="store_false",
                    help="magnitude-only models (the paper's 'MCWT w/o connectivity')")
     p.add_argument("--exact", action="store_true",
                    help="keep exactly round(n * (1 - sparsity)) weights per layer (default: Bernoulli)")
@@ -439,35 +262,7 @@ def add_sample_parser(subparsers) -> None:
                    help="measure connectivity on this many training images (default: all)")
     p.add_argument("--device", type=device_spec, default="cpu", help="torch device (default cpu)")
     add_out_arg(p)
-    p.set_defaults(func=cmd_sample)
-
-
-def cmd_sample(args) -> int:
-    from .sample import sample_record, sample_ticket
-
-    ds = load_data(args)
-    model = fresh_model(args, ds)
-    if args.init is not None:
-        load_state(model, args.init)
-    model.to(args.device)
-    rd = open_run(args.out, run_config(args, ds, fit=str(args.fit.resolve()), sparsity=args.sparsity,
-                                       connectivity=not args.no_connectivity, exact=args.exact,
-                                       max_samples=args.max_samples))
-    start = time.perf_counter()
-    masks, draws = sample_ticket(model, args.fit, ds.train.tensors[0], sparsity=args.sparsity,
-                                 connectivity=not args.no_connectivity, exact=args.exact,
-                                 seed=args.seed, max_samples=args.max_samples,
-                                 progress=sys.stderr.isatty())
-    wall = time.perf_counter() - start
-    save_starts(rd, model, masks)
-    record = sample_record(draws, wall)
-    rd.save_json("sample.json", record)
-    for d in record["layers"]:
-        print(f"{d['name']:>14}  {d['kind']:<6}  density {d['density']:.4f} "
-              f"(target {d['target_density']:.4f})  bias " +
-              ("dense" if d["bias"] is None else f"{d['bias']:+.3f}"))
-    print(f"wrote {rd.masks_path} in {wall:.1f} s")
-    return 0
+    p.set_defaults(func=commands.sample_cmd)
 
 
 # --- plot ----------------------------------------------------------------------------------------
@@ -485,25 +280,7 @@ def add_plot_parser(subparsers) -> None:
     p.add_argument("--max-samples", type=positive_int, default=2000,
                    help="training images connectivity is measured on (default 2000)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNG and JSON files")
-    p.set_defaults(func=cmd_plot)
-
-
-def cmd_plot(args) -> int:
-    from .plots import ticket_figures
-
-    rd, config, ds, model = _ticket_context(args.ticket, args.data_root)
-    mcwt = load_masks(RunDir(args.mcwt).masks_path)
-    if args.random is not None:
-        rnd = load_masks(RunDir(args.random).masks_path)
-    else:  # the same per-layer sparsity as the sample
-        rnd = masks_lib.random_masks(model, {k: 1.0 - d for k, d in masks_lib.densities(mcwt).items()},
-                                     config["seed"])
-    masks = {"WT": load_masks(rd.masks_path), "MCWT": mcwt, "random": rnd}
-    for m in masks.values():
-        masks_lib.check_masks(model, m)
-    for path in ticket_figures(model, masks, ds.train.tensors[0], args.out, args.max_samples):
-        print(f"wrote {path} (numbers: {path.with_suffix('.json')})")
-    return 0
+    p.set_defaults(func=commands.plot_cmd)
 
 
 # --- reproduce -----------------------------------------------------------------------------------
@@ -536,9 +313,8 @@ def add_reproduce_parser(subparsers) -> None:
                     "connectivity on 10,000 images")
     p.add_argument("--arch", type=arch_list, default=["conv2"],
                    help="comma list of conv2, conv4, conv6 (default conv2)")
-    p.add_argument("--dataset", choices=DATASETS, default="digits",
-                   help="digits (default: offline, ships with scikit-learn), cifar10 (needs --data-root), "
-                        "synthetic")
+    p.add_argument("--dataset", choices=list(DATASETS), default="digits",
+                   help=f"default digits; {_dataset_help()}")
     p.add_argument("--data-root", type=Path, help="folder holding cifar-10-batches-py/")
     p.add_argument("--seeds", type=positive_int, default=2, help="seeds 0..N-1 per architecture (default 2)")
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="reduced",
@@ -552,26 +328,7 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--device", type=device_spec, default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", type=Path, required=True, help="grid directory; rerun to resume")
-    p.set_defaults(func=cmd_reproduce)
-
-
-def cmd_reproduce(args) -> int:
-    from .experiments import Grid, report
-
-    if args.dataset == "cifar10":
-        if args.data_root is None:
-            raise ValueError("--dataset cifar10 needs --data-root DIR (the folder holding cifar-10-batches-py/)")
-        load_dataset("cifar10", args.data_root)  # fail now, not in a worker, on missing or bad files
-    grid = Grid(args.arch, list(range(args.seeds)), args.dataset, args.out,
-                str(args.data_root.resolve()) if args.data_root else None, args.protocol, args.jobs,
-                args.iterations, args.eval_every, args.device, progress=not args.no_progress)
-    grid.run()
-    paths = report(grid)
-    print((args.out / "table.md").read_text())
-    print((args.out / "cost.md").read_text())
-    for name, path in paths.items():
-        print(f"{name:>10}: {path}")
-    return 0
+    p.set_defaults(func=commands.reproduce_cmd)
 
 
 # --- entry point ---------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ from .fit import magnitude_scale
 from .runs import atomic_write
 
 KIND_OF = {"conv": "conv", "linear": "linear", "output": "linear"}
+#: Legend labels of the figures, by method key (the keys of Table 1's rows).
+LEGEND = {"dense": "dense", "wt": "WT", "mcwt_connectivity": "MCWT", "mcwt_magnitude": "MCWT w/o conn.",
+          "random": "random"}
 
 
 def _pyplot():
@@ -68,7 +71,7 @@ def fig1_initial_weights(init: Mapping[str, torch.Tensor], kinds: Mapping[str, s
                          bins: int = 81) -> Path:
     """Fig. 1: initial values (in units of the layer's std) of the weights each method keeps.
 
-    ``masks`` maps a method name ("WT", "MCWT", ...) to its mask set; "dense" (every
+    ``masks`` maps a legend label ("WT", "MCWT", ...) to its mask set; "dense" (every
     weight) is added first.
     """
     values: dict[str, dict[str, list]] = {}
@@ -135,9 +138,10 @@ def ticket_figures(model, masks: Mapping[str, Mapping[str, torch.Tensor]], data,
                    max_samples: int | None = 2000) -> list[Path]:
     """Fig. 1 and Fig. 2b for one net (``model`` holding its initial weights).
 
-    ``masks`` maps method names to mask sets and must hold "WT" and "MCWT" (Fig. 1 shows
-    those beside the dense net; Fig. 2b shows every method). Connectivity is measured on
-    the first ``max_samples`` inputs of ``data``, once for the dense net and once per method.
+    ``masks`` maps method keys (``LEGEND``: "wt", "mcwt_connectivity", "random", ...) to mask
+    sets. Fig. 1 shows all but random beside the dense net; Fig. 2b shows every method.
+    Connectivity is measured on the first ``max_samples`` inputs of ``data``, once for the dense
+    net and once per method.
     """
     from .connectivity import measure_connectivity
     from .masks import layer_kind
@@ -145,9 +149,12 @@ def ticket_figures(model, masks: Mapping[str, Mapping[str, torch.Tensor]], data,
     init = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     kinds = layer_kind(model)
     dense = measure_connectivity(model, {}, data, max_samples=max_samples)
-    nets = {m: (ms, measure_connectivity(model, ms, data, max_samples=max_samples))
+    unknown = set(masks) - set(LEGEND)
+    if unknown:
+        raise ValueError(f"masks: keys must be method keys {sorted(LEGEND)}, got {sorted(unknown)}")
+    nets = {LEGEND[m]: (ms, measure_connectivity(model, ms, data, max_samples=max_samples))
             for m, ms in masks.items()}
     out = Path(out_dir)
-    return [fig1_initial_weights(init, kinds, {m: masks[m] for m in ("WT", "MCWT")},
+    return [fig1_initial_weights(init, kinds, {LEGEND[m]: ms for m, ms in masks.items() if m != "random"},
                                  out / "fig1_initial_weights.png"),
             fig2b_connectivity(kinds, dense, nets, out / "fig2b_connectivity.png")]

@@ -1,11 +1,12 @@
 """The MCWT chain on digits through the CLI: imp -> fit -> sample (both variants) -> train -> plot."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from mcwt_ext.cli import main
-from mcwt_ext.runs import load_tensors
+from mcwt_ext.runs import RunDir, load_tensors
 
 COMMON = ["--arch", "conv2", "--dataset", "digits", "--seed", "0", "--no-progress"]
 SHORT = ["--iterations", "6", "--eval-every", "3"]
@@ -13,19 +14,21 @@ SHORT = ["--iterations", "6", "--eval-every", "3"]
 
 @pytest.fixture(scope="module")
 def ticket(tmp_path_factory):
+    """An IMP ticket, its fit and one default sample; every test reads these, none writes them."""
     out = tmp_path_factory.mktemp("chain")
     assert main(["imp", *COMMON, *SHORT, "--rates", "conv=0.6,linear=0.6,output=0.6",
                  "--out", str(out / "imp")]) == 0
     assert main(["fit", "--ticket", str(out / "imp"), "--out", str(out / "fit.json")]) == 0
+    assert main(["sample", *COMMON[:-1], "--fit", str(out / "fit.json"), "--out", str(out / "sample")]) == 0
     return out
 
 
 @pytest.mark.parametrize("variant", [[], ["--no-connectivity"], ["--exact"]])
-def test_sample_then_train(ticket, variant, capsys):
-    name = "sample" + "".join(v.strip("-") for v in variant)
-    out = ticket / name
+def test_sample_then_train(ticket, variant, tmp_path):
+    out = tmp_path / "sample"
     assert main(["sample", *COMMON[:-1], "--fit", str(ticket / "fit.json"), "--init",
                  str(ticket / "imp" / "init.safetensors"), *variant, "--out", str(out)]) == 0
+    assert RunDir(out).load_json("config.json")["use_connectivity"] == ("--no-connectivity" not in variant)
     masks = load_tensors(out / "masks.safetensors")
     for mask in masks.values():
         if "--exact" in variant:
@@ -35,8 +38,8 @@ def test_sample_then_train(ticket, variant, capsys):
     init = load_tensors(ticket / "imp" / "init.safetensors")
     assert all(torch.equal(init[k], v) for k, v in load_tensors(out / "init.safetensors").items())
     assert main(["train", *COMMON, *SHORT, "--masks", str(out / "masks.safetensors"),
-                 "--out", str(ticket / f"{name}_trained")]) == 0
-    summary = json.loads((ticket / f"{name}_trained" / "summary.json").read_text())
+                 "--out", str(tmp_path / "trained")]) == 0
+    summary = json.loads((tmp_path / "trained" / "summary.json").read_text())
     assert summary["densities"] == pytest.approx({k: v.double().mean().item() for k, v in masks.items()})
 
 
@@ -47,16 +50,26 @@ def test_fit_json_has_four_models_and_diagnostics(ticket):
     assert [layer["keep_rate"] for layer in fit["layers"]] == pytest.approx([0.2] * 5, abs=1e-3)
 
 
-def test_plot(ticket):
-    out = ticket / "figs"
-    sample = ticket / "sample"
-    if not (sample / "masks.safetensors").exists():
-        main(["sample", *COMMON[:-1], "--fit", str(ticket / "fit.json"), "--out", str(sample)])
-    assert main(["plot", "--ticket", str(ticket / "imp"), "--mcwt", str(sample), "--out", str(out)]) == 0
-    for name in ("fig1_initial_weights", "fig2b_connectivity"):
-        assert (out / f"{name}.png").stat().st_size > 1000
-        numbers = json.loads((out / f"{name}.json").read_text())
-        assert numbers["histograms"]
+def test_plot(ticket, tmp_path):
+    out = tmp_path / "figs"
+    assert main(["plot", "--ticket", str(ticket / "imp"), "--mcwt", str(ticket / "sample"),
+                 "--out", str(out)]) == 0
+    fig1 = json.loads((out / "fig1_initial_weights.json").read_text())
+    fig2b = json.loads((out / "fig2b_connectivity.json").read_text())
+    assert (out / "fig1_initial_weights.png").stat().st_size > 1000
+    assert (out / "fig2b_connectivity.png").stat().st_size > 1000
+    bins = np.asarray(fig1["bins"])
+    width, centre = np.diff(bins), (bins[1:] + bins[:-1]) / 2
+    assert set(fig1["histograms"]) == {"conv", "linear"}
+    for kind, per in fig1["histograms"].items():
+        assert set(per) == {"dense", "WT", "MCWT"}  # Fig. 1: no random
+        tail = {m: float(np.sum((np.asarray(h) * width)[np.abs(centre) > 1])) for m, h in per.items()}
+        # the paper's Fig. 1: tickets (and samples fitted to them) keep large initial weights
+        assert tail["WT"] > tail["dense"] and tail["MCWT"] > tail["dense"], (kind, tail)
+    assert set(fig2b["histograms"]) == {"conv", "linear"}
+    for kind, per in fig2b["histograms"].items():
+        assert set(per) == {"WT", "MCWT", "random"}
+        assert all(float(np.dot(h, np.diff(fig2b["bins"]))) == pytest.approx(1.0) for h in per.values())
 
 
 def test_errors(ticket, tmp_path, capsys):
@@ -65,7 +78,7 @@ def test_errors(ticket, tmp_path, capsys):
         (["sample", *COMMON[:-1], "--fit", str(tmp_path / "none.json"), "--out", str(tmp_path / "s")],
          "is not a file"),
         (["sample", *COMMON[:-1], "--fit", str(ticket / "fit.json"), "--sparsity", "1.5",
-          "--out", str(tmp_path / "s")], "not in [0, 1)"),
+          "--out", str(tmp_path / "s")], "must lie in [0, 1)"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:

@@ -1,0 +1,186 @@
+"""What a finished (or partial) grid reports: Table 1 (mean ± std over seeds beside the paper's
+numbers), the cost of constructing each kind of mask, and the figures (drawn by plots.py)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+from ..runs import GRID_FILES, RunDir, atomic_write, grid_cell
+from .grid import Grid
+from .methods import METHODS
+
+__all__ = ["METRICS", "method_run", "collect", "write_table_csv", "read_table_csv", "table_markdown",
+           "cost_rows", "cost_markdown", "figures", "report"]
+
+METRICS = {
+    "val_acc_early_stop": "Validation accuracy at early stop (min. validation loss)",
+    "val_acc_final": "Validation accuracy at the end of training",
+    "test_acc_early_stop": "Test accuracy at early stop",
+}
+TABLE_FIELDS = ["metric", "method", "arch", "n", "mean", "std", "paper"]
+
+
+def method_run(grid_out: Path, arch: str, seed: int, method: str) -> RunDir | None:
+    """The finished training run behind a Table 1 row, or None while it is missing."""
+    m = METHODS[method]
+    cell = grid_cell(grid_out, arch, seed, m.cell)
+    return m.trained(cell) if cell.done() else None
+
+
+def _summary(grid_out: Path, arch: str, seed: int, method: str) -> dict | None:
+    rd = method_run(grid_out, arch, seed, method)
+    return None if rd is None else rd.load_json(RunDir.SUMMARY)
+
+
+def collect(grid: Grid) -> list[dict]:
+    """One row per (metric, method, arch): mean and std (in %) over seeds, the paper's number."""
+    rows = []
+    for metric in METRICS:
+        for method, m in METHODS.items():
+            for arch in grid.archs:
+                vals = [100 * s[metric] for seed in grid.seeds
+                        if (s := _summary(grid.out, arch, seed, method)) is not None]
+                rows.append(dict(
+                    metric=metric, method=method, arch=arch, n=len(vals),
+                    mean=statistics.fmean(vals) if vals else math.nan,
+                    std=statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else math.nan,
+                    paper=m.paper.get(arch) if metric == "val_acc_early_stop" else None))
+    return rows
+
+
+def _save_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    RunDir(path.parent).save_csv(path.name, rows, fieldnames)
+
+
+def write_table_csv(rows: list[dict], path: Path) -> None:
+    _save_csv(Path(path), [{**r, "mean": f"{r['mean']:.4f}", "std": f"{r['std']:.4f}",
+                            "paper": "" if r["paper"] is None else f"{r['paper']:.2f}"}
+                           for r in rows], TABLE_FIELDS)
+
+
+def read_table_csv(path: Path) -> list[dict]:
+    """Parse ``table.csv`` back into the rows :func:`collect` made (to 4 decimals)."""
+    with open(path, newline="") as f:
+        return [dict(metric=r["metric"], method=r["method"], arch=r["arch"], n=int(r["n"]),
+                     mean=float(r["mean"]), std=float(r["std"]),
+                     paper=float(r["paper"]) if r["paper"] else None) for r in csv.DictReader(f)]
+
+
+def table_markdown(rows: list[dict], archs: list[str], header: str) -> str:
+    """The layout of the paper's Table 1: one row per method, one column per architecture."""
+    lines = [header, ""]
+    index = {(r["metric"], r["method"], r["arch"]): r for r in rows}
+    for metric, title in METRICS.items():
+        paper = metric == "val_acc_early_stop"
+        cols = [f"{a.capitalize()}" + (" (paper, CIFAR-10)" if paper else "") for a in archs]
+        lines += [f"### {title}", "", "| Method | " + " | ".join(cols) + " |",
+                  "|---|" + "---|" * len(archs)]
+        for method, m in METHODS.items():
+            cells = []
+            for arch in archs:
+                r = index[(metric, method, arch)]
+                text = "n/a" if not r["n"] else f"{r['mean']:.2f} ± {r['std']:.2f}"
+                if paper:
+                    text += " (n/a)" if r["paper"] is None else f" ({r['paper']:.2f})"
+                cells.append(text)
+            lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    n = max((r["n"] for r in rows), default=0)
+    lines.append(f"Mean ± std over {n} seed(s), accuracy in %. Paper numbers: Grzeszczuk & "
+                 f"Kurdziel, Table 1 (CIFAR-10, validation accuracy at early stop).")
+    return "\n".join(lines) + "\n"
+
+
+def cost_rows(grid: Grid) -> list[dict]:
+    """What each kind of mask costs to construct, per arch (means over seeds).
+
+    IMP: every round but the last (which trains the finished ticket). MCWT: the fit
+    (once per ticket) plus sampling, connectivity included; no training at all.
+    """
+    sampled = ("mcwt_magnitude", "mcwt_connectivity")
+    rows = []
+    for arch in grid.archs:
+        imp_s, imp_it, fit_s, samp = [], [], [], {m: [] for m in sampled}
+        for seed in grid.seeds:
+            imp = grid_cell(grid.out, arch, seed, "imp")
+            if imp.done():
+                secs = [imp.round(r).load_json(RunDir.SUMMARY) for r in range(imp.ticket_round())]
+                imp_s.append(sum(s["wall_time_s"] for s in secs))
+                imp_it.append(sum(s["iterations"] for s in secs))
+            fit = grid_cell(grid.out, arch, seed, "fit")
+            if fit.done():
+                fit_s.append(fit.load_json(RunDir.SUMMARY)["wall_time_s"])
+            for method in sampled:
+                rd = grid_cell(grid.out, arch, seed, METHODS[method].cell)
+                if rd.exists(RunDir.SAMPLE):
+                    samp[method].append(rd.load_json(RunDir.SAMPLE)["wall_time_s"])
+        mean = lambda v: statistics.fmean(v) if v else math.nan  # noqa: E731
+        imp_mean = mean(imp_s)
+        rows.append(dict(arch=arch, method="IMP (all rounds before the ticket)", wall_time_s=imp_mean,
+                         train_iterations=mean(imp_it), ratio_to_imp=1.0))
+        for method in sampled:
+            label, sample = METHODS[method].label, mean(samp[method])
+            rows.append(dict(arch=arch, method=f"{label}: sampling", wall_time_s=sample,
+                             train_iterations=0, ratio_to_imp=sample / imp_mean))
+            rows.append(dict(arch=arch, method=f"{label}: fit + sampling",
+                             wall_time_s=mean(fit_s) + sample, train_iterations=0,
+                             ratio_to_imp=(mean(fit_s) + sample) / imp_mean))
+    return rows
+
+
+def cost_markdown(rows: list[dict], header: str = "") -> str:
+    lines = ([header, ""] if header else []) + ["### Cost to construct one mask", "",
+             "| Arch | Method | Wall time (s) | Training iterations | Share of IMP's time |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['method']} | {r['wall_time_s']:.1f} | "
+                     f"{r['train_iterations']:.0f} | {r['ratio_to_imp']:.4f} |")
+    lines += ["", "The fit is made once per winning ticket and serves any number of samples; "
+                  "IMP's last round (training the finished ticket) is evaluation, not construction."]
+    return "\n".join(lines) + "\n"
+
+
+def figures(grid: Grid, seed: int | None = None, samples: int = 2000) -> list[Path]:
+    """Fig. 1, Fig. 2b and the accuracy curves of each architecture (one seed)."""
+    from ..data import load_dataset
+    from ..plots import accuracy_curves, ticket_figures
+    from ..runs import load_ticket
+
+    seed = grid.seeds[0] if seed is None else seed
+    ds = load_dataset(grid.dataset, grid.data_root)
+    out = []
+    for arch in grid.archs:
+        cells = {m: grid_cell(grid.out, arch, seed, METHODS[m].cell)
+                 for m in ("wt", "mcwt_connectivity", "random")}
+        if not all(rd.done() for rd in cells.values()):
+            continue
+        ticket = load_ticket(cells["wt"].path)
+        masks = {m: rd.load_tensors(RunDir.MASKS) for m, rd in cells.items()}
+        fig_dir = grid.out / GRID_FILES["figures"] / arch
+        out += ticket_figures(ticket.model, masks, ds.train.tensors[0], fig_dir, samples)
+        histories = {m.label: method_run(grid.out, arch, seed, key).load_csv(RunDir.METRICS)
+                     for key, m in METHODS.items()}
+        out.append(accuracy_curves(histories, fig_dir / "val_accuracy.png",
+                                   f"{arch} on {grid.dataset} (seed {seed})"))
+    return out
+
+
+def report(grid: Grid) -> dict[str, Path]:
+    """Write table.md/csv, cost.md/csv and the figures; return their paths."""
+    from .protocol import PROTOCOLS
+
+    rows = collect(grid)
+    proto = PROTOCOLS[grid.protocol]
+    what = f"{grid.dataset}: {', '.join(grid.archs)}, seeds {grid.seeds}, {proto.name} protocol"
+    protocol = f"Protocol: `{json.dumps(grid.settings())}`"
+    paths = {k: grid.out / name for k, name in GRID_FILES.items()}
+    atomic_write(paths["table_md"], table_markdown(rows, grid.archs, f"## Table 1 on {what}\n\n{protocol}"))
+    write_table_csv(rows, paths["table_csv"])
+    costs = cost_rows(grid)
+    atomic_write(paths["cost_md"], cost_markdown(costs, f"## Cost on {what}\n\n{protocol}"))
+    _save_csv(paths["cost_csv"], costs)
+    figures(grid)
+    return paths
