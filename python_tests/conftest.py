@@ -1,4 +1,4 @@
-"""Shared test configuration: the device list and the CUDA auto-skip."""
+"""Shared test configuration: the device list, the CUDA auto-skip and the slow marker."""
 import os
 import sys
 
@@ -13,14 +13,20 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_cuda: needs a visible CUDA device (skipped otherwise)")
+    config.addinivalue_line("markers", "slow: takes over ~10 s on 2 CPU cores (CI runs it; "
+                                       "`-m 'not slow'` for a quick pass)")
+
+
+#: Module fixtures that train several nets: every test using one is slow.
+SLOW_FIXTURES = {"grid", "ticket", "imp_run"}
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA device visible")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="no CUDA device visible")
     for item in items:
-        if "needs_cuda" in item.keywords:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if skip is not None and "needs_cuda" in item.keywords:
             item.add_marker(skip)
 
 

@@ -54,6 +54,14 @@ def test_sampling_schemas(name):
     assert str(getattr(torch.ops.mcwt_ext, name).default._schema) == SAMPLING_SCHEMAS[name]
 
 
-def test_masked_layer_schemas_are_registered():
-    for name in ("masked_conv2d_relu_sums", "masked_linear_relu_sums"):
-        assert hasattr(torch.ops.mcwt_ext, name)
+MASKED_LAYER_SCHEMAS = {
+    "masked_conv2d_relu_sums": "mcwt_ext::masked_conv2d_relu_sums(Tensor input, Tensor weight, Tensor mask, "
+                               "Tensor? bias, int[2] padding, bool pool) -> (Tensor, Tensor)",
+    "masked_linear_relu_sums": "mcwt_ext::masked_linear_relu_sums(Tensor input, Tensor weight, Tensor mask, "
+                               "Tensor? bias) -> (Tensor, Tensor)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MASKED_LAYER_SCHEMAS))
+def test_masked_layer_schemas(name):
+    assert str(getattr(torch.ops.mcwt_ext, name).default._schema) == MASKED_LAYER_SCHEMAS[name]

@@ -1,0 +1,47 @@
+"""Smoke runs of the benchmark scripts at a tiny size: they run to the end and print their tables."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_bench_training(capsys, threads):
+    _load("bench_training").main(["--device", "cpu", "--threads", "1", "--steps", "2", "--warmup", "1",
+                                  "--eval-images", "60", "--mask-repeats", "2"])
+    out = capsys.readouterr().out
+    assert "masked" in out and "dense" in out
+
+
+@pytest.mark.slow
+def test_bench_connectivity(capsys, threads):
+    _load("bench_connectivity").main(["--device", "cpu", "--threads", "1", "--quick", "--samples", "60"])
+    out = capsys.readouterr().out
+    assert out.count("|---") >= 2  # both sections' tables
+
+
+def test_bench_sampling_tables(threads):
+    """bench_sampling has no size flag: its table functions run on a tiny tensor instead."""
+    bench = _load("bench_sampling")
+    torch.set_num_threads(1)
+    rows = bench.bernoulli_table("cpu", 1, [("tiny", (64, 64))], True, None)
+    rows += bench.other_ops_table("cpu", 1, (64, 64), True)
+    assert rows and all(r.startswith("| cpu |") for r in rows)
