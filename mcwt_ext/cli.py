@@ -153,36 +153,53 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                                                               "stderr is not a terminal)")
 
 
+def add_ticket_args(p: argparse.ArgumentParser) -> None:
+    """--ticket and where its data lives: what the commands that read a ticket take."""
+    p.add_argument("--ticket", type=Path, required=True,
+                   help="run directory of the ticket (`mcwt imp --out`): config.json, init.safetensors, "
+                        "masks.safetensors")
+    p.add_argument("--data-root", type=Path,
+                   help="folder holding cifar-10-batches-py/ (default: the ticket's config)")
+
+
 def add_out_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="run directory; rerunning the same command on it resumes the run")
 
 
+def _command(subparsers, func, name: str, *, model_data: bool = False, train: bool = False, **kwargs):
+    """The sub-parser of command ``name`` run by ``func``, with the shared flag groups it takes."""
+    p = subparsers.add_parser(name, **kwargs)
+    p.set_defaults(func=func)
+    if model_data:
+        add_model_data_args(p)
+    if train:
+        add_train_args(p)
+    return p
+
+
 # --- train ---------------------------------------------------------------------------------------
 
 def add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a dense net or a given ticket",
-                              description="Train a net, dense or with the masks of --masks, from a "
-                                          "fresh init (--seed) or from --init.")
-    add_model_data_args(p)
-    add_train_args(p)
+    p = _command(subparsers, commands.train_cmd, "train", model_data=True, train=True,
+                 help="train a dense net or a given ticket",
+                 description="Train a net, dense or with the masks of --masks, from a "
+                             "fresh init (--seed) or from --init.")
     p.add_argument("--masks", type=existing_file, help="masks.safetensors to train (default: dense)")
     p.add_argument("--init", type=existing_file,
                    help="initial weights (default: the init.safetensors next to --masks if there is one, "
                         "else a fresh init from --seed)")
     add_out_arg(p)
-    p.set_defaults(func=commands.train_cmd)
 
 
 # --- imp -----------------------------------------------------------------------------------------
 
 def add_imp_parser(subparsers) -> None:
-    p = subparsers.add_parser("imp", help="find a winning ticket by iterative magnitude pruning",
-                              description="Iterative magnitude pruning: train, prune a share of each "
-                                          "layer's remaining weights, rewind, repeat until every layer "
-                                          "reaches --sparsity.")
-    add_model_data_args(p)
-    add_train_args(p)
+    p = _command(subparsers, commands.imp_cmd, "imp", model_data=True, train=True,
+                 help="find a winning ticket by iterative magnitude pruning",
+                 description="Iterative magnitude pruning: train, prune a share of each "
+                             "layer's remaining weights, rewind, repeat until every layer "
+                             "reaches --sparsity.")
     g = p.add_argument_group("pruning")
     g.add_argument("--sparsity", type=sparsity, default=0.8,
                    help="share of every layer's weights pruned in the ticket (default 0.8)")
@@ -194,17 +211,15 @@ def add_imp_parser(subparsers) -> None:
     g.add_argument("--max-rounds", type=nonnegative_int,
                    help="stop after this many pruning rounds even short of --sparsity (default: no limit)")
     add_out_arg(p)
-    p.set_defaults(func=commands.imp_cmd)
 
 
 # --- random --------------------------------------------------------------------------------------
 
 def add_random_parser(subparsers) -> None:
-    p = subparsers.add_parser("random", help="random-pruning baseline",
-                              description="Prune each layer uniformly at random to the same sparsity "
-                                          "(exact per-layer count), keep the initial weights, and train.")
-    add_model_data_args(p)
-    add_train_args(p)
+    p = _command(subparsers, commands.random_cmd, "random", model_data=True, train=True,
+                 help="random-pruning baseline",
+                 description="Prune each layer uniformly at random to the same sparsity "
+                             "(exact per-layer count), keep the initial weights, and train.")
     g = p.add_argument_group("pruning")
     how = g.add_mutually_exclusive_group()
     how.add_argument("--sparsity", type=sparsity, default=0.8,
@@ -215,40 +230,35 @@ def add_random_parser(subparsers) -> None:
     g.add_argument("--init", type=existing_file, help="initial weights (default: a fresh init from --seed)")
     g.add_argument("--no-train", action="store_true", help="only write masks.safetensors and init.safetensors")
     add_out_arg(p)
-    p.set_defaults(func=commands.random_cmd)
 
 
 # --- fit -----------------------------------------------------------------------------------------
 
 def add_fit_parser(subparsers) -> None:
-    p = subparsers.add_parser("fit", help="fit the logistic keep-models to a winning ticket",
-                              description="Fit the four logistic models ({conv, linear} x {magnitude, "
-                                          "magnitude + connectivity}) of 'kept in the ticket' on the "
-                                          "ticket's initial weights and the connectivity measured on "
-                                          "its training data. Writes JSON.")
-    p.add_argument("--ticket", type=Path, required=True,
-                   help="run directory of the ticket (`mcwt imp --out`): config.json, init.safetensors, "
-                        "masks.safetensors")
-    p.add_argument("--data-root", type=Path,
-                   help="folder holding cifar-10-batches-py/ (default: the ticket's config)")
+    p = _command(subparsers, commands.fit_cmd, "fit",
+                 help="fit the logistic keep-models to a winning ticket",
+                 description="Fit the four logistic models ({conv, linear} x {magnitude, "
+                             "magnitude + connectivity}) of 'kept in the ticket' on the "
+                             "ticket's initial weights and the connectivity measured on "
+                             "its training data. Writes JSON.")
+    add_ticket_args(p)
     p.add_argument("--max-samples", type=positive_int,
                    help="measure connectivity on this many training images (default: all)")
     p.add_argument("--max-weights", type=positive_int, default=200_000,
                    help="weights per layer the regression sees, a seeded subsample (default 200000)")
     p.add_argument("--out", type=Path, required=True, help="the fit's JSON file")
-    p.set_defaults(func=commands.fit_cmd)
 
 
 # --- sample --------------------------------------------------------------------------------------
 
 def add_sample_parser(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="sample a Monte Carlo Winning Ticket from a fit",
-                              description="Sample masks greedily, layer by layer from input to output: "
-                                          "each layer's connectivity is measured on the net masked so "
-                                          "far, its intercept calibrated to the target density, its mask "
-                                          "drawn with the fused Bernoulli kernel. Writes a run directory "
-                                          "that `mcwt train --masks OUT/masks.safetensors` trains.")
-    add_model_data_args(p)
+    p = _command(subparsers, commands.sample_cmd, "sample", model_data=True,
+                 help="sample a Monte Carlo Winning Ticket from a fit",
+                 description="Sample masks greedily, layer by layer from input to output: "
+                             "each layer's connectivity is measured on the net masked so "
+                             "far, its intercept calibrated to the target density, its mask "
+                             "drawn with the fused Bernoulli kernel. Writes a run directory "
+                             "that `mcwt train --masks OUT/masks.safetensors` trains.")
     p.add_argument("--fit", type=existing_file, required=True, help="fit JSON from `mcwt fit`")
     p.add_argument("--init", type=existing_file,
                    help="initial weights (default: a fresh init from --seed)")
@@ -262,25 +272,23 @@ def add_sample_parser(subparsers) -> None:
                    help="measure connectivity on this many training images (default: all)")
     p.add_argument("--device", type=device_spec, default="cpu", help="torch device (default cpu)")
     add_out_arg(p)
-    p.set_defaults(func=commands.sample_cmd)
 
 
 # --- plot ----------------------------------------------------------------------------------------
 
 def add_plot_parser(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="the paper's Fig. 1 and Fig. 2b for a ticket and samples",
-                              description="Fig. 1: initial values of kept weights (dense, WT, MCWT); "
-                                          "Fig. 2b: connectivity of kept weights (WT, MCWT, random). "
-                                          "PNG with the numbers beside it as JSON.")
-    p.add_argument("--ticket", type=Path, required=True, help="the IMP run directory (the WT)")
+    p = _command(subparsers, commands.plot_cmd, "plot",
+                 help="the paper's Fig. 1 and Fig. 2b for a ticket and samples",
+                 description="Fig. 1: initial values of kept weights (dense, WT, MCWT); "
+                             "Fig. 2b: connectivity of kept weights (WT, MCWT, random). "
+                             "PNG with the numbers beside it as JSON.")
+    add_ticket_args(p)
     p.add_argument("--mcwt", type=Path, required=True, help="an `mcwt sample` run directory")
     p.add_argument("--random", type=Path, help="an `mcwt random` run directory (default: random "
                                                "masks of the same sparsity drawn here)")
-    p.add_argument("--data-root", type=Path, help="folder holding cifar-10-batches-py/")
     p.add_argument("--max-samples", type=positive_int, default=2000,
                    help="training images connectivity is measured on (default 2000)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNG and JSON files")
-    p.set_defaults(func=commands.plot_cmd)
 
 
 # --- reproduce -----------------------------------------------------------------------------------
@@ -297,8 +305,8 @@ def arch_list(text: str) -> list[str]:
 def add_reproduce_parser(subparsers) -> None:
     from .experiments import PROTOCOLS
 
-    p = subparsers.add_parser(
-        "reproduce", help="the paper's Table 1, figures and cost, resumable",
+    p = _command(
+        subparsers, commands.reproduce_cmd, "reproduce", help="the paper's Table 1, figures and cost, resumable",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Per architecture and seed: IMP (whose round 0 is the dense net and whose last round "
                     "is the winning ticket), random pruning, the fit on the ticket, MCWT without and with "
@@ -328,7 +336,6 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--device", type=device_spec, default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", type=Path, required=True, help="grid directory; rerun to resume")
-    p.set_defaults(func=commands.reproduce_cmd)
 
 
 # --- entry point ---------------------------------------------------------------------------------

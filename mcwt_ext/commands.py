@@ -45,8 +45,13 @@ def train_config(args) -> TrainConfig:
                                               for f in dataclasses.fields(TrainConfig)})
 
 
-def fresh_model(args, ds: Dataset) -> torch.nn.Module:
-    return build_model(args.arch, ds.in_channels, ds.num_classes, ds.image_size, args.seed)
+def data_and_model(args, init: Path | None = None) -> tuple[Dataset, torch.nn.Module]:
+    """The dataset and the model: a fresh init from --seed, or the weights of ``init``."""
+    ds = load_data(args)
+    model = build_model(args.arch, ds.in_channels, ds.num_classes, ds.image_size, args.seed)
+    if init is not None:
+        load_weights(model, init)
+    return ds, model
 
 
 def run_config(args, ds: Dataset, **extra) -> dict:
@@ -91,16 +96,13 @@ def _ticket_data(ticket, data_root: Path | None) -> Dataset:
 # --- the commands --------------------------------------------------------------------------------
 
 def train_cmd(args) -> int:
-    ds = load_data(args)
-    model = fresh_model(args, ds)
-    masks = load_masks(args.masks) if args.masks else None
-    if masks is not None:
-        masks_lib.check_masks(model, masks)
     init = args.init
     if init is None and args.masks and (args.masks.parent / RunDir.INIT).is_file():
         init = args.masks.parent / RunDir.INIT
-    if init is not None:
-        load_weights(model, init)
+    ds, model = data_and_model(args, init)
+    masks = load_masks(args.masks) if args.masks else None
+    if masks is not None:
+        masks_lib.check_masks(model, masks)
     cfg = train_config(args)
     rd = RunDir.open(args.out, run_config(args, ds, masks=_resolved(args.masks), init=_resolved(init),
                                           train=dataclasses.asdict(cfg)))
@@ -109,8 +111,7 @@ def train_cmd(args) -> int:
 
 
 def imp_cmd(args) -> int:
-    ds = load_data(args)
-    model = fresh_model(args, ds)
+    ds, model = data_and_model(args)
     cfg = ImpConfig.for_arch(args.arch, train=train_config(args), rates=args.rates,
                              sparsity=args.sparsity, rewind_iteration=args.rewind_iteration,
                              max_rounds=args.max_rounds)
@@ -127,10 +128,7 @@ def imp_cmd(args) -> int:
 
 
 def random_cmd(args) -> int:
-    ds = load_data(args)
-    model = fresh_model(args, ds)
-    if args.init is not None:
-        load_weights(model, args.init)
+    ds, model = data_and_model(args, args.init)
     if args.like is not None:
         like = load_masks(args.like)
         masks_lib.check_masks(model, like)
@@ -168,10 +166,7 @@ def fit_cmd(args) -> int:
 def sample_cmd(args) -> int:
     from .sample import sample_record, sample_ticket
 
-    ds = load_data(args)
-    model = fresh_model(args, ds)
-    if args.init is not None:
-        load_weights(model, args.init)
+    ds, model = data_and_model(args, args.init)
     model.to(args.device)
     rd = RunDir.open(args.out, run_config(args, ds, fit=str(args.fit.resolve()), sparsity=args.sparsity,
                                           use_connectivity=args.use_connectivity, exact=args.exact,
