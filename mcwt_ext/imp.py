@@ -123,7 +123,7 @@ def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunD
     masks, rewind, rounds = dense_masks(model), init, []
     for r in itertools.count():
         round_dir = rd.round(r)
-        round_dir.save_or_check_tensors(RunDir.MASKS, masks, "masks (than IMP derives)")
+        round_dir.save_or_check_tensors(RunDir.MASKS, masks, "masks")
         model.load_state_dict(rewind)
         result = train(model, dataset, masks, config.train, round_dir, progress, desc=f"IMP round {r}",
                        snapshot_iterations=[k] if r == 0 and k > 0 else ())

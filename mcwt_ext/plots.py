@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .fit import magnitude_scale
-from .runs import atomic_write
+from .runs import FIGURE_FILES, atomic_write
 
 KIND_OF = {"conv": "conv", "linear": "linear", "output": "linear"}
 #: Legend labels of the figures, by method key (the keys of Table 1's rows).
@@ -156,5 +156,5 @@ def ticket_figures(model, masks: Mapping[str, Mapping[str, torch.Tensor]], data,
             for m, ms in masks.items()}
     out = Path(out_dir)
     return [fig1_initial_weights(init, kinds, {LEGEND[m]: ms for m, ms in masks.items() if m != "random"},
-                                 out / "fig1_initial_weights.png"),
-            fig2b_connectivity(kinds, dense, nets, out / "fig2b_connectivity.png")]
+                                 out / FIGURE_FILES["fig1"]),
+            fig2b_connectivity(kinds, dense, nets, out / FIGURE_FILES["fig2b"])]

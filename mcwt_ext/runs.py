@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = ["RunDir", "atomic_write", "load_tensors", "load_masks", "load_weights", "check_identity",
            "Ticket", "load_ticket", "snapshot_name", "round_name", "grid_cell", "RUNTIME_KEYS",
-           "GRID_FILES"]
+           "GRID_FILES", "FIGURE_FILES"]
 
 #: Config keys that may change between a run and its resumption (where the data lives, which
 #: device trains, how batches are assembled); at any depth of the identity.
@@ -50,6 +50,10 @@ RUNTIME_KEYS = frozenset({"data_root", "device", "num_workers"})
 #: The files a reproduce grid writes at its top level.
 GRID_FILES = dict(table_md="table.md", table_csv="table.csv", cost_md="cost.md", cost_csv="cost.csv",
                   figures="figures")
+
+#: The figures (PNG, with their numbers beside them as JSON of the same stem) in a figure folder.
+FIGURE_FILES = dict(fig1="fig1_initial_weights.png", fig2b="fig2b_connectivity.png",
+                    curves="val_accuracy.png")
 
 
 def snapshot_name(iteration: int) -> str:

@@ -8,7 +8,7 @@ import math
 import statistics
 from pathlib import Path
 
-from ..runs import GRID_FILES, RunDir, atomic_write, grid_cell
+from ..runs import FIGURE_FILES, GRID_FILES, RunDir, atomic_write, grid_cell
 from .grid import Grid
 from .methods import METHODS
 
@@ -163,7 +163,7 @@ def figures(grid: Grid, seed: int | None = None, samples: int = 2000) -> list[Pa
         out += ticket_figures(ticket.model, masks, ds.train.tensors[0], fig_dir, samples)
         histories = {m.label: method_run(grid.out, arch, seed, key).load_csv(RunDir.METRICS)
                      for key, m in METHODS.items()}
-        out.append(accuracy_curves(histories, fig_dir / "val_accuracy.png",
+        out.append(accuracy_curves(histories, fig_dir / FIGURE_FILES["curves"],
                                    f"{arch} on {grid.dataset} (seed {seed})"))
     return out
 
