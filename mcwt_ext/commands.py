@@ -164,15 +164,17 @@ def fit_cmd(args) -> int:
 
 
 def sample_cmd(args) -> int:
+    from .fit import load_fit
     from .sample import sample_record, sample_ticket
 
+    fit = load_fit(args.fit)
     ds, model = data_and_model(args, args.init)
     model.to(args.device)
     rd = RunDir.open(args.out, run_config(args, ds, fit=str(args.fit.resolve()), sparsity=args.sparsity,
                                           use_connectivity=args.use_connectivity, exact=args.exact,
                                           max_samples=args.max_samples))
     start = time.perf_counter()
-    masks, draws = sample_ticket(model, args.fit, ds.train.tensors[0], sparsity=args.sparsity,
+    masks, draws = sample_ticket(model, fit, ds.train.tensors[0], sparsity=args.sparsity,
                                  use_connectivity=args.use_connectivity, exact=args.exact,
                                  seed=args.seed, max_samples=args.max_samples,
                                  progress=sys.stderr.isatty())
