@@ -1,9 +1,11 @@
 """Build of mcwt_ext and its compiled ops, mcwt_ext._C.
 
-A CUDAExtension when nvcc is found (CUDA_HOME, CUDA_PATH or /usr/local/cuda),
-else a CppExtension. Switches: MCWT_FORCE_CUDA=1 (CUDA kernels or fail, e.g.
-on a machine without a GPU), MCWT_FORCE_CPU=1 (CPU kernels only). Without a
-visible GPU, TORCH_CUDA_ARCH_LIST defaults to DEFAULT_ARCH_LIST.
+A CUDAExtension when a GPU is visible to torch and nvcc is found (CUDA_HOME,
+CUDA_PATH or /usr/local/cuda), else a CppExtension: the convention of torch
+extension packages, so a GPU-less install does not spend minutes in nvcc.
+Switches: MCWT_FORCE_CUDA=1 (CUDA kernels or fail, e.g. CI or a build host
+without a GPU), MCWT_FORCE_CPU=1 (CPU kernels only). Without a visible GPU,
+TORCH_CUDA_ARCH_LIST defaults to DEFAULT_ARCH_LIST.
 
     pip install --no-build-isolation .                  # into an env that has torch
     python setup.py build_ext --inplace                 # development build
@@ -53,7 +55,8 @@ def _want_cuda():
         if torch.version.cuda is None:
             raise SystemExit(f"mcwt_ext: MCWT_FORCE_CUDA=1 but torch {torch.__version__} has no CUDA")
         return True
-    return have_nvcc and torch.version.cuda is not None
+    # torch.cuda.is_available() does not create a CUDA context (NVML query).
+    return have_nvcc and torch.version.cuda is not None and torch.cuda.is_available()
 
 
 def _nvidia_include_dirs():
