@@ -4,9 +4,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 
 #include <array>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 
 #include "hd.h"
@@ -81,6 +83,39 @@ inline void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
   check_layer_args(op, input, weight, mask, bias);
 }
+
+// IEEE float32 convolutions and matmuls for the lifetime of the scope, whatever
+// the global TF32 settings (cuDNN convs default to TF32): the sums are
+// connectivity, compared across devices, and TF32's 10-bit mantissa moves a
+// channel mean by ~1e-4 relative, enough to change masks. The previous
+// settings come back on exit; one mutex orders our scopes, so overlapping ops
+// on several threads cannot leave a setting changed.
+class Ieee32Scope {
+ public:
+  explicit Ieee32Scope(at::Float32Backend backend)
+      : lock_(mutex()),
+        backend_(backend),
+        conv_(at::globalContext().float32Precision(backend, at::Float32Op::CONV)),
+        matmul_(at::globalContext().float32Precision(backend, at::Float32Op::MATMUL)) {
+    at::globalContext().setFloat32Precision(backend, at::Float32Op::CONV, at::Float32Precision::IEEE);
+    at::globalContext().setFloat32Precision(backend, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+  }
+  ~Ieee32Scope() {
+    at::globalContext().setFloat32Precision(backend_, at::Float32Op::CONV, conv_);
+    at::globalContext().setFloat32Precision(backend_, at::Float32Op::MATMUL, matmul_);
+  }
+  Ieee32Scope(const Ieee32Scope&) = delete;
+  Ieee32Scope& operator=(const Ieee32Scope&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  std::lock_guard<std::mutex> lock_;
+  at::Float32Backend backend_;
+  at::Float32Precision conv_, matmul_;
+};
 
 }  // namespace masked_conv
 }  // namespace mcwt_ext

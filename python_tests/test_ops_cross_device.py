@@ -21,10 +21,13 @@ from mcwt_ext.models import build_model
 from mcwt_ext.sample import sample_ticket
 
 #: Largest fraction of a net's weights whose mask may differ between CPU and CUDA.
-#: Measured with this file's simulation (2-vCPU Xeon, 2026-11-26): at most 2.2e-5 of the weights
-#: (Conv-2/4/6, 3 seeds each, 4 ulps of noise); the bound leaves a margin of ~20x.
-MAX_DISAGREEMENT = 5e-4
-NOISE_ULPS = 4
+#: Measured with this file's simulation (2-vCPU Xeon KVM, 2026-11-26; Conv-2/4/6 at 32x32,
+#: 64 images, seeds 0 and 1): at most 4.1e-7 of the weights with 4 ulps of noise, 1.7e-6 with
+#: 64 ulps, 1.2e-5 with 1024 ulps (1.2e-4 relative, TF32-sized errors; the masked-layer ops
+#: turn TF32 off, so real differences are float32 summation order). The bound is ~8x the
+#: 1024-ulp figure. benchmarks/RESULTS.md has the table.
+MAX_DISAGREEMENT = 1e-4
+NOISE_ULPS = 64
 
 FIT = LogisticFit({
     "conv": {"magnitude": LogisticModel(1.2, 0.0, -1.0), "connectivity": LogisticModel(1.2, 0.8, -2.0)},
@@ -35,38 +38,43 @@ FIT = LogisticFit({
 class _PerturbedStream(sample_module.ActivationStream):
     """Connectivity as another device might measure it: each value moved by a few ulps."""
 
-    def __init__(self, *args, noise_seed=0, **kwargs):
+    def __init__(self, *args, noise_ulps, noise_seed, **kwargs):
         super().__init__(*args, **kwargs)
+        self._ulps = noise_ulps
         self._gen = torch.Generator().manual_seed(noise_seed)
 
     def advance(self, mask):
         g = super().advance(mask)
-        ulps = torch.randint(-NOISE_ULPS, NOISE_ULPS + 1, g.shape, generator=self._gen)
+        ulps = torch.randint(-self._ulps, self._ulps + 1, g.shape, generator=self._gen)
         return g * (1 + ulps.to(g.dtype) * 2.0**-23)
 
 
-def disagreement(arch, seed, images=64, monkeypatch=None):
+def disagreement(arch, seed, *, noise_ulps=NOISE_ULPS, image_size=32, images=64):
     """(differing weights, total weights) between an exact and a perturbed sampling of ``arch``."""
-    model = build_model(arch, 3, 10, 32, seed=seed)
-    data = torch.rand(images, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    model = build_model(arch, 3, 10, image_size, seed=seed)
+    data = torch.rand(images, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
     exact, _ = sample_ticket(model, FIT, data, sparsity=0.8, seed=seed)
-    monkeypatch.setattr(sample_module, "ActivationStream",
-                        lambda *a, **kw: _PerturbedStream(*a, noise_seed=seed, **kw))
-    perturbed, _ = sample_ticket(model, FIT, data, sparsity=0.8, seed=seed)
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sample_module, "ActivationStream", lambda *a, **kw: _PerturbedStream(
+            *a, noise_ulps=noise_ulps, noise_seed=seed, **kw))
+        perturbed, _ = sample_ticket(model, FIT, data, sparsity=0.8, seed=seed)
     differ = sum(int((exact[n] != perturbed[n]).sum()) for n in exact)
     return differ, sum(m.numel() for m in exact.values())
 
 
-def test_perturbed_connectivity_changes_few_weights(monkeypatch):
-    differ, total = disagreement("conv2", seed=0, monkeypatch=monkeypatch)
+def test_perturbed_connectivity_changes_few_weights():
+    differ, total = disagreement("conv4", seed=0, image_size=16)
     assert differ / total <= MAX_DISAGREEMENT
+
+
+def test_the_simulation_can_see_a_difference():
+    # Noise far above the grid step (2^-12 relative) must move masks, or the bound tests nothing.
+    differ, total = disagreement("conv4", seed=0, image_size=16, noise_ulps=2**14)
+    assert differ > 0
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["conv2", "conv4", "conv6"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_perturbed_connectivity_bound_all_archs(monkeypatch, arch, seed):
-    differ, total = disagreement(arch, seed=seed, monkeypatch=monkeypatch)
-    print(f"{arch} seed {seed}: {differ} of {total:,} weights differ ({differ / total:.2e})")
+def test_perturbed_connectivity_bound_at_cifar_size(arch):
+    differ, total = disagreement(arch, seed=1)
     assert differ / total <= MAX_DISAGREEMENT

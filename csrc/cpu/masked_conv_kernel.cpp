@@ -101,9 +101,12 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_relu_sums_cpu(
   // tiny next to the activations, and ATen's conv wants a dense weight. The
   // bias goes into the conv. Contiguous operands give a contiguous NCHW output
   // (a channels-last one would make ATen pick a channels-last output).
-  at::Tensor z = at::conv2d(input.contiguous(), (weight * mask).contiguous(), bias,
-                            /*stride=*/{1, 1}, padding)
-                     .contiguous();
+  at::Tensor z;
+  {
+    const Ieee32Scope ieee(at::Float32Backend::MKLDNN);  // oneDNN may use TF32 where the CPU has it
+    z = at::conv2d(input.contiguous(), (weight * mask).contiguous(), bias, /*stride=*/{1, 1}, padding)
+            .contiguous();
+  }
   at::Tensor y = pool ? at::empty({n, k, hy, wy}, z.options()) : z;  // no pool: in place
   at::Tensor sums = at::zeros({k}, z.options().dtype(at::kDouble));
   if (n == 0 || k == 0) {
@@ -140,7 +143,11 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_relu_sums_cpu(
   check_linear_args(input, weight, mask, bias);
   const int64_t n = input.size(0), k = weight.size(0);
   // Masked copy of the weight: see masked_conv2d_relu_sums_cpu.
-  at::Tensor y = at::linear(input.contiguous(), weight * mask, bias).contiguous();
+  at::Tensor y;
+  {
+    const Ieee32Scope ieee(at::Float32Backend::MKLDNN);
+    y = at::linear(input.contiguous(), weight * mask, bias).contiguous();
+  }
   at::Tensor sums = at::zeros({k}, y.options().dtype(at::kDouble));
   if (n == 0 || k == 0) {
     return {y, sums};

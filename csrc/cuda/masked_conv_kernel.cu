@@ -564,8 +564,11 @@ std::optional<Result> run_direct(const at::Tensor& x, const at::Tensor& weight,
 Result run_cudnn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                  const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
                  std::array<int64_t, 2> conv_out, bool pool) {
-  const at::Tensor z =
-      at::conv2d(x, (weight * mask).contiguous(), bias, /*stride=*/{1, 1}, padding).contiguous();
+  at::Tensor z;
+  {
+    const Ieee32Scope ieee(at::Float32Backend::CUDA);
+    z = at::conv2d(x, (weight * mask).contiguous(), bias, /*stride=*/{1, 1}, padding).contiguous();
+  }
   return relu_pool_sums(z, conv_out[0], conv_out[1], pool);
 }
 
@@ -642,7 +645,11 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_relu_sums_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   // cuBLAS needs a dense weight; a linear layer's weight is small next to a
   // batch of activations.
-  const at::Tensor z = at::linear(input.contiguous(), weight * mask, bias).contiguous();
+  at::Tensor z;
+  {
+    const Ieee32Scope ieee(at::Float32Backend::CUDA);
+    z = at::linear(input.contiguous(), weight * mask, bias).contiguous();
+  }
   return relu_pool_sums(z, 1, 1, false);
 }
 
