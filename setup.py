@@ -75,8 +75,25 @@ def _sources(with_cuda):
     return [path for pattern in patterns for path in sorted(glob.glob(pattern, root_dir=ROOT))]
 
 
+def _kernels_line(with_cuda):
+    """The one line saying which kernels this build compiles, and why."""
+    if with_cuda:
+        why = "MCWT_FORCE_CUDA=1" if _env_flag("MCWT_FORCE_CUDA") else "a GPU is visible"
+        return f"mcwt_ext: building C++ and CUDA kernels ({why})"
+    if _env_flag("MCWT_FORCE_CPU"):
+        why = "MCWT_FORCE_CPU=1"
+    elif torch.version.cuda is None:
+        why = f"torch {torch.__version__} has no CUDA"
+    elif CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        why = "no nvcc"
+    else:
+        why = "no GPU visible; MCWT_FORCE_CUDA=1 builds them anyway"
+    return f"mcwt_ext: building C++ kernels only ({why})"
+
+
 def _extension():
     with_cuda = _want_cuda()
+    print(_kernels_line(with_cuda), flush=True)
     # Bit-exact masks need unfused float arithmetic: no FMA contraction anywhere.
     # -fopenmp: at::parallel_for is an OpenMP region compiled into our code.
     cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
