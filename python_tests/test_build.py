@@ -109,3 +109,19 @@ def test_setup_builds_cuda_kernels_only_with_a_visible_gpu_or_when_forced():
 def test_setup_forced_cuda_builds_cuda_kernels_without_a_gpu():
     code, line = _setup_kernels_line(MCWT_FORCE_CUDA="1")
     assert code == 0 and line == "mcwt_ext: building C++ and CUDA kernels (MCWT_FORCE_CUDA=1)"
+
+
+def test_gpu_check_script_plans_every_step_and_benchmark(tmp_path):
+    script = ROOT / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    result = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    steps = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("[dry-run] ")]
+    assert steps == ["env", "build", "import", "tests-serial", "sanitizer-memcheck", "sanitizer-racecheck",
+                     "sanitizer-synccheck", "tests-xdist", "bench-sampling",
+                     "bench-connectivity", "bench-training"]
+    assert "--no-build-isolation --no-deps" in result.stdout
+    for bench in sorted((ROOT / "benchmarks").glob("bench_*.py")):  # every benchmark, on the GPU
+        assert any(bench.name in line and "--device cuda" in line for line in result.stdout.splitlines()), bench
+    assert not (tmp_path / "report").exists()  # a dry run writes nothing

@@ -23,9 +23,10 @@ from mcwt_ext.sample import sample_ticket
 #: Largest fraction of a net's weights whose mask may differ between CPU and CUDA.
 #: Measured with this file's simulation (2-vCPU Xeon KVM, 2026-11-26; Conv-2/4/6 at 32x32,
 #: 64 images, seeds 0 and 1): at most 4.1e-7 of the weights with 4 ulps of noise, 1.7e-6 with
-#: 64 ulps, 1.2e-5 with 1024 ulps (1.2e-4 relative, TF32-sized errors; the masked-layer ops
-#: turn TF32 off, so real differences are float32 summation order). The bound is ~8x the
-#: 1024-ulp figure. benchmarks/RESULTS.md has the table.
+#: 64 ulps (the bound is 60x that). 1024 ulps (1.2e-4 relative, the size of TF32 errors) gives
+#: up to 3.8e-5 on Conv-2/4 but 2.1e-3 on Conv-6, beyond the bound: that is why the masked-layer
+#: ops compute in IEEE float32 whatever the TF32 settings, leaving only summation-order
+#: differences between the devices. benchmarks/RESULTS.md has the table.
 MAX_DISAGREEMENT = 1e-4
 NOISE_ULPS = 64
 
@@ -63,13 +64,13 @@ def disagreement(arch, seed, *, noise_ulps=NOISE_ULPS, image_size=32, images=64)
 
 
 def test_perturbed_connectivity_changes_few_weights():
-    differ, total = disagreement("conv4", seed=0, image_size=16)
+    differ, total = disagreement("conv4", seed=0, image_size=16, images=32)
     assert differ / total <= MAX_DISAGREEMENT
 
 
 def test_the_simulation_can_see_a_difference():
     # Noise far above the grid step (2^-12 relative) must move masks, or the bound tests nothing.
-    differ, total = disagreement("conv4", seed=0, image_size=16, noise_ulps=2**14)
+    differ, total = disagreement("conv4", seed=0, image_size=16, images=32, noise_ulps=2**14)
     assert differ > 0
 
 
