@@ -172,14 +172,17 @@ __global__ void __launch_bounds__(kThreads)
 // The k-th largest, T, is found 8 bits at a time from the top: each pass
 // histograms the next digit of the keys that share the prefix found so far
 // (integer atomics: exact counts), then one thread picks the digit holding the
-// k-th largest and narrows the prefix. After 8 passes the prefix is T, and the
-// mask is key >= T. No sort, no index array, no host synchronisation.
+// k-th largest and narrows the prefix. After 8 passes, or as soon as every key
+// of the chosen digit is kept, the prefix (lower bits 0) is a threshold T that
+// keeps exactly k keys: the mask is key >= T. No sort, no index array, no host
+// synchronisation.
 constexpr int kRadixBits = 8;
 constexpr int kRadixBins = 1 << kRadixBits;
 
 struct RadixState {
   unsigned long long prefix;  // digits found so far
   unsigned long long k;       // rank of T among the keys that match the prefix (1 = largest)
+  unsigned long long done;    // 1 once the prefix (lower bits 0) is a threshold keeping exactly k
   unsigned long long hist[kRadixBins];
 };
 
@@ -190,6 +193,7 @@ __device__ __forceinline__ uint64_t ordered_key(int64_t packed) {
 __global__ void __launch_bounds__(kThreads)
     radix_histogram_kernel(const int64_t* __restrict__ packed, int64_t n, int shift,
                            RadixState* __restrict__ state) {
+  if (state->done) return;  // the same for the whole grid: no barrier is skipped by some threads only
   __shared__ unsigned int hist[kRadixBins];
   for (int i = threadIdx.x; i < kRadixBins; i += kThreads) hist[i] = 0;
   __syncthreads();
@@ -200,7 +204,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const uint64_t u = ordered_key(packed[i]);
-    if ((u & high_mask) == prefix) atomicAdd(&hist[(u >> shift) & (kRadixBins - 1)], 1u);
+    const int digit = (u & high_mask) == prefix ? static_cast<int>((u >> shift) & (kRadixBins - 1)) : -1;
+    // Keys crowd into few digits (top bits: sign and exponent): one atomic per digit per warp.
+    const unsigned peers = __match_any_sync(__activemask(), digit);
+    if (digit >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
   }
   __syncthreads();
   for (int i = threadIdx.x; i < kRadixBins; i += kThreads) {
@@ -211,6 +218,7 @@ __global__ void __launch_bounds__(kThreads)
 // One thread: the digit holding the k-th largest; clears the histogram for the
 // next pass. The first pass starts from k_first.
 __global__ void radix_pick_kernel(int shift, unsigned long long k_first, RadixState* __restrict__ state) {
+  if (state->done) return;
   unsigned long long k = shift == 64 - kRadixBits ? k_first : state->k;
   int digit = kRadixBins - 1;
   for (; digit > 0; --digit) {
@@ -220,6 +228,9 @@ __global__ void radix_pick_kernel(int shift, unsigned long long k_first, RadixSt
   }
   state->prefix |= static_cast<unsigned long long>(digit) << shift;
   state->k = k;
+  // All keys of this digit are kept: the prefix with zero lower bits is the threshold
+  // (usually after 4 passes, once the float part of the keys is decided).
+  if (k == state->hist[digit]) state->done = 1;
   for (int i = 0; i < kRadixBins; ++i) state->hist[i] = 0;
 }
 

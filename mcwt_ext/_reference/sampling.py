@@ -32,6 +32,8 @@ def check_sampling_args(op, weight, connectivity, u_mag, u_conn, bias):
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{op}: weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
     for name, value in (("u_mag", u_mag), ("u_conn", u_conn), ("bias", bias)):
+        if type(value) is float and -_FLOAT32_MAX <= value <= _FLOAT32_MAX:
+            continue  # the common case, decided without the ABC check below (small-layer overhead)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{op}: {name} must be a real number, got {value!r}")
         if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
@@ -58,6 +60,8 @@ def check_sampling_args(op, weight, connectivity, u_mag, u_conn, bias):
 
 def check_int64(op, name, value):
     """Raise unless value is an int in int64 range (seed, offset, k)."""
+    if type(value) is int and _INT64[0] <= value <= _INT64[1]:
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {value!r}")
     if not _INT64[0] <= value <= _INT64[1]:
