@@ -118,8 +118,8 @@ def test_gpu_check_script_plans_every_step_and_benchmark(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     steps = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("[dry-run] ")]
-    assert steps == ["env", "build", "import", "tests-serial", "sanitizer-memcheck", "sanitizer-racecheck",
-                     "sanitizer-synccheck", "tests-xdist", "bench-sampling",
+    assert steps == ["env", "build", "import", "tests-serial", "tests-xdist", "sanitizer-memcheck",
+                     "sanitizer-racecheck", "sanitizer-synccheck", "bench-sampling",
                      "bench-connectivity", "bench-training"]
     assert "--no-build-isolation --no-deps" in result.stdout
     for bench in sorted((ROOT / "benchmarks").glob("bench_*.py")):  # every benchmark, on the GPU
