@@ -1,9 +1,11 @@
 """Build of mcwt_ext and its compiled ops, mcwt_ext._C.
 
-A CUDAExtension when nvcc is found (CUDA_HOME, CUDA_PATH or /usr/local/cuda),
-else a CppExtension. Switches: MCWT_FORCE_CUDA=1 (CUDA kernels or fail, e.g.
-on a machine without a GPU), MCWT_FORCE_CPU=1 (CPU kernels only). Without a
-visible GPU, TORCH_CUDA_ARCH_LIST defaults to DEFAULT_ARCH_LIST.
+A CUDAExtension when a GPU is visible to torch and nvcc is found (CUDA_HOME,
+CUDA_PATH or /usr/local/cuda), else a CppExtension: the convention of torch
+extension packages, so a GPU-less install does not spend minutes in nvcc.
+Switches: MCWT_FORCE_CUDA=1 (CUDA kernels or fail, e.g. CI or a build host
+without a GPU), MCWT_FORCE_CPU=1 (CPU kernels only). Without a visible GPU,
+TORCH_CUDA_ARCH_LIST defaults to DEFAULT_ARCH_LIST.
 
     pip install --no-build-isolation .                  # into an env that has torch
     python setup.py build_ext --inplace                 # development build
@@ -53,7 +55,8 @@ def _want_cuda():
         if torch.version.cuda is None:
             raise SystemExit(f"mcwt_ext: MCWT_FORCE_CUDA=1 but torch {torch.__version__} has no CUDA")
         return True
-    return have_nvcc and torch.version.cuda is not None
+    # torch.cuda.is_available() does not create a CUDA context (NVML query).
+    return have_nvcc and torch.version.cuda is not None and torch.cuda.is_available()
 
 
 def _nvidia_include_dirs():
@@ -72,8 +75,25 @@ def _sources(with_cuda):
     return [path for pattern in patterns for path in sorted(glob.glob(pattern, root_dir=ROOT))]
 
 
+def _kernels_line(with_cuda):
+    """The one line saying which kernels this build compiles, and why."""
+    if with_cuda:
+        why = "MCWT_FORCE_CUDA=1" if _env_flag("MCWT_FORCE_CUDA") else "a GPU is visible"
+        return f"mcwt_ext: building C++ and CUDA kernels ({why})"
+    if _env_flag("MCWT_FORCE_CPU"):
+        why = "MCWT_FORCE_CPU=1"
+    elif torch.version.cuda is None:
+        why = f"torch {torch.__version__} has no CUDA"
+    elif CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        why = "no nvcc"
+    else:
+        why = "no GPU visible; MCWT_FORCE_CUDA=1 builds them anyway"
+    return f"mcwt_ext: building C++ kernels only ({why})"
+
+
 def _extension():
     with_cuda = _want_cuda()
+    print(_kernels_line(with_cuda), flush=True)
     # Bit-exact masks need unfused float arithmetic: no FMA contraction anywhere.
     # -fopenmp: at::parallel_for is an OpenMP region compiled into our code.
     cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]

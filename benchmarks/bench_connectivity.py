@@ -4,8 +4,8 @@ Section ``op``: the fused masked layer op (``masked_conv_block``: conv of the
 masked weight, ReLU, [2x2 max-pool] and the per-channel sums in one call)
 against the PyTorch composition it replaces (``F.conv2d(x, w * mask, b)`` ->
 ReLU -> [pool], then a separate ``y.sum((0, 2, 3))``), on every conv layer of
-Conv6 at a 32x32 input. On CUDA both implementations of the op are timed
-(``MCWT_CONV_IMPL=cudnn`` and ``direct``).
+Conv6 at a 32x32 input. On CUDA the op's own measured choice (``auto``) and
+both implementations forced (``MCWT_CONV_IMPL=cudnn`` and ``direct``) are timed.
 
 Section ``sampler``: the whole greedy ``sample_masks`` for Conv6 (connectivity of every
 layer on the net masked so far, calibration, sampling) against the same loop in plain
@@ -123,7 +123,7 @@ def run_op_section(args):
         torch.set_num_threads(args.threads)
         impls = [None]
     else:
-        impls = ["cudnn", "direct"]
+        impls = ["auto", "cudnn", "direct"]  # auto: the measured choice the op makes by itself
     batches = args.batch or ([60] if device.type == "cpu" or args.quick else [60, 500])
     repeats = 3 if args.quick else 10
     old_impl = os.environ.get(CONV_IMPL_ENV)

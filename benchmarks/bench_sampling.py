@@ -7,7 +7,8 @@ GB/s (4 bytes read + 1 written per float32 weight) of ``logistic_bernoulli``
 and of ``torch.bernoulli(torch.sigmoid(u*|w| + v*g + b))``, and their ratio.
 CPU runs with 1 and 2 threads; CUDA also reports the device copy bandwidth and
 the kernel's share of it. A second table times ``expected_density`` and
-``logistic_topk`` on the large tensor. Prints Markdown tables.
+``logistic_topk`` on the large tensor, a third the wall time per call from
+Python on the small layers (host overhead included). Prints Markdown tables.
 """
 import argparse
 import platform
@@ -102,6 +103,43 @@ def bernoulli_table(device, threads, shapes, quick, copy_gbs):
     return rows
 
 
+def wall_per_call(fn, device, calls):
+    """Wall-clock microseconds per call from Python, host overhead included (what a greedy
+    sampler pays per small layer); CUDA is synchronised once at the end."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def small_layer_table(device, threads, quick):
+    """Wall time per call on the smallest Conv6 layers: our ops against the composition."""
+    calls = 200 if quick else 2000
+    rows = []
+    for name, shape in CONV6:
+        if torch.Size(shape).numel() > 40_000:
+            continue
+        weight, connectivity = layer(shape, device)
+        coeffs = dict(u_mag=U_MAG, u_conn=U_CONN, bias=BIAS)
+        cases = [
+            ("logistic_bernoulli", lambda: fused(weight, connectivity), lambda: composition(weight, connectivity)),
+            ("expected_density", lambda: ops.expected_density(weight, connectivity, **coeffs),
+             lambda: torch.sigmoid(U_MAG * weight.abs() + U_CONN * connectivity.reshape(
+                 [1, -1] + [1] * (weight.dim() - 2)) + BIAS).mean(dtype=torch.float64).item()),
+        ]
+        for op, ours_fn, theirs_fn in cases:
+            ours = wall_per_call(ours_fn, device, calls)
+            theirs = wall_per_call(theirs_fn, device, calls)
+            rows.append(f"| {device} | {threads} | {op} | {name} | {torch.Size(shape).numel():,} | "
+                        f"{ours:.1f} | {theirs:.1f} | {theirs / ours:.1f}x |")
+    return rows
+
+
 def other_ops_table(device, threads, shape, quick):
     measure = timer(device)
     weight, connectivity = layer(shape, device)
@@ -145,7 +183,7 @@ def main(argv=None):
 
     print(f"# bench_sampling  torch {torch.__version__}  {platform.processor() or platform.machine()}"
           + (f"  GPU {torch.cuda.get_device_name()}" if any(d == "cuda" for d, _ in runs) else ""))
-    bernoulli_rows, other_rows = [], []
+    bernoulli_rows, other_rows, small_rows = [], [], []
     threads_before = torch.get_num_threads()
     try:
         for device, threads in runs:
@@ -157,6 +195,7 @@ def main(argv=None):
                 print(f"CUDA device copy bandwidth: {copy_gbs:.0f} GB/s")
             bernoulli_rows += bernoulli_table(device, threads or "-", shapes, args.quick, copy_gbs)
             other_rows += other_ops_table(device, threads or "-", big, args.quick)
+            small_rows += small_layer_table(device, threads or "-", args.quick)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -169,6 +208,10 @@ def main(argv=None):
     print("| device | threads | op | elements | ours M elem/s | composition M elem/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(other_rows))
+    print("\nwall time per call from Python on small layers (host overhead included)\n")
+    print("| device | threads | op | layer | elements | ours us/call | composition us/call | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(small_rows))
 
 
 if __name__ == "__main__":

@@ -12,14 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
-// Always inlined: the CPU loops only vectorise with the whole formula in view.
-#if defined(__CUDACC__)
-#define MCWT_HD __host__ __device__ __forceinline__
-#elif defined(__GNUC__)
-#define MCWT_HD inline __attribute__((always_inline))
-#else
-#define MCWT_HD inline
-#endif
+#include "hd.h"
 
 namespace mcwt_ext {
 namespace detmath {
@@ -54,60 +47,60 @@ MCWT_HD float select(bool c, float a, float b) {
 
 // (t + 1.5*2^23) - 1.5*2^23 rounds t to the nearest integer, ties to even,
 // for |t| < 2^22: the same as rintf and torch.round, but branch-free and
-// vectorisable on any SIMD level.
+// vectorisable on any SIMD level. The bits of t + 1.5*2^23 hold that integer
+// in their low bits: bits - kRoundMagicBits = round(t).
 constexpr float kRoundMagic = 0x1.8p23f;
+constexpr uint32_t kRoundMagicBits = 0x4b400000u;
 
 // exp: x = n*ln2 + r (Cody-Waite, ln2 split so n*kLn2Hi is exact for |n| < 2^8),
-// exp(r) by the Cephes expf polynomial on |r| <= ln2/2, times 2^n built from bits.
+// exp(r) = 1 + r + r^2*q(r) on |r| <= ln2/2 with q a cubic fitted for minimax
+// relative error (1.05e-7 before rounding), times 2^n built from the bits of
+// the rounding step. x is first clamped to [-88, 89]: below, n = -127 makes
+// 2^n the bit pattern 0, so exp is exactly 0; above, n = 128 makes it +inf.
+// NaN passes the clamps (comparisons with NaN are false) and stays NaN.
+// 22 operations, no conversion, no division.
 constexpr float kLog2e = 0x1.715476p+0f;
 constexpr float kLn2Hi = 0x1.62e4p-1f;
 constexpr float kLn2Lo = 0x1.7f7d1cp-20f;
-constexpr float kExpP0 = 0x1.a0d2cep-13f;
-constexpr float kExpP1 = 0x1.6e879cp-10f;
-constexpr float kExpP2 = 0x1.111210p-7f;
-constexpr float kExpP3 = 0x1.555382p-5f;
-constexpr float kExpP4 = 0x1.555554p-3f;
-constexpr float kExpP5 = 0x1.0p-1f;
-// Outside [-87, 87] exp saturates to 0 / +inf: inside, every result (and every
-// sigmoid 1/(1+exp(-z))) is a normal float, so flush-to-zero modes cannot
-// change a bit.
-constexpr float kExpLimit = 87.0f;
+constexpr float kExpQ0 = 0x1.fffdfcp-2f;
+constexpr float kExpQ1 = 0x1.5557b0p-3f;
+constexpr float kExpQ2 = 0x1.572a66p-5f;
+constexpr float kExpQ3 = 0x1.106256p-7f;
+constexpr float kExpLow = -88.0f;
+constexpr float kExpHigh = 89.0f;
 
 MCWT_HD float det_exp(float x) {
-  const bool above = x > kExpLimit;
-  const bool below = x < -kExpLimit;
-  const bool in_range = (x >= -kExpLimit) & (x <= kExpLimit);  // false for NaN
-  const float xr = select(in_range, x, 0.0f);
-  const float t = xr * kLog2e;
-  const float n = (t + kRoundMagic) - kRoundMagic;  // |n| <= 126
+  float xc = select(x < kExpLow, kExpLow, x);
+  xc = select(xc > kExpHigh, kExpHigh, xc);
+  const float t = xc * kLog2e;
+  const float tm = t + kRoundMagic;
+  const float n = tm - kRoundMagic;  // -127 <= n <= 128
   const float a = n * kLn2Hi;
-  const float b = xr - a;
+  const float b = xc - a;
   const float c = n * kLn2Lo;
   const float r = b - c;
-  float p = kExpP0;
-  p = p * r + kExpP1;
-  p = p * r + kExpP2;
-  p = p * r + kExpP3;
-  p = p * r + kExpP4;
-  p = p * r + kExpP5;
+  float q = kExpQ3;
+  q = q * r + kExpQ2;
+  q = q * r + kExpQ1;
+  q = q * r + kExpQ0;
   const float r2 = r * r;
-  float y = p * r2;
+  float y = q * r2;
   y = y + r;
   y = y + 1.0f;
-  const uint32_t scale_bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  y = y * bits_float(scale_bits);
-  float out = select(above, bits_float(0x7f800000u) /* +inf */, x);  // NaN stays NaN
-  out = select(below, 0.0f, out);
-  return select(in_range, y, out);
+  // (n + 127) << 23: 0 (the float +0) at n = -127, +inf's bits at n = 128.
+  const uint32_t scale_bits = (float_bits(tm) + (127u - kRoundMagicBits)) << 23;
+  return y * bits_float(scale_bits);
 }
 
-// Keep probability sigmoid(z) = 1 / (1 + exp(-z)); exactly 1 at z = +inf and
-// exactly 0 at z = -inf.
-MCWT_HD float det_sigmoid(float z) {
+// 1 + exp(-z): the keep probability is sigmoid(z) = 1 / sigmoid_denominator(z).
+// 1 at z = +inf (and for z > 88), +inf at z = -inf.
+MCWT_HD float sigmoid_denominator(float z) {
   const float e = det_exp(-z);
-  const float d = 1.0f + e;
-  return 1.0f / d;
+  return 1.0f + e;
 }
+
+// sigmoid(z) = 1 / (1 + exp(-z)); exactly 1 at z = +inf and exactly 0 at z = -inf.
+MCWT_HD float det_sigmoid(float z) { return 1.0f / sigmoid_denominator(z); }
 
 // log for positive normal x (musl logf): x = 2^k * (1 + f), 1 + f in
 // [sqrt(1/2), sqrt(2)), log(1 + f) = f - f^2/2 + s*(f^2/2 + R(s^2)), s = f/(2+f).

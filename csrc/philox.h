@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "detmath.h"  // MCWT_HD
+#include "hd.h"
 
 namespace mcwt_ext {
 namespace philox {

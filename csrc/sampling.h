@@ -21,30 +21,36 @@ struct Logit {
   float u_mag, u_conn, bias;
 };
 
-// Keep probability of one weight. Absent connectivity is g = 0 (the same
-// operations, so a zero connectivity vector and none give the same mask).
-MCWT_HD float keep_probability(float w, float g, Logit c) {
+// The draws need only 1 + exp(-z) ("denominator" d): the keep probability is
+// p = sigmoid(z) = 1/d. Absent connectivity is g = 0 (the same operations, so
+// a zero connectivity vector and none give the same mask).
+MCWT_HD float keep_denominator(float w, float g, Logit c) {
   const float a = c.u_mag * detmath::bits_float(detmath::float_bits(w) & 0x7fffffffu);  // |w|
   const float b = c.u_conn * g;
   float z = a + b;
   z = z + c.bias;
-  return detmath::det_sigmoid(z);
+  return detmath::sigmoid_denominator(z);
 }
 
-// uniform in [0, 1) on the 2^-24 grid: exactly representable, so `u < p` is
-// an exact Bernoulli(p) up to that grid.
+MCWT_HD float keep_probability(float w, float g, Logit c) { return 1.0f / keep_denominator(w, g, c); }
+
+// uniform in [0, 1) on the 2^-24 grid: exactly representable.
 MCWT_HD float uniform24(uint32_t bits) {
   return static_cast<float>(static_cast<int32_t>(bits >> 8)) * 0x1p-24f;  // signed: vectorises
 }
 
-// Efraimidis-Spirakis key log(u')/p with u' = 1 - uniform in (0, 1]: the k
-// largest keys are a weighted sample without replacement. p = 0 (or NaN) gives
-// -inf, kept only when k demands it. `+ 0.0f` turns a -0 into +0 so the
-// packed order below agrees with a float sort.
-MCWT_HD float topk_key(float p, uint32_t bits) {
+// The Bernoulli draw u < p = 1/d, decided as u*d < 1: no division. d = +inf
+// (p = 0) is never kept (0*inf is NaN), d = 1 (p = 1) always.
+MCWT_HD bool keep(uint32_t bits, float d) { return uniform24(bits) * d < 1.0f; }
+
+// Efraimidis-Spirakis key log(u')/p = log(u')*d with u' = 1 - uniform in
+// (0, 1]: the k largest keys are a weighted sample without replacement. p = 0
+// (d = +inf) or NaN gives -inf, kept only when k demands it. `+ 0.0f` turns a
+// -0 into +0 so the packed order below agrees with a float sort.
+MCWT_HD float topk_key(float d, uint32_t bits) {
   const float u = 1.0f - uniform24(bits);
-  const float key = detmath::det_log(u) / p;
-  return detmath::select(p > 0.0f, key, detmath::bits_float(0xff800000u) /* -inf */) + 0.0f;
+  const float key = detmath::det_log(u) * d;
+  return detmath::select(d < detmath::bits_float(0x7f800000u) /* +inf */, key, detmath::bits_float(0xff800000u) /* -inf */) + 0.0f;
 }
 
 // (key descending, index ascending) as one int64 in ascending order, so any
@@ -98,16 +104,6 @@ inline at::Tensor connectivity_row(const at::Tensor& weight,
   for (int64_t d = 2; d < weight.dim(); ++d) taps *= weight.size(d);
   const int64_t channels = weight.size(1);
   return connectivity->to(at::kFloat).reshape({channels, 1}).expand({channels, taps}).contiguous().view(-1);
-}
-
-// Largest packed keys win; the set is unique because packed keys are distinct.
-inline at::Tensor keep_top_k(const at::Tensor& packed_keys, int64_t k, at::IntArrayRef shape) {
-  at::Tensor mask = at::zeros({packed_keys.numel()}, packed_keys.options().dtype(at::kBool));
-  if (k > 0) {
-    const at::Tensor index = std::get<1>(at::topk(packed_keys, k, 0, /*largest=*/true, /*sorted=*/false));
-    mask.index_fill_(0, index, true);
-  }
-  return mask.view(shape);
 }
 
 inline void check_k(const char* op, int64_t k, int64_t numel) {

@@ -15,6 +15,7 @@ are the two slopes.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -114,9 +115,10 @@ def layer_features(weight: torch.Tensor, connectivity: torch.Tensor | None) -> d
 
 
 #: Normalised connectivity is rounded to this grid. CPU and CUDA convolutions round
-#: differently (about 1e-9 relative in a mean over many inputs); on a grid 1e5 times
-#: coarser they give the same values, hence the same calibrated bias and the same
-#: masks, while the keep-probabilities move by at most ``u_conn / 8192``.
+#: differently in the last bits; on a grid far coarser than that most values agree, so
+#: masks differ on CPU and CUDA only where a value lies within a rounding error of a
+#: grid boundary: a bounded fraction of weights (python_tests/test_ops_cross_device.py).
+#: The keep-probabilities move by at most ``u_conn / 8192``.
 CONNECTIVITY_GRID = 1.0 / 4096
 
 
@@ -148,21 +150,24 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
 
 
 def fit_ticket(model: nn.Module, masks: dict[str, torch.Tensor], data, *, max_samples=None,
-               max_weights_per_layer: int = 200_000, seed: int = 0, batch_size: int = 500
-               ) -> LogisticFit:
+               max_weights_per_layer: int = 200_000, seed: int = 0, batch_size: int = 500,
+               device: str | torch.device | None = None) -> LogisticFit:
     """Fit the four logistic models to a winning ticket.
 
     ``model`` holds the ticket's initial weights; ``masks`` are the ticket; ``data``
     (tensor, DataLoader or batches) is what connectivity is measured on. Each layer
     contributes at most ``max_weights_per_layer`` weights (a seeded subsample), which
-    bounds the fitting time and keeps large layers from drowning small ones.
+    bounds the fitting time and keeps large layers from drowning small ones. ``device``
+    is where connectivity is measured (default: the model's); ``model`` is not moved.
     """
     layers = prunable_layers(model)
     kinds = layer_kind(model)
     missing = [f"{n}.weight" for n, _ in layers if f"{n}.weight" not in masks]
     if missing:
         raise ValueError(f"masks: the ticket has no mask for {missing}")
-    conn = measure_connectivity(model, masks, data, max_samples=max_samples, batch_size=batch_size)
+    net = model if device is None else copy.deepcopy(model).to(device)
+    conn = measure_connectivity(net, masks, data, max_samples=max_samples, batch_size=batch_size)
+    conn = {name: g.cpu() for name, g in conn.items()}
     rng = np.random.default_rng(seed)
 
     rows: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}

@@ -1,6 +1,9 @@
-"""The compiled extension: what it was built against, how it fails to load, its op schemas."""
+"""The compiled extension: what it was built against, how it fails to load, its op schemas,
+and which kernels setup.py builds."""
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,11 +42,25 @@ def test_matching_builds_pass():
     _extension.check_build("2.14.1", None, "2.14.1+cpu", None)
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python(args, **env):
+    """Run a fresh interpreter the way a test should: no GPU (none of these needs one, and under
+    xdist a dozen children would each create a CUDA context), one thread, a faulthandler dump in
+    the captured output if it crashes, the parent's import path, and a timeout."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **env}
+    return subprocess.run([sys.executable, "-X", "faulthandler", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
+
+
 def test_failed_load_names_the_cause_and_the_fix():
     # sys.modules[name] = None makes `from . import _C` fail as a missing binary would.
     code = "import sys; sys.modules['mcwt_ext._C'] = None; import mcwt_ext._extension"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode != 0
+    result = _python(["-c", code])
+    assert "Fatal Python error" not in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr
     assert "ImportError: mcwt_ext: cannot load the compiled extension mcwt_ext._C" in result.stderr
     assert "halted; None in sys.modules" in result.stderr  # the cause, not swallowed
     assert "pip install --no-build-isolation" in result.stderr
@@ -65,3 +82,46 @@ MASKED_LAYER_SCHEMAS = {
 @pytest.mark.parametrize("name", sorted(MASKED_LAYER_SCHEMAS))
 def test_masked_layer_schemas(name):
     assert str(getattr(torch.ops.mcwt_ext, name).default._schema) == MASKED_LAYER_SCHEMAS[name]
+
+
+# setup.py says which kernels it builds before building anything (`--version` builds nothing).
+HAVE_NVCC = os.path.isfile(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
+
+
+def _setup_kernels_line(**env):
+    flags = {"MCWT_FORCE_CUDA": "", "MCWT_FORCE_CPU": "", **env}
+    result = _python(["setup.py", "--version"], **flags)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("mcwt_ext:")]
+    return result.returncode, lines[-1] if lines else result.stderr
+
+
+def test_setup_builds_cuda_kernels_only_with_a_visible_gpu_or_when_forced():
+    # CUDA_VISIBLE_DEVICES="" hides any GPU, as on a machine without one.
+    code, line = _setup_kernels_line()
+    assert code == 0 and line.startswith("mcwt_ext: building C++ kernels only ("), line
+    code, line = _setup_kernels_line(MCWT_FORCE_CPU="1")
+    assert code == 0 and line == "mcwt_ext: building C++ kernels only (MCWT_FORCE_CPU=1)"
+    code, line = _setup_kernels_line(MCWT_FORCE_CPU="1", MCWT_FORCE_CUDA="1")
+    assert code != 0 and line == "mcwt_ext: set at most one of MCWT_FORCE_CUDA and MCWT_FORCE_CPU"
+
+
+@pytest.mark.skipif(not HAVE_NVCC or torch.version.cuda is None, reason="needs nvcc and a CUDA torch")
+def test_setup_forced_cuda_builds_cuda_kernels_without_a_gpu():
+    code, line = _setup_kernels_line(MCWT_FORCE_CUDA="1")
+    assert code == 0 and line == "mcwt_ext: building C++ and CUDA kernels (MCWT_FORCE_CUDA=1)"
+
+
+def test_gpu_check_script_plans_every_step_and_benchmark(tmp_path):
+    script = ROOT / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    result = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    steps = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("[dry-run] ")]
+    assert steps == ["env", "build", "import", "tests-serial", "tests-xdist", "sanitizer-memcheck",
+                     "sanitizer-racecheck", "sanitizer-synccheck", "bench-sampling",
+                     "bench-connectivity", "bench-training"]
+    assert "--no-build-isolation --no-deps" in result.stdout
+    for bench in sorted((ROOT / "benchmarks").glob("bench_*.py")):  # every benchmark, on the GPU
+        assert any(bench.name in line and "--device cuda" in line for line in result.stdout.splitlines()), bench
+    assert not (tmp_path / "report").exists()  # a dry run writes nothing

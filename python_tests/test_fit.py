@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import DEVICES
 from mcwt_ext.fit import LogisticFit, LogisticModel, fit_ticket, load_fit
 from mcwt_ext.masks import random_masks
 from mcwt_ext.models import build_model
@@ -70,3 +71,16 @@ def test_errors(tmp_path):
         fit_ticket(model, masks, x)
     with pytest.raises(ValueError, match="no connectivity model for linear"):
         LogisticFit({"conv": TRUE.models["conv"], "linear": {}}).model("output", True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_measures_connectivity_on_the_given_device(device):
+    model, x = _setup()
+    masks = random_masks(model, 0.8, seed=0)
+    here = fit_ticket(model, masks, x, max_weights_per_layer=5000)
+    there = fit_ticket(model, masks, x, max_weights_per_layer=5000, device=device)
+    assert next(model.parameters()).device.type == "cpu"  # the caller's model is not moved
+    for kind, variants in here.models.items():
+        for variant, m in variants.items():
+            assert there.models[kind][variant].u_mag == pytest.approx(m.u_mag, rel=1e-4)
+            assert there.models[kind][variant].u_conn == pytest.approx(m.u_conn, rel=1e-4, abs=1e-6)

@@ -6,7 +6,7 @@ from conftest import DEVICES
 from mcwt_ext import _reference as ref
 from mcwt_ext.ops import masked_conv_block, masked_linear_block
 
-CUDA_IMPLS = ["cudnn", "direct"]
+CUDA_IMPLS = ["auto", "cudnn", "direct"]  # auto: the measured choice per shape
 
 # (N, C, H, W, K, kh, kw, padding, pool, bias): odd sizes, 1x1 and 5x5 kernels,
 # padding 0/1/2, C=1, K=3, and sizes spanning several direct-kernel tiles,
@@ -309,3 +309,32 @@ def test_cuda_matches_cpu_and_rejects_unknown_impl(monkeypatch, ieee_fp32):
     monkeypatch.setenv("MCWT_CONV_IMPL", "winograd")
     with pytest.raises(RuntimeError, match="MCWT_CONV_IMPL"):
         masked_conv_block(*cuda_args, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_compute_in_ieee_fp32_and_restore_the_tf32_settings(device):
+    # The sums are connectivity, compared across devices: the ops turn TF32 off inside
+    # (cuDNN convs default to TF32) and leave the caller's settings as they were.
+    backends = {"cpu": torch.backends.mkldnn, "cuda": torch.backends.cudnn}[device]
+    old = backends.conv.fp32_precision
+    try:
+        backends.conv.fp32_precision = "tf32"
+        args, kwargs = _conv_args((2, 3, 8, 8, 4, 3, 3, 1, True, True), device, torch.float32)
+        y, sums = masked_conv_block(*args, **kwargs)
+        masked_linear_block(y.flatten(1), torch.randn(5, y[0].numel(), device=device),
+                            torch.ones(5, y[0].numel(), dtype=torch.bool, device=device))
+        assert backends.conv.fp32_precision == "tf32"
+        if device == "cuda":  # and the result is the IEEE one
+            _assert_matches_float64_reference((y, sums), args, kwargs, ref.masked_conv_block)
+    finally:
+        backends.conv.fp32_precision = old
+
+
+@pytest.mark.needs_cuda
+def test_measured_choice_is_cached_and_deterministic(monkeypatch):
+    monkeypatch.setenv("MCWT_CONV_IMPL", "auto")
+    args, kwargs = _conv_args((60, 3, 32, 32, 64, 3, 3, 1, False, True), "cuda", torch.float32)
+    first = masked_conv_block(*args, **kwargs)  # measures both paths, keeps one
+    for _ in range(3):
+        again = masked_conv_block(*args, **kwargs)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])

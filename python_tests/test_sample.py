@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from conftest import DEVICES
+from test_ops_cross_device import MAX_DISAGREEMENT
 from mcwt_ext import ops, sample_masks
 from mcwt_ext.data import load_dataset
 from mcwt_ext.fit import LogisticFit, LogisticModel
@@ -130,7 +131,9 @@ def test_same_masks_on_cpu_and_cuda(digits):
     x = digits.train.tensors[0]
     cpu = sample_masks(_model(digits), FIT, x, seed=5)
     cuda = sample_masks(_model(digits, "cuda"), FIT, x.cuda(), seed=5)
-    # Bit-identical: the kernels are, and connectivity is rounded to a grid far coarser
-    # than the two backends' convolution rounding (fit.CONNECTIVITY_GRID).
-    for name in cpu:
-        assert torch.equal(cpu[name], cuda[name].cpu()), name
+    # The sampling ops are bit-identical for identical inputs; connectivity is not (CPU and
+    # cuDNN round convolutions differently), so the masks agree on all but a bounded
+    # fraction of weights, the bound measured in test_ops_cross_device.py.
+    differ = sum(int((cpu[name] != cuda[name].cpu()).sum()) for name in cpu)
+    total = sum(m.numel() for m in cpu.values())
+    assert differ / total <= MAX_DISAGREEMENT, f"{differ} of {total} weights differ"

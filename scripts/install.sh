@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up mcwt_ext from a fresh clone: a virtual environment in .venv with torch, the
-# package itself built from source (C++ kernels always; CUDA kernels when nvcc is found),
-# and with --test the test tools. Safe to re-run: what is already there is kept.
+# package itself built from source (C++ kernels always; CUDA kernels when a GPU is visible
+# and nvcc is found, or with MCWT_FORCE_CUDA=1), and with --test the test tools. Safe to
+# re-run: what is already there is kept. Prints one line per stage; pip's own progress
+# shows on a terminal (on a pipe or in CI, pip stays quiet and the stage lines remain).
 #
 #   bash scripts/install.sh          # venv + torch + mcwt_ext (console script .venv/bin/mcwt)
 #   bash scripts/install.sh --test   # the same, plus pytest
@@ -15,15 +17,32 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 extra=""
 [[ "${1:-}" == "--test" ]] && extra="[test]"
+# On a terminal pip draws its progress bars; elsewhere they would be megabytes of noise.
+QUIET=""
+[[ -t 1 ]] || QUIET="-q"
+stage() { echo "[install $(date +%H:%M:%S)] $*"; }
 
+stage "venv: .venv (python: $PYTHON)"
 [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip"
-$PIP install -q --upgrade pip setuptools wheel ninja pybind11 >/dev/null
+$PIP install $QUIET --upgrade pip setuptools wheel ninja pybind11
 # torch first: the build compiles against it (no build isolation, which would fetch a second,
 # multi-GB copy into a throw-away environment).
-.venv/bin/python -c "import torch, torchvision" 2>/dev/null || $PIP install -q $TORCH_SPEC
+if .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  stage "torch: already installed ($(.venv/bin/python -c 'import torch; print(torch.__version__)'))"
+else
+  stage "torch: installing $TORCH_SPEC (a few GB on first install, minutes)"
+  $PIP install $QUIET $TORCH_SPEC
+fi
 [[ -n "${CUDA_HOME:-}" || ! -d /usr/local/cuda ]] || export CUDA_HOME=/usr/local/cuda
-$PIP install -q --no-build-isolation ".$extra"
+kernels="C++ kernels"
+if [[ -n "${MCWT_FORCE_CUDA:-}" && -z "${MCWT_FORCE_CPU:-}" ]]; then
+  kernels="C++ and CUDA kernels (MCWT_FORCE_CUDA), ~1 min per .cu file"
+elif [[ -z "${MCWT_FORCE_CPU:-}" ]] && .venv/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  kernels="C++ and CUDA kernels (GPU visible), ~1 min per .cu file"
+fi
+stage "build: mcwt_ext$extra from source, $kernels"
+$PIP install $QUIET --no-build-isolation ".$extra"
 # Import from outside the checkout, so the installed package (not the source tree) is checked.
 (cd / && "$OLDPWD/.venv/bin/python" -c "from mcwt_ext import _extension as e; \
-print(f'mcwt_ext installed: torch {e.BUILT_TORCH_VERSION}, CUDA kernels: {e.BUILT_CUDA_VERSION or \"none\"}')")
+print(f'[install] done: mcwt_ext built against torch {e.BUILT_TORCH_VERSION}, CUDA kernels: {e.BUILT_CUDA_VERSION or \"none\"}')")

@@ -7,9 +7,7 @@
 // number of positions. ATen does the conv/matmul; one fused epilogue pass over
 // its output then applies ReLU, [2x2 max-pool], writes y and accumulates the
 // sums, so no later pass re-reads the activations to measure connectivity.
-//
-// The argument checks live here too and are shared with the CUDA kernels
-// (declared again in cuda/masked_conv_kernel.cu; both files build into _C).
+// Argument checks and the NaN-propagating relu / nan_max: csrc/masked_conv.h.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -20,82 +18,12 @@
 #include <array>
 #include <vector>
 
+#include "../masked_conv.h"
+
 namespace mcwt_ext {
 namespace masked_conv {
 
 namespace {
-
-void check_layer_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
-                      const at::Tensor& mask, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
-              ": input must be a floating-point tensor, got ", input.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ",
-              weight.scalar_type(), " must equal input dtype ", input.scalar_type());
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool, got ",
-              mask.scalar_type());
-  TORCH_CHECK(mask.sizes() == weight.sizes(), op, ": mask shape ", mask.sizes(),
-              " must equal weight shape ", weight.sizes());
-  TORCH_CHECK(input.size(1) == weight.size(1), op, ": input has ", input.size(1),
-              " channels/features but weight expects ", weight.size(1));
-  TORCH_CHECK(weight.device() == input.device() && mask.device() == input.device(), op,
-              ": input, weight and mask must be on one device, got ", input.device(), ", ",
-              weight.device(), ", ", mask.device());
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == weight.size(0), op, ": bias must have shape [",
-                weight.size(0), "], got ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == input.scalar_type(), op, ": bias dtype ", b.scalar_type(),
-                " must equal input dtype ", input.scalar_type());
-    TORCH_CHECK(b.device() == input.device(), op, ": bias must be on ", input.device(),
-                ", got ", b.device());
-  }
-}
-
-}  // namespace
-
-// Validates the conv op's arguments; returns the conv output size {Ho, Wo}.
-std::array<int64_t, 2> check_conv_args(const at::Tensor& input, const at::Tensor& weight,
-                                        const at::Tensor& mask,
-                                        const std::optional<at::Tensor>& bias,
-                                        at::IntArrayRef padding, bool pool) {
-  constexpr const char* op = "masked_conv2d_relu_sums";
-  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got ", input.sizes());
-  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D [K, C, kh, kw], got ",
-              weight.sizes());
-  check_layer_args(op, input, weight, mask, bias);
-  TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0, op,
-              ": padding must be two non-negative ints, got ", padding);
-  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1, op,
-              ": weight kernel size must be positive, got ", weight.sizes());
-  const int64_t ho = input.size(2) + 2 * padding[0] - weight.size(2) + 1;
-  const int64_t wo = input.size(3) + 2 * padding[1] - weight.size(3) + 1;
-  TORCH_CHECK(ho >= 1 && wo >= 1, op, ": kernel ", weight.size(2), "x", weight.size(3),
-              " is larger than the padded input ", input.size(2) + 2 * padding[0], "x",
-              input.size(3) + 2 * padding[1]);
-  TORCH_CHECK(!pool || (ho >= 2 && wo >= 2), op, ": conv output ", ho, "x", wo,
-              " is too small for 2x2 max-pooling");
-  return {ho, wo};
-}
-
-void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
-                       const at::Tensor& mask, const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "masked_linear_relu_sums";
-  TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D [N, in], got ", input.sizes());
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [out, in], got ", weight.sizes());
-  check_layer_args(op, input, weight, mask, bias);
-}
-
-namespace {
-
-// NaN-propagating, like torch.relu and max_pool2d.
-template <typename T>
-inline T relu(T v) {
-  return v < T(0) ? T(0) : v;
-}
-template <typename T>
-inline T nan_max(T a, T b) {
-  return (a != a || a > b) ? a : b;
-}
 
 // ReLU in place. A loop of its own compiles to vector max instructions; fused
 // with the float64 accumulation below, GCC emits a branch per element instead,
@@ -173,9 +101,12 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_relu_sums_cpu(
   // tiny next to the activations, and ATen's conv wants a dense weight. The
   // bias goes into the conv. Contiguous operands give a contiguous NCHW output
   // (a channels-last one would make ATen pick a channels-last output).
-  at::Tensor z = at::conv2d(input.contiguous(), (weight * mask).contiguous(), bias,
-                            /*stride=*/{1, 1}, padding)
-                     .contiguous();
+  at::Tensor z;
+  {
+    const Ieee32Scope ieee(at::Float32Backend::MKLDNN);  // oneDNN may use TF32 where the CPU has it
+    z = at::conv2d(input.contiguous(), (weight * mask).contiguous(), bias, /*stride=*/{1, 1}, padding)
+            .contiguous();
+  }
   at::Tensor y = pool ? at::empty({n, k, hy, wy}, z.options()) : z;  // no pool: in place
   at::Tensor sums = at::zeros({k}, z.options().dtype(at::kDouble));
   if (n == 0 || k == 0) {
@@ -212,7 +143,11 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_relu_sums_cpu(
   check_linear_args(input, weight, mask, bias);
   const int64_t n = input.size(0), k = weight.size(0);
   // Masked copy of the weight: see masked_conv2d_relu_sums_cpu.
-  at::Tensor y = at::linear(input.contiguous(), weight * mask, bias).contiguous();
+  at::Tensor y;
+  {
+    const Ieee32Scope ieee(at::Float32Backend::MKLDNN);
+    y = at::linear(input.contiguous(), weight * mask, bias).contiguous();
+  }
   at::Tensor sums = at::zeros({k}, y.options().dtype(at::kDouble));
   if (n == 0 || k == 0) {
     return {y, sums};

@@ -3,7 +3,7 @@
 //
 // The weight is walked in blocks of kBlock elements (whole Philox groups).
 // Each block draws the random words of all its groups first (philox_block.h),
-// then runs one branch-free, vectorised loop of logit -> sigmoid -> compare.
+// then runs one branch-free, vectorised loop of logit -> 1 + exp(-z) -> compare.
 // Every result depends only on the element index, so the output is the same
 // for any thread count or grain.
 
@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <type_traits>
 #include <vector>
 
@@ -46,7 +47,7 @@ void bernoulli_block(const float* w, const float* g, int64_t n, uint64_t first_g
   alignas(64) uint32_t words[kBlock];
   block_words(first_group, kGroups, offset, key, words);
   for (int64_t i = 0; i < n; ++i) {
-    out[i] = uniform24(words[i]) < keep_probability(w[i], g[i], c);
+    out[i] = keep(words[i], keep_denominator(w[i], g[i], c));
   }
 }
 
@@ -74,8 +75,8 @@ void topk_block(const float* w, const float* g, int64_t n, uint64_t first_group,
   block_words(first_group, kGroups, offset, key, words);
   const uint64_t first = 4 * first_group;
   for (int64_t i = 0; i < n; ++i) {
-    const float p = keep_probability(w[i], g[i], c);
-    out[i] = pack_topk_key(topk_key(p, words[i]), first + static_cast<uint64_t>(i));
+    const float d = keep_denominator(w[i], g[i], c);
+    out[i] = pack_topk_key(topk_key(d, words[i]), first + static_cast<uint64_t>(i));
   }
 }
 
@@ -171,7 +172,12 @@ at::Tensor logistic_topk_cpu(const at::Tensor& weight,
   dispatch_blocks(w, row, [&](int64_t b, int64_t begin, int64_t n, const float* wf, const float* gf) {
     topk_block(wf, gf, n, b * kGroups, off, key, c, out + begin);
   });
-  return keep_top_k(packed, k, w.sizes());
+  if (k == 0) return at::zeros(w.sizes(), w.options().dtype(at::kBool));
+  // Keys are distinct: the k largest are those >= the k-th largest, found by
+  // selection (std::nth_element on a copy, O(n)) instead of a top-k sort.
+  std::vector<int64_t> keys(out, out + w.numel());
+  std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<int64_t>());
+  return packed.ge(keys[k - 1]).view(w.sizes());
 }
 
 }  // namespace

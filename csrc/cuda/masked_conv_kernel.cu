@@ -6,8 +6,9 @@
 // sums in float64 (the connectivity of the next layer's inputs, times the
 // number of positions), measured in the pass that writes y.
 //
-// The conv has two paths, picked per call by MCWT_CONV_IMPL:
-//  - "cudnn" (default): cuDNN conv of the masked weight, then one fused
+// The conv has two paths, chosen per layer shape by timing both once
+// (measured_impl; MCWT_CONV_IMPL=cudnn|direct overrides it for debugging):
+//  - "cudnn": cuDNN conv of the masked weight, then one fused
 //    epilogue kernel (ReLU, [2x2 max-pool], write y, per-channel block sums).
 //  - "direct": one tiled direct-convolution kernel that reads weight and mask
 //    and masks on the fly (no masked weight copy), with the same epilogue
@@ -27,6 +28,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -35,37 +37,23 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <tuple>
+
+#include "../masked_conv.h"
 
 namespace mcwt_ext {
 namespace masked_conv {
 
-// Defined in cpu/masked_conv_kernel.cpp: the argument checks do not depend on
-// the device. check_conv_args returns the conv output size {Ho, Wo}.
-std::array<int64_t, 2> check_conv_args(const at::Tensor& input, const at::Tensor& weight,
-                                        const at::Tensor& mask,
-                                        const std::optional<at::Tensor>& bias,
-                                        at::IntArrayRef padding, bool pool);
-void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
-                       const at::Tensor& mask, const std::optional<at::Tensor>& bias);
-
 namespace {
-
-#define MCWT_HD __host__ __device__ __forceinline__
 
 MCWT_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 MCWT_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 MCWT_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// NaN-propagating, like torch.relu and max_pool2d.
-template <typename T>
-MCWT_HD T relu(T v) {
-  return v < T(0) ? T(0) : v;
-}
-template <typename T>
-MCWT_HD T nan_max(T a, T b) {
-  return (a != a || a > b) ? a : b;
-}
 
 // Explicit FMAs: the build passes --fmad=false (bit-exact sampling kernels),
 // which would otherwise split every multiply-add of the direct conv in two.
@@ -532,51 +520,122 @@ bool direct_conv_relu_sums(const at::Tensor& x, const at::Tensor& weight, const 
   return true;
 }
 
-enum class ConvImpl { kCudnn, kDirect };
+enum class ConvImpl { kMeasured, kCudnn, kDirect };
 
-// Read per call, so a process (or a test) can switch paths at run time.
-ConvImpl conv_impl_from_env() {
+// MCWT_CONV_IMPL is a debugging override only ("cudnn" or "direct"); unset,
+// empty or "auto": the measured choice below. Read per call, so a test can
+// switch paths at run time.
+ConvImpl conv_impl_override() {
   const char* v = std::getenv("MCWT_CONV_IMPL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "cudnn") == 0) {
-    return ConvImpl::kCudnn;
-  }
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return ConvImpl::kMeasured;
+  if (std::strcmp(v, "cudnn") == 0) return ConvImpl::kCudnn;
   TORCH_CHECK(std::strcmp(v, "direct") == 0,
-              "masked_conv2d_relu_sums: MCWT_CONV_IMPL must be 'cudnn' or 'direct', got '", v,
-              "'");
+              "masked_conv2d_relu_sums: MCWT_CONV_IMPL must be 'auto', 'cudnn' or 'direct', got '",
+              v, "'");
   return ConvImpl::kDirect;
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_conv2d_relu_sums_cuda(
-    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& mask,
-    const std::optional<at::Tensor>& bias, at::IntArrayRef padding, bool pool) {
+using Result = std::tuple<at::Tensor, at::Tensor>;
+
+// The direct path, or nothing when its shared-memory tiles cannot hold the kernel.
+std::optional<Result> run_direct(const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& mask, const std::optional<at::Tensor>& bias,
+                                 at::IntArrayRef padding, std::array<int64_t, 2> conv_out,
+                                 bool pool) {
+  const at::Tensor w = weight.contiguous(), m = mask.contiguous();
+  const std::optional<at::Tensor> b =
+      bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  const DirectShape s = direct_shape(x, w, padding, conv_out, pool);
+  const int64_t hz = pool ? 2 * s.hy : s.hy, wz = pool ? 2 * s.wy : s.wy;
+  at::Tensor y, sums;
+  bool done = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "masked_conv2d_relu_sums_direct", [&] {
+        done = (hz <= 8 || wz <= 8)
+                   ? direct_conv_relu_sums<DirectSmall<scalar_t>>(x, w, m, b, s, y, sums)
+                   : direct_conv_relu_sums<DirectLarge<scalar_t>>(x, w, m, b, s, y, sums);
+      });
+  if (!done) return std::nullopt;
+  return Result{y, sums};
+}
+
+// cuDNN needs a dense weight, so this path materialises the masked copy.
+// Contiguous operands keep cuDNN from choosing a channels-last output.
+Result run_cudnn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                 const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
+                 std::array<int64_t, 2> conv_out, bool pool) {
+  at::Tensor z;
+  {
+    const Ieee32Scope ieee(at::Float32Backend::CUDA);
+    z = at::conv2d(x, (weight * mask).contiguous(), bias, /*stride=*/{1, 1}, padding).contiguous();
+  }
+  return relu_pool_sums(z, conv_out[0], conv_out[1], pool);
+}
+
+// Measured choice per layer shape: the first call with a new (device, dtype,
+// shape, padding, pool) key times both paths (one warm-up and kTimed timed
+// runs each, best time) and caches the winner for the process. The direct path
+// must win by kMargin: the two paths round differently, so a choice that flips
+// between near-equal timings would make connectivity differ between runs.
+// Never measured while a CUDA graph is being captured (cuDNN then).
+constexpr int kTimed = 3;
+constexpr double kMargin = 1.15;
+
+using ShapeKey = std::array<int64_t, 13>;
+
+float best_ms(const std::function<void()>& fn) {
+  fn();  // warm-up: cuDNN plans, allocator
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  float best = std::numeric_limits<float>::infinity();
+  at::cuda::CUDAEvent start(cudaEventDefault), end(cudaEventDefault);
+  for (int r = 0; r < kTimed; ++r) {
+    start.record(stream);
+    fn();
+    end.record(stream);
+    end.synchronize();
+    best = std::min(best, start.elapsed_time(end));
+  }
+  return best;
+}
+
+ConvImpl measured_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                       const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
+                       std::array<int64_t, 2> conv_out, bool pool) {
+  static std::mutex lock;
+  static std::map<ShapeKey, ConvImpl> choices;
+  const ShapeKey key{x.get_device(), static_cast<int64_t>(x.scalar_type()), x.size(0), x.size(1),
+                     x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
+                     padding[0], padding[1], pool ? 1 : 0, bias.has_value() ? 1 : 0};
+  {
+    const std::lock_guard<std::mutex> guard(lock);
+    const auto it = choices.find(key);
+    if (it != choices.end()) return it->second;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) return ConvImpl::kCudnn;
+  ConvImpl choice = ConvImpl::kCudnn;
+  if (run_direct(x, weight, mask, bias, padding, conv_out, pool).has_value()) {
+    const float direct = best_ms([&] { run_direct(x, weight, mask, bias, padding, conv_out, pool); });
+    const float cudnn = best_ms([&] { run_cudnn(x, weight, mask, bias, padding, conv_out, pool); });
+    if (static_cast<double>(direct) * kMargin < static_cast<double>(cudnn)) choice = ConvImpl::kDirect;
+  }
+  const std::lock_guard<std::mutex> guard(lock);
+  return choices.emplace(key, choice).first->second;  // a racing thread's choice wins
+}
+
+Result masked_conv2d_relu_sums_cuda(const at::Tensor& input, const at::Tensor& weight,
+                                    const at::Tensor& mask, const std::optional<at::Tensor>& bias,
+                                    at::IntArrayRef padding, bool pool) {
   const auto conv_out = check_conv_args(input, weight, mask, bias, padding, pool);
-  const ConvImpl impl = conv_impl_from_env();
+  ConvImpl impl = conv_impl_override();
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
-
+  if (impl == ConvImpl::kMeasured) impl = measured_impl(x, weight, mask, bias, padding, conv_out, pool);
   if (impl == ConvImpl::kDirect) {
-    const at::Tensor w = weight.contiguous(), m = mask.contiguous();
-    const std::optional<at::Tensor> b =
-        bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-    const DirectShape s = direct_shape(x, w, padding, conv_out, pool);
-    const int64_t hz = pool ? 2 * s.hy : s.hy, wz = pool ? 2 * s.wy : s.wy;
-    at::Tensor y, sums;
-    bool done = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, x.scalar_type(), "masked_conv2d_relu_sums_direct", [&] {
-          done = (hz <= 8 || wz <= 8)
-                     ? direct_conv_relu_sums<DirectSmall<scalar_t>>(x, w, m, b, s, y, sums)
-                     : direct_conv_relu_sums<DirectLarge<scalar_t>>(x, w, m, b, s, y, sums);
-        });
-    if (done) {
-      return {y, sums};
-    }
+    if (auto result = run_direct(x, weight, mask, bias, padding, conv_out, pool)) return *result;
   }
-  // cuDNN needs a dense weight, so this path materialises the masked copy.
-  // Contiguous operands keep cuDNN from choosing a channels-last output.
-  const at::Tensor z =
-      at::conv2d(x, (weight * mask).contiguous(), bias, /*stride=*/{1, 1}, padding).contiguous();
-  return relu_pool_sums(z, conv_out[0], conv_out[1], pool);
+  return run_cudnn(x, weight, mask, bias, padding, conv_out, pool);
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_linear_relu_sums_cuda(
@@ -586,7 +645,11 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_relu_sums_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   // cuBLAS needs a dense weight; a linear layer's weight is small next to a
   // batch of activations.
-  const at::Tensor z = at::linear(input.contiguous(), weight * mask, bias).contiguous();
+  at::Tensor z;
+  {
+    const Ieee32Scope ieee(at::Float32Backend::CUDA);
+    z = at::linear(input.contiguous(), weight * mask, bias).contiguous();
+  }
   return relu_pool_sums(z, 1, 1, false);
 }
 

@@ -1,9 +1,11 @@
 // CUDA kernels of the mask-sampling ops: logistic_bernoulli, expected_density,
 // logistic_topk (schemas in csrc/mcwt.cpp, spec in mcwt_ext/_reference/sampling.py).
 //
-// One thread per Philox group of 4 consecutive elements, grid-stride: one
-// Philox call, one 4-wide load of weights, one 4-byte store of mask bytes.
-// Results depend only on the element index, never on the launch shape.
+// Each thread takes chunks of kGroupsPerThread Philox groups (4 consecutive
+// elements each), grid-stride: per group one Philox call, one 4-wide load of
+// weights, one 4-byte store of mask bytes; one modulo per chunk for the
+// connectivity index. Results depend only on the element index, never on the
+// launch shape.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,24 +27,43 @@ namespace sampling {
 namespace {
 
 constexpr int kThreads = 256;
+// Philox groups (of 4 elements) per thread and grid-stride step: 16 elements,
+// so the connectivity index is computed with one modulo per 16 elements and
+// advanced by increments after that.
+constexpr int kGroupsPerThread = 4;
 
 template <typename scalar_t>
 struct alignas(4 * sizeof(scalar_t)) Vec4 {
   scalar_t v[4];
 };
 
-// Reads a weight tensor's groups and turns them into keep probabilities.
-// index_t is uint32_t when every element index fits, else uint64_t.
+// Reads a weight tensor's groups and turns them into keep denominators
+// 1 + exp(-z) (sampling.h). index_t is uint32_t when every element index fits,
+// else uint64_t.
 template <typename scalar_t, typename index_t>
-struct GroupProbabilities {
+struct GroupDenominators {
   const scalar_t* __restrict__ weight;
-  const float* __restrict__ g_row;  // connectivity over one output row, or nullptr
-  index_t row_len;
+  const float* __restrict__ g;  // connectivity per input channel (weight dim 1), or nullptr
+  index_t taps;                 // elements per (output, input channel): kh*kw, 1 for linear
+  index_t channels;             // weight.size(1)
   index_t numel;
   bool vector_loads;  // weight is aligned for Vec4 loads
   Logit coeffs;
 
-  __device__ __forceinline__ void operator()(index_t group, float (&p)[4]) const {
+  // Position of element i in its output row: input channel and tap.
+  struct RowIndex {
+    index_t channel, tap;
+  };
+
+  // The one division per chunk.
+  __device__ __forceinline__ RowIndex row_index(index_t first) const {
+    if (g == nullptr) return {0, 0};
+    const index_t q = first / taps;
+    return {q % channels, first - q * taps};
+  }
+
+  // d[j] of the group's 4 elements; c is the running row position.
+  __device__ __forceinline__ void operator()(index_t group, RowIndex& c, float (&d)[4]) const {
     const index_t first = group * 4;
     float w[4];
     if (vector_loads && first + 4 <= numel) {
@@ -53,69 +74,76 @@ struct GroupProbabilities {
 #pragma unroll
       for (int j = 0; j < 4; ++j) w[j] = first + j < numel ? static_cast<float>(weight[first + j]) : 0.0f;
     }
-    index_t c = g_row != nullptr ? first % row_len : 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      float g = 0.0f;
-      if (g_row != nullptr) {
-        g = g_row[c];
-        c = c + 1 == row_len ? 0 : c + 1;
+      float gj = 0.0f;
+      if (g != nullptr) {
+        gj = g[c.channel];
+        if (++c.tap == taps) {
+          c.tap = 0;
+          c.channel = c.channel + 1 == channels ? 0 : c.channel + 1;
+        }
       }
-      p[j] = keep_probability(w[j], g, coeffs);
+      d[j] = keep_denominator(w[j], gj, coeffs);
     }
   }
 };
 
-template <typename index_t>
-__device__ __forceinline__ index_t grid_start() {
-  return static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-}
-
-template <typename index_t>
-__device__ __forceinline__ index_t grid_stride() {
-  return static_cast<index_t>(gridDim.x) * blockDim.x;
+// Calls body(group, c) for every group of this thread's chunks: kGroupsPerThread
+// consecutive groups per chunk, chunks grid-strided, c the running row position.
+template <typename index_t, typename Probs, typename Body>
+__device__ __forceinline__ void for_each_group(const Probs& probs, index_t groups, const Body& body) {
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x * kGroupsPerThread;
+  for (index_t chunk = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kGroupsPerThread;
+       chunk < groups; chunk += stride) {
+    auto c = probs.row_index(chunk * 4);
+#pragma unroll
+    for (int i = 0; i < kGroupsPerThread; ++i) {
+      if (chunk + i < groups) body(chunk + i, c);
+    }
+  }
 }
 
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    bernoulli_kernel(GroupProbabilities<scalar_t, index_t> probs, index_t groups, uint64_t offset,
+    bernoulli_kernel(GroupDenominators<scalar_t, index_t> probs, index_t groups, uint64_t offset,
                      philox::Key key, bool* __restrict__ mask) {
-  for (index_t group = grid_start<index_t>(); group < groups; group += grid_stride<index_t>()) {
-    float p[4];
-    probs(group, p);
+  for_each_group(probs, groups, [&](index_t group, auto& c) {
+    float d[4];
+    probs(group, c, d);
     const philox::Words r = philox::group_words(group, offset, key);
     const uint32_t words[4] = {r.x0, r.x1, r.x2, r.x3};
     const index_t first = group * 4;
     if (first + 4 <= probs.numel) {  // mask is freshly allocated: 4-byte aligned
       uchar4 m;
-      m.x = uniform24(words[0]) < p[0];
-      m.y = uniform24(words[1]) < p[1];
-      m.z = uniform24(words[2]) < p[2];
-      m.w = uniform24(words[3]) < p[3];
+      m.x = keep(words[0], d[0]);
+      m.y = keep(words[1], d[1]);
+      m.z = keep(words[2], d[2]);
+      m.w = keep(words[3], d[3]);
       reinterpret_cast<uchar4*>(mask)[group] = m;
     } else {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        if (first + j < probs.numel) mask[first + j] = uniform24(words[j]) < p[j];
+        if (first + j < probs.numel) mask[first + j] = keep(words[j], d[j]);
       }
     }
-  }
+  });
 }
 
-// Per-block float64 partial sums of p; the host adds the partials in a fixed
-// order, so the result does not depend on scheduling.
+// Per-block float64 partial sums of p = 1/d; the partials are added in a
+// fixed order afterwards, so the result does not depend on scheduling.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    density_kernel(GroupProbabilities<scalar_t, index_t> probs, index_t groups,
+    density_kernel(GroupDenominators<scalar_t, index_t> probs, index_t groups,
                    double* __restrict__ block_sums) {
   double sum = 0.0;
-  for (index_t group = grid_start<index_t>(); group < groups; group += grid_stride<index_t>()) {
-    float p[4];
-    probs(group, p);
+  for_each_group(probs, groups, [&](index_t group, auto& c) {
+    float d[4];
+    probs(group, c, d);
     const index_t first = group * 4;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) sum += first + j < probs.numel ? static_cast<double>(p[j]) : 0.0;
-  }
+    for (int j = 0; j < 4; ++j) sum += first + j < probs.numel ? static_cast<double>(1.0f / d[j]) : 0.0;
+  });
   using BlockReduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename BlockReduce::TempStorage scratch;
   const double block_sum = BlockReduce(scratch).Sum(sum);
@@ -124,66 +152,192 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-    topk_key_kernel(GroupProbabilities<scalar_t, index_t> probs, index_t groups, uint64_t offset,
+    topk_key_kernel(GroupDenominators<scalar_t, index_t> probs, index_t groups, uint64_t offset,
                     philox::Key key, int64_t* __restrict__ packed) {
-  for (index_t group = grid_start<index_t>(); group < groups; group += grid_stride<index_t>()) {
-    float p[4];
-    probs(group, p);
+  for_each_group(probs, groups, [&](index_t group, auto& c) {
+    float d[4];
+    probs(group, c, d);
     const philox::Words r = philox::group_words(group, offset, key);
     const uint32_t words[4] = {r.x0, r.x1, r.x2, r.x3};
     const index_t first = group * 4;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      if (first + j < probs.numel) packed[first + j] = pack_topk_key(topk_key(p[j], words[j]), first + j);
+      if (first + j < probs.numel) packed[first + j] = pack_topk_key(topk_key(d[j], words[j]), first + j);
     }
+  });
+}
+
+// ---- exact top-k by radix select ------------------------------------------------------------
+// Packed keys are distinct int64; flipping the sign bit orders them as uint64.
+// The k-th largest, T, is found 8 bits at a time from the top: each pass
+// histograms the next digit of the keys that share the prefix found so far
+// (integer atomics: exact counts), then one thread picks the digit holding the
+// k-th largest and narrows the prefix. After 8 passes, or as soon as every key
+// of the chosen digit is kept, the prefix (lower bits 0) is a threshold T that
+// keeps exactly k keys: the mask is key >= T. No sort, no index array, no host
+// synchronisation.
+constexpr int kRadixBits = 8;
+constexpr int kRadixBins = 1 << kRadixBits;
+
+struct RadixState {
+  unsigned long long prefix;  // digits found so far
+  unsigned long long k;       // rank of T among the keys that match the prefix (1 = largest)
+  unsigned long long done;    // 1 once the prefix (lower bits 0) is a threshold keeping exactly k
+  unsigned long long hist[kRadixBins];
+};
+
+__device__ __forceinline__ uint64_t ordered_key(int64_t packed) {
+  return static_cast<uint64_t>(packed) ^ 0x8000000000000000ull;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    radix_histogram_kernel(const int64_t* __restrict__ packed, int64_t n, int shift,
+                           RadixState* __restrict__ state) {
+  if (state->done) return;  // the same for the whole grid: no barrier is skipped by some threads only
+  __shared__ unsigned int hist[kRadixBins];
+  for (int i = threadIdx.x; i < kRadixBins; i += kThreads) hist[i] = 0;
+  __syncthreads();
+  // Bits above `shift + kRadixBits` must equal the prefix (none on the first pass).
+  const int above = shift + kRadixBits;
+  const uint64_t high_mask = above >= 64 ? 0ull : ~0ull << above;
+  const uint64_t prefix = state->prefix;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const uint64_t u = ordered_key(packed[i]);
+    const int digit = (u & high_mask) == prefix ? static_cast<int>((u >> shift) & (kRadixBins - 1)) : -1;
+    // Keys crowd into few digits (top bits: sign and exponent): one atomic per digit per warp.
+    const unsigned peers = __match_any_sync(__activemask(), digit);
+    if (digit >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRadixBins; i += kThreads) {
+    if (hist[i] != 0) atomicAdd(&state->hist[i], static_cast<unsigned long long>(hist[i]));
   }
 }
 
+// One thread: the digit holding the k-th largest; clears the histogram for the
+// next pass. The first pass starts from k_first.
+__global__ void radix_pick_kernel(int shift, unsigned long long k_first, RadixState* __restrict__ state) {
+  if (state->done) return;
+  unsigned long long k = shift == 64 - kRadixBits ? k_first : state->k;
+  int digit = kRadixBins - 1;
+  for (; digit > 0; --digit) {
+    const unsigned long long count = state->hist[digit];
+    if (k <= count) break;
+    k -= count;
+  }
+  state->prefix |= static_cast<unsigned long long>(digit) << shift;
+  state->k = k;
+  // All keys of this digit are kept: the prefix with zero lower bits is the threshold
+  // (usually after 4 passes, once the float part of the keys is decided).
+  if (k == state->hist[digit]) state->done = 1;
+  for (int i = 0; i < kRadixBins; ++i) state->hist[i] = 0;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    keep_at_least_kernel(const int64_t* __restrict__ packed, int64_t n,
+                         const RadixState* __restrict__ state, bool* __restrict__ mask) {
+  const uint64_t threshold = state->prefix;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    mask[i] = ordered_key(packed[i]) >= threshold;
+  }
+}
+
+// Mask of the k largest packed keys (all distinct), k in [1, n].
+at::Tensor keep_top_k_radix(const at::Tensor& packed, int64_t k, at::IntArrayRef shape,
+                            cudaStream_t stream) {
+  const int64_t n = packed.numel();
+  at::Tensor state_buf = at::zeros({static_cast<int64_t>(sizeof(RadixState))}, packed.options().dtype(at::kByte));
+  auto* state = reinterpret_cast<RadixState*>(state_buf.data_ptr<uint8_t>());
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
+      (n + kThreads - 1) / kThreads,
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * (2048 / kThreads))));
+  for (int shift = 64 - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    radix_histogram_kernel<<<blocks, kThreads, 0, stream>>>(packed.const_data_ptr<int64_t>(), n, shift, state);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    radix_pick_kernel<<<1, 1, 0, stream>>>(shift, static_cast<unsigned long long>(k), state);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  at::Tensor mask = at::empty(shape, packed.options().dtype(at::kBool));
+  keep_at_least_kernel<<<blocks, kThreads, 0, stream>>>(packed.const_data_ptr<int64_t>(), n, state,
+                                                        mask.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return mask;
+}
+
 int launch_blocks(int64_t groups) {
-  const int64_t needed = (groups + kThreads - 1) / kThreads;
+  const int64_t per_block = static_cast<int64_t>(kThreads) * kGroupsPerThread;
+  const int64_t needed = (groups + per_block - 1) / per_block;
   const int64_t resident = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
                            (2048 / kThreads);
   return static_cast<int>(std::max<int64_t>(1, std::min(needed, resident)));
 }
 
-// Calls launch(probs, groups) with the probability reader for weight's dtype
-// and the narrowest index type that holds every element index.
+// Sums the density kernel's block partials in a fixed order (one block, each
+// thread a fixed strided share, then a block reduction) and divides by numel.
+__global__ void __launch_bounds__(kThreads)
+    density_finish_kernel(const double* __restrict__ block_sums, int blocks, double numel,
+                          double* __restrict__ out) {
+  double sum = 0.0;
+  for (int i = threadIdx.x; i < blocks; i += kThreads) sum += block_sums[i];
+  using BlockReduce = cub::BlockReduce<double, kThreads>;
+  __shared__ typename BlockReduce::TempStorage scratch;
+  const double total = BlockReduce(scratch).Sum(sum);
+  if (threadIdx.x == 0) *out = total / numel;
+}
+
+// Calls launch(probs, groups) with the denominator reader for weight's dtype
+// and the narrowest index type that holds every element index. g: float32
+// connectivity per input channel, or undefined.
 template <typename Launch>
-void with_probabilities(const at::Tensor& weight, const at::Tensor& row, Logit coeffs,
-                        const Launch& launch) {
+void with_denominators(const at::Tensor& weight, const at::Tensor& g, Logit coeffs,
+                       const Launch& launch) {
+  int64_t taps = 1;  // kernel positions per input channel
+  for (int64_t d = 2; d < weight.dim(); ++d) taps *= weight.size(d);
+  const int64_t channels = weight.dim() >= 2 ? weight.size(1) : 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "mcwt_sampling_cuda", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     const bool vector_loads = reinterpret_cast<uintptr_t>(w) % sizeof(Vec4<scalar_t>) == 0;
-    const float* g_row = row.defined() ? row.const_data_ptr<float>() : nullptr;
+    const float* gp = g.defined() ? g.const_data_ptr<float>() : nullptr;
     const int64_t numel = weight.numel();
-    const int64_t row_len = row.defined() ? row.numel() : 1;
     const int64_t groups = (numel + 3) / 4;
-    if (numel + 4 <= std::numeric_limits<int32_t>::max()) {
-      launch(GroupProbabilities<scalar_t, uint32_t>{w, g_row, static_cast<uint32_t>(row_len),
-                                                    static_cast<uint32_t>(numel), vector_loads, coeffs},
+    if (numel + 4 * kThreads * kGroupsPerThread <= std::numeric_limits<int32_t>::max()) {
+      using Reader = GroupDenominators<scalar_t, uint32_t>;
+      launch(Reader{w, gp, static_cast<uint32_t>(taps), static_cast<uint32_t>(channels),
+                    static_cast<uint32_t>(numel), vector_loads, coeffs},
              static_cast<uint32_t>(groups));
     } else {
-      launch(GroupProbabilities<scalar_t, uint64_t>{w, g_row, static_cast<uint64_t>(row_len),
-                                                    static_cast<uint64_t>(numel), vector_loads, coeffs},
+      using Reader = GroupDenominators<scalar_t, uint64_t>;
+      launch(Reader{w, gp, static_cast<uint64_t>(taps), static_cast<uint64_t>(channels),
+                    static_cast<uint64_t>(numel), vector_loads, coeffs},
              static_cast<uint64_t>(groups));
     }
   });
 }
 
+// Connectivity as the kernels read it: float32, contiguous (no copy when it
+// already is), one value per input channel.
+at::Tensor connectivity_f32(const std::optional<at::Tensor>& connectivity) {
+  return connectivity.has_value() ? connectivity->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+// Host work per call is kept to the checks, one allocation and one launch:
+// small layers are bound by it, not by the kernel.
 at::Tensor logistic_bernoulli_cuda(const at::Tensor& weight,
                                    const std::optional<at::Tensor>& connectivity, double u_mag,
                                    double u_conn, double bias, int64_t seed, int64_t offset) {
   const Logit c = check_args("logistic_bernoulli", weight, connectivity, u_mag, u_conn, bias);
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous();
-  const at::Tensor row = connectivity_row(w, connectivity);
   at::Tensor mask = at::empty(w.sizes(), w.options().dtype(at::kBool));
   if (w.numel() == 0) return mask;
+  const at::Tensor g = connectivity_f32(connectivity);
   const philox::Key key = philox::make_key(seed);
   const uint64_t off = static_cast<uint64_t>(offset);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   bool* out = mask.data_ptr<bool>();
-  with_probabilities(w, row, c, [&](auto probs, auto groups) {
+  with_denominators(w, g, c, [&](auto probs, auto groups) {
     bernoulli_kernel<<<launch_blocks(groups), kThreads, 0, stream>>>(probs, groups, off, key, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -200,16 +354,21 @@ at::Tensor expected_density_cuda(const at::Tensor& weight,
   if (numel == 0) {  // the mean over no weights is NaN, as torch.mean
     return at::full({}, std::numeric_limits<double>::quiet_NaN(), w.options().dtype(at::kDouble));
   }
-  const at::Tensor row = connectivity_row(w, connectivity);
+  const at::Tensor g = connectivity_f32(connectivity);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor block_sums;
-  with_probabilities(w, row, c, [&](auto probs, auto groups) {
+  // One allocation: the result, then the block partials.
+  at::Tensor scratch;
+  with_denominators(w, g, c, [&](auto probs, auto groups) {
     const int blocks = launch_blocks(groups);
-    block_sums = at::empty({blocks}, w.options().dtype(at::kDouble));
-    density_kernel<<<blocks, kThreads, 0, stream>>>(probs, groups, block_sums.data_ptr<double>());
+    scratch = at::empty({1 + blocks}, w.options().dtype(at::kDouble));
+    double* partials = scratch.data_ptr<double>() + 1;
+    density_kernel<<<blocks, kThreads, 0, stream>>>(probs, groups, partials);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    density_finish_kernel<<<1, kThreads, 0, stream>>>(partials, blocks, static_cast<double>(numel),
+                                                      scratch.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return block_sums.sum().div_(static_cast<double>(numel));
+  return scratch[0];
 }
 
 at::Tensor logistic_topk_cuda(const at::Tensor& weight,
@@ -219,19 +378,18 @@ at::Tensor logistic_topk_cuda(const at::Tensor& weight,
   check_k("logistic_topk", k, weight.numel());
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous();
-  const at::Tensor row = connectivity_row(w, connectivity);
+  if (k == 0) return at::zeros(w.sizes(), w.options().dtype(at::kBool));
   at::Tensor packed = at::empty({w.numel()}, w.options().dtype(at::kLong));
-  if (w.numel() > 0) {
-    const philox::Key key = philox::make_key(seed);
-    const uint64_t off = static_cast<uint64_t>(offset);
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    int64_t* out = packed.data_ptr<int64_t>();
-    with_probabilities(w, row, c, [&](auto probs, auto groups) {
-      topk_key_kernel<<<launch_blocks(groups), kThreads, 0, stream>>>(probs, groups, off, key, out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  return keep_top_k(packed, k, w.sizes());
+  const at::Tensor g = connectivity_f32(connectivity);
+  const philox::Key key = philox::make_key(seed);
+  const uint64_t off = static_cast<uint64_t>(offset);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  int64_t* out = packed.data_ptr<int64_t>();
+  with_denominators(w, g, c, [&](auto probs, auto groups) {
+    topk_key_kernel<<<launch_blocks(groups), kThreads, 0, stream>>>(probs, groups, off, key, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return keep_top_k_radix(packed, k, w.sizes(), stream);
 }
 
 }  // namespace

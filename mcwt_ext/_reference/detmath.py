@@ -7,13 +7,13 @@ written in hex and are exact in float32.
 import torch
 
 ROUND_MAGIC = float.fromhex("0x1.8p23")  # (t + M) - M == round-half-even(t) for |t| < 2^22
+ROUND_MAGIC_BITS = 0x4B400000  # bits(t + M) - ROUND_MAGIC_BITS == round(t)
 
 LOG2E = float.fromhex("0x1.715476p+0")
 LN2_HI = float.fromhex("0x1.62e4p-1")
 LN2_LO = float.fromhex("0x1.7f7d1cp-20")
-EXP_P = [float.fromhex(h) for h in
-         ("0x1.a0d2cep-13", "0x1.6e879cp-10", "0x1.111210p-7", "0x1.555382p-5", "0x1.555554p-3", "0x1.0p-1")]
-EXP_LIMIT = 87.0
+EXP_Q = [float.fromhex(h) for h in ("0x1.106256p-7", "0x1.572a66p-5", "0x1.5557b0p-3", "0x1.fffdfcp-2")]
+EXP_LOW, EXP_HIGH = -88.0, 89.0
 
 SQRT_HALF_BITS = 0x3F3504F3
 ONE_BITS = 0x3F800000
@@ -29,35 +29,45 @@ def _float32(x):
 
 
 def det_exp(x):
-    """exp(x); 0 below -87, +inf above 87, NaN for NaN."""
+    """exp(x): exactly 0 below about -87.7, +inf from about 88.4, NaN for NaN."""
     x = _float32(x)
-    in_range = (x >= -EXP_LIMIT) & (x <= EXP_LIMIT)
-    xr = torch.where(in_range, x, torch.zeros_like(x))
-    t = xr * LOG2E
-    n = (t + ROUND_MAGIC) - ROUND_MAGIC
+    xc = torch.where(x < EXP_LOW, torch.full_like(x, EXP_LOW), x)  # NaN stays NaN
+    xc = torch.where(xc > EXP_HIGH, torch.full_like(x, EXP_HIGH), xc)
+    t = xc * LOG2E
+    tm = t + ROUND_MAGIC
+    n = tm - ROUND_MAGIC
     a = n * LN2_HI
-    b = xr - a
+    b = xc - a
     c = n * LN2_LO
     r = b - c
-    p = torch.full_like(r, EXP_P[0])
-    for coeff in EXP_P[1:]:
-        p = p * r
-        p = p + coeff
+    q = torch.full_like(r, EXP_Q[0])
+    for coeff in EXP_Q[1:]:
+        q = q * r
+        q = q + coeff
     r2 = r * r
-    y = p * r2
+    y = q * r2
     y = y + r
     y = y + 1.0
-    scale = torch.bitwise_left_shift(n.to(torch.int32) + 127, 23).view(torch.float32)
-    y = y * scale
-    outside = torch.where(x > EXP_LIMIT, torch.full_like(x, float("inf")),
-                          torch.where(x < -EXP_LIMIT, torch.zeros_like(x), x))
-    return torch.where(in_range, y, outside)
+    # (n + 127) << 23 in uint32 arithmetic (int64 here, then the low 32 bits as float32 bits)
+    scale_bits = torch.bitwise_left_shift(tm.view(torch.int32).long() + (127 - ROUND_MAGIC_BITS), 23) & 0xFFFFFFFF
+    scale = _as_float32_bits(scale_bits)
+    return y * scale
+
+
+def _as_float32_bits(bits):
+    """float32 tensor whose bit patterns are the low 32 bits of an int64 tensor."""
+    return (bits - ((bits & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
+
+
+def sigmoid_denominator(z):
+    """1 + exp(-z): sigmoid(z) is its reciprocal. 1 at z = +inf, +inf at z = -inf."""
+    e = det_exp(-_float32(z))
+    return e + 1.0
 
 
 def det_sigmoid(z):
     """1 / (1 + exp(-z)); exactly 1 at +inf, exactly 0 at -inf."""
-    e = det_exp(-_float32(z))
-    d = e + 1.0
+    d = sigmoid_denominator(z)
     return torch.ones_like(d) / d
 
 

@@ -6,17 +6,18 @@ bit for bit; expected_density to float64 rounding.
 For a weight tensor (dim 0: outputs, dim 1: inputs) and an optional
 connectivity vector g over dim 1, each weight is kept with probability
 
-    p = sigmoid(u_mag * |w| + u_conn * g[c] + bias)
+    p = sigmoid(u_mag * |w| + u_conn * g[c] + bias) = 1 / d,   d = 1 + exp(-z)
 
 computed in float32, one rounding per operation (detmath.py), drawn with
-Philox-4x32-10 keyed by seed (philox.py): kept iff uniform < p.
+Philox-4x32-10 keyed by seed (philox.py): kept iff uniform * d < 1 (that is,
+uniform < p, decided without a division).
 """
 import math
 import numbers
 
 import torch
 
-from .detmath import det_log, det_sigmoid
+from .detmath import det_log, sigmoid_denominator
 from .philox import element_words
 
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -31,6 +32,8 @@ def check_sampling_args(op, weight, connectivity, u_mag, u_conn, bias):
     if weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{op}: weight must be float16, bfloat16, float32 or float64, got {weight.dtype}")
     for name, value in (("u_mag", u_mag), ("u_conn", u_conn), ("bias", bias)):
+        if type(value) is float and -_FLOAT32_MAX <= value <= _FLOAT32_MAX:
+            continue  # the common case, decided without the ABC check below (small-layer overhead)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{op}: {name} must be a real number, got {value!r}")
         if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
@@ -57,6 +60,8 @@ def check_sampling_args(op, weight, connectivity, u_mag, u_conn, bias):
 
 def check_int64(op, name, value):
     """Raise unless value is an int in int64 range (seed, offset, k)."""
+    if type(value) is int and _INT64[0] <= value <= _INT64[1]:
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{op}: {name} must be an int, got {value!r}")
     if not _INT64[0] <= value <= _INT64[1]:
@@ -69,8 +74,8 @@ def check_k(op, k, numel):
         raise ValueError(f"{op}: k must be in [0, weight.numel() = {numel}], got {k}")
 
 
-def keep_probability(weight, connectivity, u_mag, u_conn, bias):
-    """Flat float32 keep probability of every weight, in row-major order."""
+def keep_denominator(weight, connectivity, u_mag, u_conn, bias):
+    """Flat float32 d = 1 + exp(-z) of every weight, in row-major order: p = 1/d."""
     w = weight.detach().to(torch.float32)
     f32 = dict(dtype=torch.float32, device=w.device)
     if connectivity is None:
@@ -81,7 +86,13 @@ def keep_probability(weight, connectivity, u_mag, u_conn, bias):
     b = g * torch.tensor(u_conn, **f32)
     z = a + b
     z = z + torch.tensor(bias, **f32)
-    return det_sigmoid(z).reshape(-1)
+    return sigmoid_denominator(z).reshape(-1)
+
+
+def keep_probability(weight, connectivity, u_mag, u_conn, bias):
+    """Flat float32 keep probability 1/d of every weight, in row-major order."""
+    d = keep_denominator(weight, connectivity, u_mag, u_conn, bias)
+    return torch.ones_like(d) / d
 
 
 def uniform24(words):
@@ -90,13 +101,13 @@ def uniform24(words):
 
 
 def logistic_bernoulli(weight, connectivity=None, *, u_mag, u_conn=0.0, bias, seed, offset=0):
-    """Bool mask of weight's shape: weight kept iff uniform < p."""
+    """Bool mask of weight's shape: weight kept iff uniform * d < 1 (uniform < p = 1/d)."""
     check_sampling_args("logistic_bernoulli", weight, connectivity, u_mag, u_conn, bias)
     check_int64("logistic_bernoulli", "seed", seed)
     check_int64("logistic_bernoulli", "offset", offset)
-    p = keep_probability(weight, connectivity, u_mag, u_conn, bias)
-    u = uniform24(element_words(p.numel(), seed, offset, p.device))
-    return (u < p).reshape(weight.shape)
+    d = keep_denominator(weight, connectivity, u_mag, u_conn, bias)
+    u = uniform24(element_words(d.numel(), seed, offset, d.device))
+    return (u * d < 1.0).reshape(weight.shape)
 
 
 def expected_density(weight, connectivity=None, *, u_mag, u_conn=0.0, bias):
@@ -105,11 +116,12 @@ def expected_density(weight, connectivity=None, *, u_mag, u_conn=0.0, bias):
     return keep_probability(weight, connectivity, u_mag, u_conn, bias).to(torch.float64).mean().item()
 
 
-def topk_keys(p, words):
-    """Efraimidis-Spirakis keys log(u')/p, u' = 1 - uniform in (0, 1]; -inf where p is not > 0."""
+def topk_keys(d, words):
+    """Efraimidis-Spirakis keys log(u')/p = log(u')*d, u' = 1 - uniform in (0, 1]; -inf where
+    p = 1/d is not > 0 (d infinite or NaN)."""
     u = 1.0 - uniform24(words)
-    key = det_log(u) / p
-    key = torch.where(p > 0, key, torch.full_like(key, -math.inf))
+    key = det_log(u) * d
+    key = torch.where(d < math.inf, key, torch.full_like(key, -math.inf))
     return key + 0.0  # -0 -> +0, as the kernels
 
 
@@ -122,9 +134,9 @@ def logistic_topk(weight, connectivity=None, *, u_mag, u_conn=0.0, bias, k, seed
     check_k("logistic_topk", k, weight.numel())
     check_int64("logistic_topk", "seed", seed)
     check_int64("logistic_topk", "offset", offset)
-    p = keep_probability(weight, connectivity, u_mag, u_conn, bias)
-    key = topk_keys(p, element_words(p.numel(), seed, offset, p.device))
+    d = keep_denominator(weight, connectivity, u_mag, u_conn, bias)
+    key = topk_keys(d, element_words(d.numel(), seed, offset, d.device))
     order = torch.sort(key, descending=True, stable=True).indices
-    mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+    mask = torch.zeros(d.numel(), dtype=torch.bool, device=d.device)
     mask[order[:k]] = True
     return mask.reshape(weight.shape)

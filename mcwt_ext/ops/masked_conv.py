@@ -7,11 +7,18 @@ of positions averaged over (``N*H'*W'`` for a conv, ``N`` for a linear layer)
 the sums are the connectivity ``g`` of the next layer's inputs, which the
 greedy sampler needs layer by layer.
 
-On CUDA the conv has two implementations, picked per call by the environment
-variable ``MCWT_CONV_IMPL``: ``cudnn`` (default: cuDNN conv of the masked
-weight + one fused epilogue kernel) or ``direct`` (one tiled kernel that masks
-the weight on the fly; it falls back to ``cudnn`` for kernels too large for
-its shared-memory tiles).
+On CUDA the conv has two implementations: ``cudnn`` (cuDNN conv of the masked
+weight + one fused epilogue kernel) and ``direct`` (one tiled kernel that masks
+the weight on the fly; it falls back to ``cudnn`` for kernels too large for its
+shared-memory tiles). The op chooses per layer shape by timing both on the
+first call with that shape and keeping the faster (``direct`` must win by 15%,
+so the choice does not flip between runs on near-equal timings). The
+environment variable ``MCWT_CONV_IMPL`` (``cudnn``, ``direct``; ``auto`` or
+unset: the measured choice) overrides it, for debugging only.
+
+Both ops compute float32 layers in IEEE float32 whatever the global TF32
+settings (restored on return): the sums are connectivity, which the sampler
+compares across devices.
 """
 import torch
 
@@ -19,7 +26,7 @@ from .. import _extension  # noqa: F401  (loads _C, which registers the ops)
 
 __all__ = ["masked_conv_block", "masked_linear_block", "CONV_IMPL_ENV"]
 
-#: Environment variable choosing the CUDA conv implementation ("cudnn" or "direct").
+#: Debugging override of the CUDA conv implementation ("cudnn", "direct"; "auto": measured).
 CONV_IMPL_ENV = "MCWT_CONV_IMPL"
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -21,9 +21,14 @@ __all__ = ["logistic_bernoulli", "expected_density", "logistic_topk"]
 def _checked(op, weight, connectivity, u_mag, u_conn, bias):
     """Validated op arguments: detached tensors, float coefficients."""
     check_sampling_args(op, weight, connectivity, u_mag, u_conn, bias)
-    _extension.require_kernels(weight, op)
-    connectivity = None if connectivity is None else connectivity.detach()
-    return weight.detach(), connectivity, float(u_mag), float(u_conn), float(bias)
+    if weight.is_cuda:
+        _extension.require_kernels(weight, op)
+    # detach() only where needed: on a small layer every microsecond of Python shows.
+    if weight.requires_grad:
+        weight = weight.detach()
+    if connectivity is not None and connectivity.requires_grad:
+        connectivity = connectivity.detach()
+    return weight, connectivity, float(u_mag), float(u_conn), float(bias)
 
 
 def logistic_bernoulli(weight, connectivity=None, *, u_mag, u_conn=0.0, bias, seed, offset=0):
