@@ -103,8 +103,8 @@ def test_every_method_lands_on_the_target_counts(synthetic, method, allocation):
     model = synthetic_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
-    masks = prune_at_init(model, method, synthetic.train, 0.8, seed=0, allocation=allocation,
-                          rounds=10)
+    small = dict(rounds=5, samples_per_class=2)
+    masks = prune_at_init(model, method, synthetic.train, 0.8, seed=0, allocation=allocation, **small)
     sizes = {f"{n}.weight": m.weight.numel() for n, m in model.named_children()
              if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert set(masks) == set(sizes)
@@ -118,7 +118,7 @@ def test_every_method_lands_on_the_target_counts(synthetic, method, allocation):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and model.training
     # Deterministic.
-    again = prune_at_init(model, method, synthetic.train, 0.8, seed=0, allocation=allocation, rounds=10)
+    again = prune_at_init(model, method, synthetic.train, 0.8, seed=0, allocation=allocation, **small)
     assert all(torch.equal(masks[n], again[n]) for n in masks)
 
 
