@@ -130,10 +130,11 @@ def scoring_batches(data, *, samples_per_class: int | None = 10, seed: int = 0,
     if samples_per_class is not None:
         if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, int) or samples_per_class < 1:
             raise ValueError(f"samples_per_class: must be a positive int or None, got {samples_per_class!r}")
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        picked = [order[y[order] == c][:samples_per_class] for c in torch.unique(y).tolist()]
-        index = torch.sort(torch.cat(picked)).values
-        x, y = x[index], y[index]
+        labels = y.cpu()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        picked = [order[labels[order] == c][:samples_per_class] for c in torch.unique(labels).tolist()]
+        index = torch.sort(torch.cat(picked)).values.to(x.device)
+        x, y = x[index], y[index.to(y.device)]
     return [(xb.to(device=device, dtype=dtype), yb.to(device)) for xb, yb in
             zip(x.split(batch_size), y.split(batch_size))]
 

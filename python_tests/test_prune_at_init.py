@@ -202,3 +202,10 @@ def test_errors(synthetic):
         prune_at_init(model, "grasp", synthetic.train, temperature=0)
     with pytest.raises(ValueError, match="model"):
         prune_at_init(nn.Sequential(nn.ReLU()), "magnitude")
+
+
+def test_package_exports_the_function():
+    import mcwt_ext
+
+    assert mcwt_ext.prune_at_init is prune_at_init
+    assert callable(mcwt_ext.ablate.ablate) and callable(mcwt_ext.overlap_with_ticket)
