@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 # Public names and the submodule that defines each; resolved on first access.
 _LAZY = {
     "sample_masks": "mcwt_ext.sample",
+    "overlap_with_ticket": "mcwt_ext.compare",
     "fit_ticket": "mcwt_ext.fit",
     "LogisticFit": "mcwt_ext.fit",
     "load_fit": "mcwt_ext.fit",
@@ -24,9 +25,14 @@ _LAZY = {
     "build_model": "mcwt_ext.models",
     "load_dataset": "mcwt_ext.data",
 }
-_SUBMODULES = {"ops"}
+_SUBMODULES = {"ops", "ablate"}
 
-__all__ = sorted(_LAZY) + sorted(_SUBMODULES)
+# The function shadows its module of the same name, so that ``mcwt_ext.prune_at_init(...)`` is
+# the function however the module was first imported (an import of the submodule after this line
+# leaves the attribute alone). It needs torch only, not the compiled ops.
+from .prune_at_init import prune_at_init  # noqa: E402
+
+__all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["prune_at_init"]
 
 
 def __getattr__(name):

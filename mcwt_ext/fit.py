@@ -7,11 +7,19 @@ layers of different scale):
 * connectivity ``g / mean(g over l's inputs)``, where ``g`` is the mean activation
   entering ``w`` in the untrained net masked by the ticket's earlier layers.
 
-Four models are fitted: {conv, linear} x {magnitude only, magnitude + connectivity}
-(the output layer counts as linear; the first layer, whose input is the data, has
-no connectivity and only feeds the magnitude models). The sampler later replaces each
-model's intercept per layer to hit that layer's target density, so what transfers
-are the two slopes.
+Two variants are fitted, magnitude only and magnitude + connectivity (the first layer,
+whose input is the data, has no connectivity and only feeds the magnitude models), at
+one of three granularities:
+
+* ``kind`` (the paper's, the default): one model per layer kind, conv or linear (the
+  output layer counts as linear), on the normalised features: four models;
+* ``layer``: one model per layer, on the normalised features;
+* ``pooled-raw`` (the paper's text taken literally): one model per kind on raw ``|w|``
+  and raw ``g``, pooled over the kind's layers without normalisation.
+
+The sampler later replaces each model's intercept per layer to hit that layer's target
+density, so what transfers are the slopes; :meth:`LogisticFit.slopes` gives them in the
+units the sampling ops take.
 """
 from __future__ import annotations
 
@@ -31,6 +39,21 @@ from .runs import atomic_write
 FORMAT = "mcwt-fit/1"
 KINDS = ("conv", "linear")
 VARIANTS = ("magnitude", "connectivity")
+GRANULARITIES = ("kind", "layer", "pooled-raw")
+_NORMALISED = {"magnitude": "|w| / std of the layer's initial weights",
+               "connectivity": "g / mean of g over the layer's inputs"}
+NORMALISATION = {"kind": _NORMALISED, "layer": _NORMALISED,
+                 "pooled-raw": {"magnitude": "|w|, raw", "connectivity": "g, raw"}}
+
+
+def _kind_group(kind: str) -> str:
+    """The per-kind model a layer of ``kind`` ("conv", "linear" or "output") uses."""
+    return "conv" if kind == "conv" else "linear"
+
+
+def _check_granularity(granularity) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: must be one of {list(GRANULARITIES)}, got {granularity!r}")
 
 
 @dataclass
@@ -44,31 +67,59 @@ class LogisticModel:
 
 @dataclass
 class LogisticFit:
-    """The fitted models, keyed ``models[kind][variant]``, with per-layer diagnostics."""
+    """The fitted models, keyed ``models[group][variant]`` (group: the layer kind, or the layer's
+    weight name for granularity ``layer``), with per-layer diagnostics."""
 
     models: dict[str, dict[str, LogisticModel]]
     layers: list[dict] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    granularity: str = "kind"
 
-    def model(self, kind: str, use_connectivity: bool) -> LogisticModel:
-        """The model for a layer kind ("conv", "linear" or "output")."""
-        kind = "conv" if kind == "conv" else "linear"
+    def __post_init__(self):
+        _check_granularity(self.granularity)
+
+    def _lookup(self, group: str, use_connectivity: bool, what: str) -> LogisticModel:
         variant = "connectivity" if use_connectivity else "magnitude"
         try:
-            return self.models[kind][variant]
+            return self.models[group][variant]
         except KeyError:
             raise ValueError(
-                f"fit: has no {variant} model for {kind} layers (it was fitted on a ticket "
-                f"without such layers); fitted: "
-                f"{ {k: sorted(v) for k, v in self.models.items()} }") from None
+                f"fit: has no {variant} model for {what} (it was fitted on a ticket without "
+                f"such layers); fitted: { {k: sorted(v) for k, v in self.models.items()} }") from None
+
+    def model(self, kind: str, use_connectivity: bool) -> LogisticModel:
+        """The model for a layer kind ("conv", "linear" or "output") of a per-kind fit."""
+        if self.granularity == "layer":
+            raise ValueError("fit: has one model per layer, not per kind; use model_for")
+        return self._lookup(_kind_group(kind), use_connectivity, f"{_kind_group(kind)} layers")
+
+    def model_for(self, name: str, kind: str, use_connectivity: bool) -> LogisticModel:
+        """The model for layer ``name`` (its weight's name) of kind ``kind``, at any granularity."""
+        if self.granularity == "layer":
+            return self._lookup(name, use_connectivity, f"layer {name!r}")
+        return self.model(kind, use_connectivity)
+
+    def slopes(self, name: str, kind: str, weight: torch.Tensor,
+               connectivity: torch.Tensor | None) -> tuple[float, float]:
+        """Layer ``name``'s slopes in the units the sampling ops take: on raw ``|w|``, and on
+        :func:`normalised_connectivity` of its raw connectivity ``g`` (None: magnitude model).
+
+        A raw-feature (``pooled-raw``) slope on ``g`` becomes ``u * mean(g)`` on ``g / mean(g)``.
+        """
+        coef = self.model_for(name, kind, connectivity is not None)
+        if self.granularity == "pooled-raw":
+            u_conn = 0.0
+            if connectivity is not None:
+                mean = float(connectivity.double().mean())
+                u_conn = coef.u_conn * mean if mean > 0 else 0.0  # a dead layer: g = 0
+            return coef.u_mag, u_conn
+        return coef.u_mag / magnitude_scale(weight), coef.u_conn if connectivity is not None else 0.0
 
     def to_json(self) -> dict:
         return {
             "format": FORMAT,
-            "normalisation": {
-                "magnitude": "|w| / std of the layer's initial weights",
-                "connectivity": "g / mean of g over the layer's inputs",
-            },
+            "granularity": self.granularity,
+            "normalisation": NORMALISATION[self.granularity],
             "models": {k: {v: asdict(m) for v, m in vs.items()} for k, vs in self.models.items()},
             "layers": self.layers,
             "source": self.source,
@@ -80,7 +131,9 @@ class LogisticFit:
             raise ValueError(f"fit: not an mcwt fit file (format {obj.get('format')!r}, "
                              f"expected {FORMAT!r})")
         models = {k: {v: LogisticModel(**m) for v, m in vs.items()} for k, vs in obj["models"].items()}
-        return cls(models, obj.get("layers", []), obj.get("source", {}))
+        # Files written before granularities existed are per-kind fits.
+        return cls(models, obj.get("layers", []), obj.get("source", {}),
+                   obj.get("granularity", "kind"))
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write(path, json.dumps(self.to_json(), indent=2) + "\n")
@@ -104,12 +157,13 @@ def magnitude_scale(weight: torch.Tensor) -> float:
     return std if std > 0 else 1.0
 
 
-def layer_features(weight: torch.Tensor, connectivity: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Normalised feature tensors of one layer, each of ``weight``'s shape."""
+def layer_features(weight: torch.Tensor, connectivity: torch.Tensor | None, *,
+                   normalise: bool = True) -> dict[str, torch.Tensor]:
+    """Feature tensors of one layer, each of ``weight``'s shape, normalised (or raw)."""
     weight = weight.detach().double()
-    feats = {"magnitude": weight.abs() / magnitude_scale(weight)}
+    feats = {"magnitude": weight.abs() / magnitude_scale(weight) if normalise else weight.abs()}
     if connectivity is not None:
-        g = normalised_connectivity(connectivity)
+        g = normalised_connectivity(connectivity) if normalise else connectivity.double()
         feats["connectivity"] = g.view(1, -1, *([1] * (weight.dim() - 2))).expand_as(weight)
     return feats
 
@@ -151,15 +205,17 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float | None:
 
 def fit_ticket(model: nn.Module, masks: dict[str, torch.Tensor], data, *, max_samples=None,
                max_weights_per_layer: int = 200_000, seed: int = 0, batch_size: int = 500,
-               device: str | torch.device | None = None) -> LogisticFit:
-    """Fit the four logistic models to a winning ticket.
+               device: str | torch.device | None = None, granularity: str = "kind") -> LogisticFit:
+    """Fit the logistic models to a winning ticket.
 
     ``model`` holds the ticket's initial weights; ``masks`` are the ticket; ``data``
     (tensor, DataLoader or batches) is what connectivity is measured on. Each layer
     contributes at most ``max_weights_per_layer`` weights (a seeded subsample), which
     bounds the fitting time and keeps large layers from drowning small ones. ``device``
     is where connectivity is measured (default: the model's); ``model`` is not moved.
+    ``granularity`` is one of :data:`GRANULARITIES` (see the module's docstring).
     """
+    _check_granularity(granularity)
     layers = prunable_layers(model)
     kinds = layer_kind(model)
     missing = [f"{n}.weight" for n, _ in layers if f"{n}.weight" not in masks]
@@ -174,19 +230,20 @@ def fit_ticket(model: nn.Module, masks: dict[str, torch.Tensor], data, *, max_sa
     per_layer = []
     for index, (name, module) in enumerate(layers):
         param = f"{name}.weight"
-        kind = "conv" if kinds[param] == "conv" else "linear"
+        group = param if granularity == "layer" else _kind_group(kinds[param])
         g = conn.get(param) if index > 0 else None
-        feats = {k: v.flatten().cpu().numpy() for k, v in layer_features(module.weight, g).items()}
+        feats = {k: v.flatten().cpu().numpy() for k, v in layer_features(
+            module.weight, g, normalise=granularity != "pooled-raw").items()}
         y = masks[param].flatten().cpu().numpy().astype(np.int64)
         take = (rng.choice(len(y), max_weights_per_layer, replace=False)
                 if len(y) > max_weights_per_layer else np.arange(len(y)))
         mag = feats["magnitude"][take][:, None]
-        rows.setdefault((kind, "magnitude"), []).append((mag, y[take]))
+        rows.setdefault((group, "magnitude"), []).append((mag, y[take]))
         if g is not None:
             both = np.concatenate([mag, feats["connectivity"][take][:, None]], axis=1)
-            rows.setdefault((kind, "connectivity"), []).append((both, y[take]))
+            rows.setdefault((group, "connectivity"), []).append((both, y[take]))
         per_layer.append({
-            "name": param, "kind": kinds[param], "weights": int(len(y)),
+            "name": param, "kind": kinds[param], "group": group, "weights": int(len(y)),
             "keep_rate": float(y.mean()),
             "weight_std": float(module.weight.detach().double().std()),
             "connectivity_mean": float(g.double().mean()) if g is not None else None,
@@ -194,21 +251,20 @@ def fit_ticket(model: nn.Module, masks: dict[str, torch.Tensor], data, *, max_sa
         })
 
     models: dict[str, dict[str, LogisticModel]] = {}
-    for (kind, variant), parts in rows.items():
+    for (group, variant), parts in rows.items():
         x = np.concatenate([p[0] for p in parts])
         y = np.concatenate([p[1] for p in parts])
-        models.setdefault(kind, {})[variant] = _fit_logistic(x, y)
+        models.setdefault(group, {})[variant] = _fit_logistic(x, y)
 
     for info in per_layer:  # diagnostics: how well each model ranks this layer's weights
         take, feats, y = info.pop("_take"), info.pop("_feats"), info.pop("_y")
-        kind = "conv" if info["kind"] == "conv" else "linear"
         info["auc"] = {}
-        for variant, m in models.get(kind, {}).items():
+        for variant, m in models.get(info.pop("group"), {}).items():
             if variant == "connectivity" and "connectivity" not in feats:
                 continue
             score = m.u_mag * feats["magnitude"][take]
             if variant == "connectivity":
                 score = score + m.u_conn * feats["connectivity"][take]
             info["auc"][variant] = _auc(y[take], score)
-    return LogisticFit(models, per_layer)
+    return LogisticFit(models, per_layer, granularity=granularity)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .connectivity import DEFAULT_CACHE_BYTES, ActivationStream
-from .fit import LogisticFit, load_fit, magnitude_scale, normalised_connectivity
+from .fit import LogisticFit, load_fit, normalised_connectivity
 from .masks import kept_count, layer_kind, prunable_layers
 from .validate import check_seed, check_sparsity
 
@@ -102,7 +102,7 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, use_connect
     names = [f"{n}.weight" for n, _ in layers]
     targets = _target_densities(sparsity, names)
     for name in names:  # fail before any work if the fit lacks a model this net needs
-        fit.model(kinds[name], use_connectivity and name != names[0])
+        fit.model_for(name, kinds[name], use_connectivity and name != names[0])
     stream = None
     if use_connectivity and len(layers) > 1:
         if data is None:
@@ -118,12 +118,8 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, use_connect
         param = names[index]
         weight = module.weight.detach()
         g = stream.advance(masks[names[index - 1]]) if stream is not None and index > 0 else None
-        coef = fit.model(kinds[param], g is not None)
-        u_mag = coef.u_mag / magnitude_scale(weight)
-        u_conn, g_norm = 0.0, None
-        if g is not None:
-            g_norm = normalised_connectivity(g).to(weight.device, weight.dtype)
-            u_conn = coef.u_conn
+        u_mag, u_conn = fit.slopes(param, kinds[param], weight, g)
+        g_norm = None if g is None else normalised_connectivity(g).to(weight.device, weight.dtype)
         density = targets[param]
         k = kept_count(weight.numel(), density)
         if density >= 1.0 or k == weight.numel():
