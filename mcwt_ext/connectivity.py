@@ -377,7 +377,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> _Trace:
             model(x)
     except Exception as error:
         raise ValueError(f"data: the model's forward pass fails on a batch of shape "
-                         f"{list(x.shape)}: {error}") from error
+                         f"{list(x.shape)} ({type(error).__name__}: {error})") from error
     finally:
         for h in handles:
             h.remove()
