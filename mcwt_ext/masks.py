@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = ["prunable_layers", "layer_kind", "dense_masks", "apply_masks", "masked_parameters",
            "densities", "kept_count", "per_layer", "magnitude_prune", "random_masks", "check_masks",
-           "dense_weight", "is_torch_pruned", "to_torch_prune", "from_torch_prune"]
+           "dense_weight", "is_torch_pruned", "to_torch_prune", "from_torch_prune", "dense_state_dict"]
 
 _PRUNABLE = (nn.Conv2d, nn.Linear)
 
@@ -258,3 +258,17 @@ def from_torch_prune(model: nn.Module) -> dict[str, torch.Tensor]:
                              f"only binary masks are masks")
         masks[f"{name}.weight"] = binary.cpu()
     return masks
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as the unpruned model would have it: each torch-pruned
+    ``"<module>.weight_orig"`` saved as ``"<module>.weight"`` (dense values) and its
+    ``weight_mask`` left out, so a run directory's weights load into an unpruned model."""
+    pruned = {name for name, m in model.named_modules() if is_torch_pruned(m)}
+    out = {}
+    for key, value in model.state_dict().items():
+        module, _, attr = key.rpartition(".")
+        if module in pruned and attr == "weight_mask":
+            continue
+        out[f"{module}.weight" if module in pruned and attr == "weight_orig" else key] = value
+    return out

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ArchSpec", "ARCHS", "build_model", "build_model_from_config", "count_weights",
+__all__ = ["ArchSpec", "ARCHS", "build_model", "build_model_from_config", "count_weights", "scheduled_lr",
            "CifarResNet", "BasicBlock"]
 
 
@@ -70,18 +70,11 @@ class ArchSpec:
     dense_kinds: tuple[str, ...] = ()
 
     def lr_at(self, step: int, lr: float | None = None) -> float:
-        """Learning rate of the optimiser step taken after ``step`` steps (0-based).
-
-        Warm-up: ``lr * (step + 1) / warmup_iterations`` for the first ``warmup_iterations``
-        steps (so the first step is not wasted at 0); decay: times ``lr_gamma`` for every
-        milestone ``m <= step``. ``lr`` overrides the protocol's peak rate (``--lr``).
-        """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
-        rate = self.lr if lr is None else lr
-        if step < self.warmup_iterations:
-            rate *= (step + 1) / self.warmup_iterations
-        return rate * self.lr_gamma ** sum(step >= m for m in self.lr_milestones)
+        """Learning rate of this protocol's step ``step`` (:func:`scheduled_lr`); ``lr``
+        overrides the peak rate (``--lr``)."""
+        return scheduled_lr(step, lr=self.lr if lr is None else lr,
+                            warmup_iterations=self.warmup_iterations,
+                            milestones=self.lr_milestones, gamma=self.lr_gamma)
 
     def lr_factor(self, step: int) -> float:
         """``lr_at(step) / lr``: the multiplier for ``torch.optim.lr_scheduler.LambdaLR``."""
@@ -92,6 +85,21 @@ class ArchSpec:
         (``{param name: kind}``, as :func:`mcwt_ext.masks.layer_kind` gives), 0 for the
         ``dense_kinds``; feed it to IMP, random pruning and the sampler."""
         return {name: 0.0 if kind in self.dense_kinds else sparsity for name, kind in kinds.items()}
+
+
+def scheduled_lr(step: int, *, lr: float, warmup_iterations: int = 0,
+                 milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
+    """Learning rate of the optimiser step taken after ``step`` steps (0-based).
+
+    Warm-up: ``lr * (step + 1) / warmup_iterations`` for the first ``warmup_iterations`` steps
+    (so the first step is not wasted at 0); decay: times ``gamma`` for every milestone
+    ``m <= step``. A pure function of the step, so a resumed run needs no scheduler state.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if step < warmup_iterations:
+        lr *= (step + 1) / warmup_iterations
+    return lr * gamma ** sum(step >= m for m in milestones)
 
 
 ARCHS: dict[str, ArchSpec] = {

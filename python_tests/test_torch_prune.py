@@ -6,8 +6,8 @@ from torch.nn.utils import prune
 
 from mcwt_ext import sample_masks
 from mcwt_ext.connectivity import measure_connectivity
-from mcwt_ext.masks import (apply_masks, check_masks, dense_weight, from_torch_prune, is_torch_pruned,
-                            masked_parameters, random_masks, to_torch_prune)
+from mcwt_ext.masks import (apply_masks, check_masks, dense_state_dict, dense_weight, from_torch_prune,
+                            is_torch_pruned, masked_parameters, random_masks, to_torch_prune)
 from mcwt_ext.models import build_model
 from mcwt_ext.runs import RunDir
 from test_sample import FIT
@@ -101,3 +101,13 @@ def test_non_binary_torch_mask_is_refused():
     model[0].weight_mask.mul_(0.5)
     with pytest.raises(ValueError, match="'0'.*0 and 1"):
         from_torch_prune(model)
+
+
+def test_dense_state_dict_loads_into_an_unpruned_model():
+    model = build_model("resnet20", 1, 10, 8, seed=1)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    to_torch_prune(model, random_masks(model, 0.8, seed=0))
+    assert "conv.weight_orig" in model.state_dict()
+    state = dense_state_dict(model)
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+    build_model("resnet20", 1, 10, 8, seed=2).load_state_dict(state)
