@@ -41,7 +41,7 @@ modified). Two things keep this from costing a full forward pass per layer:
   parameter-free glue. Outputs are cached while they fit ``cache_bytes``; a module
   that does not fit is recomputed, which is slower but gives the same numbers.
 
-While connectivity is measured the model runs in eval mode (restored afterwards):
+While connectivity is measured the model runs in eval mode (restored afterwards; both streams):
 BatchNorm normalises with its running statistics, which for a net at its initial
 weights are the init statistics (mean 0, variance 1), so measuring neither depends on
 the batch composition nor updates the statistics; dropout is off. The forward pass
@@ -233,6 +233,7 @@ class ActivationStream:
                  cache_bytes: int = DEFAULT_CACHE_BYTES, device=None):
         self.stages = split_stages(model)
         self.layers = [(stage.name, stage.layer) for stage in self.stages]
+        self._model = model
         self.device = device or next(model.parameters()).device
         self.cache_bytes = cache_bytes
         self._anchor = 0  # stage whose inputs are cached
@@ -267,6 +268,10 @@ class ActivationStream:
                              f"the weight's {list(weight.shape)}")
         self._masks.append(torch.ones_like(weight, dtype=torch.bool) if mask is None  # dense: once,
                            else mask.to(weight.device))                               # not per batch
+        with _eval_mode(self._model):  # a Dropout in a stage's tail is off, as in the hook stream
+            return self._advance(index, stage)
+
+    def _advance(self, index: int, stage: Stage) -> torch.Tensor:
         total, count, outputs, size = None, 0, [], 0
         for x in self._inputs_to(index):
             y, sums = run_stage(stage, x, self._masks[index])

@@ -170,3 +170,12 @@ def test_linear_on_sequences_averages_over_all_but_the_feature_dim():
     got = measure_connectivity(model, {}, x)
     want = nn.functional.layer_norm(model[0](x), (5,), model[1].weight, model[1].bias).double().mean((0, 1))
     torch.testing.assert_close(got["2.weight"], want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_dropout_is_off_while_measuring(fused):
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    x = torch.rand(30, 6)
+    got = measure_connectivity(model, {}, x, fused=fused)["3.weight"]
+    torch.testing.assert_close(got, torch.relu(model[0](x)).detach().double().mean(0), rtol=1e-6, atol=1e-9)
+    assert model.training and model[2].training
