@@ -2,7 +2,12 @@
 
 A mask set is a dict ``{param_name: bool tensor}`` keyed by ``"<module name>.weight"`` of a
 Conv2d/Linear module, True where the weight is kept. A prunable layer absent from the dict is
-dense. Everything here works on any feed-forward model, not only the Conv-k nets.
+dense. Everything here works on any model, not only the Conv-k nets.
+
+Models pruned with ``torch.nn.utils.prune`` (a layer holds the parameter ``weight_orig`` and the
+buffer ``weight_mask``, and ``weight`` is their product) are accepted everywhere: a mask keyed
+``"<module>.weight"`` resolves to the layer's dense ``weight_orig`` (:func:`dense_weight`).
+:func:`to_torch_prune` and :func:`from_torch_prune` convert between the two forms.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ from torch import nn
 from .validate import check_rate, check_seed, check_sparsity
 
 __all__ = ["prunable_layers", "layer_kind", "dense_masks", "apply_masks", "masked_parameters",
-           "densities", "kept_count", "per_layer", "magnitude_prune", "random_masks", "check_masks"]
+           "densities", "kept_count", "per_layer", "magnitude_prune", "random_masks", "check_masks",
+           "dense_weight", "is_torch_pruned", "to_torch_prune", "from_torch_prune", "dense_state_dict"]
 
 _PRUNABLE = (nn.Conv2d, nn.Linear)
 
@@ -50,9 +56,13 @@ def prunable_layers(model: nn.Module, example_input: torch.Tensor | None = None
     return sorted(layers, key=lambda item: order[item[0]])
 
 
-def layer_kind(model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, str]:
-    """Map each prunable weight name to ``"conv"``, ``"linear"`` or ``"output"`` (the last layer)."""
-    layers = prunable_layers(model, example_input)
+def layer_kind(model: nn.Module, example_input: torch.Tensor | None = None, *,
+               layers: list[tuple[str, nn.Module]] | None = None) -> dict[str, str]:
+    """Map each prunable weight name to ``"conv"``, ``"linear"`` or ``"output"`` (the last layer).
+
+    ``layers``: the prunable layers already in forward order (skips tracing them again).
+    """
+    layers = prunable_layers(model, example_input) if layers is None else layers
     if not layers:
         raise ValueError("model has no Conv2d or Linear layer to prune")
     kinds = {f"{name}.weight": "conv" if isinstance(m, nn.Conv2d) else "linear" for name, m in layers}
@@ -68,7 +78,7 @@ def dense_masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Raise a ValueError unless every mask names a prunable weight of ``model`` and fits it."""
-    weights = {f"{name}.weight": m.weight for name, m in prunable_layers(model)}
+    weights = {f"{name}.weight": dense_weight(m) for name, m in prunable_layers(model)}
     for name, mask in masks.items():
         if name not in weights:
             raise ValueError(f"mask {name!r} names no Conv2d/Linear weight of the model "
@@ -82,10 +92,11 @@ def check_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
 
 def masked_parameters(model: nn.Module, masks: Mapping[str, torch.Tensor]
                       ) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-    """Yield ``(weight, mask)`` pairs, the mask moved to the weight's device."""
+    """Yield ``(weight, mask)`` pairs, the mask moved to the weight's device (for a layer pruned
+    with ``torch.nn.utils.prune`` the weight is its ``weight_orig`` parameter)."""
     check_masks(model, masks)
     for name, mask in masks.items():
-        param = model.get_parameter(name)
+        param = dense_weight(model.get_submodule(name.rpartition(".")[0]))
         yield param, mask.to(param.device)
 
 
@@ -176,3 +187,86 @@ def random_masks(model: nn.Module, sparsity: float | Mapping[str, float], seed: 
         flat[torch.randperm(n, generator=generator)[:kept_count(n, 1.0 - s)]] = True
         masks[key] = flat.view(module.weight.shape)
     return masks
+
+
+# --- torch.nn.utils.prune interop -------------------------------------------------------------
+
+def is_torch_pruned(module: nn.Module) -> bool:
+    """Whether ``module.weight`` is pruned with ``torch.nn.utils.prune`` (``weight_orig`` and
+    ``weight_mask`` registered, ``weight`` recomputed from them before each forward)."""
+    return "weight_orig" in module._parameters and "weight_mask" in module._buffers
+
+
+def dense_weight(module: nn.Module) -> nn.Parameter:
+    """The layer's trainable, unmasked weight: ``weight_orig`` if torch-pruned, else ``weight``."""
+    return module.weight_orig if is_torch_pruned(module) else module.weight
+
+
+def _weight_hook(module: nn.Module):
+    from torch.nn.utils import prune
+
+    for key, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
+            return key, hook
+    raise ValueError(f"module {type(module).__name__} has weight_orig/weight_mask but no "
+                     f"torch.nn.utils.prune hook on its weight")
+
+
+def _unprune_keep_orig(module: nn.Module) -> None:
+    """Undo torch pruning of ``weight`` without baking the mask in: ``weight`` becomes the dense
+    ``weight_orig`` again (``prune.remove`` would zero the pruned initial weights)."""
+    key, _ = _weight_hook(module)
+    del module._forward_pre_hooks[key]
+    orig = module._parameters.pop("weight_orig")
+    del module._buffers["weight_mask"]
+    if "weight" in module.__dict__:
+        del module.__dict__["weight"]
+    module.weight = orig
+
+
+def to_torch_prune(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Register each mask on ``model`` with ``torch.nn.utils.prune.custom_from_mask``.
+
+    A layer already torch-pruned has its mask replaced (its ``weight_orig`` is kept, not
+    multiplied by the old mask); layers absent from ``masks`` are left as they are. Returns
+    ``model``, changed in place.
+    """
+    from torch.nn.utils import prune
+
+    check_masks(model, masks)
+    for name, mask in masks.items():
+        module = model.get_submodule(name.rpartition(".")[0])
+        if is_torch_pruned(module):
+            _unprune_keep_orig(module)
+        prune.custom_from_mask(module, "weight", mask.to(module.weight.device))
+    return model
+
+
+def from_torch_prune(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The masks of a model pruned with ``torch.nn.utils.prune``: ``{"<module>.weight": bool}``
+    on the CPU, one per torch-pruned Conv2d/Linear weight (unpruned layers are absent: dense)."""
+    masks = {}
+    for name, module in prunable_layers(model):
+        if not is_torch_pruned(module):
+            continue
+        mask = module.weight_mask.detach()
+        binary = mask.to(torch.bool)
+        if not torch.equal(binary.to(mask.dtype), mask):
+            raise ValueError(f"module {name!r}: weight_mask holds values other than 0 and 1; "
+                             f"only binary masks are masks")
+        masks[f"{name}.weight"] = binary.cpu()
+    return masks
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as the unpruned model would have it: each torch-pruned
+    ``"<module>.weight_orig"`` saved as ``"<module>.weight"`` (dense values) and its
+    ``weight_mask`` left out, so a run directory's weights load into an unpruned model."""
+    pruned = {name for name, m in model.named_modules() if is_torch_pruned(m)}
+    out = {}
+    for key, value in model.state_dict().items():
+        module, _, attr = key.rpartition(".")
+        if module in pruned and attr == "weight_mask":
+            continue
+        out[f"{module}.weight" if module in pruned and attr == "weight_orig" else key] = value
+    return out

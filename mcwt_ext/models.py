@@ -1,24 +1,56 @@
-"""Conv-2/4/6 of Frankle & Carbin (App. H), built as flat ``nn.Sequential`` nets.
+"""The model registry: Conv-2/4/6 and ResNet-20 of Frankle & Carbin, each with its protocol.
 
-Every net is ``[Conv2d, ReLU, Conv2d, ReLU, MaxPool2d] * k, Flatten, Linear, ReLU, Linear, ReLU,
-Linear`` with 3x3 convs (padding 1), 2x2 max-pools, Glorot-normal weights and zero biases. The flat
-layout is what the connectivity code pattern-matches to use its fused op.
+**Conv-2/4/6** (F&C App. H) are flat ``nn.Sequential`` nets: ``[Conv2d, ReLU, Conv2d, ReLU,
+MaxPool2d] * k, Flatten, Linear, ReLU, Linear, ReLU, Linear`` with 3x3 convs (padding 1), 2x2
+max-pools, Glorot-normal weights and zero biases. The flat layout is what the connectivity code
+pattern-matches to use its fused op.
+
+**ResNet-20** (``resnet20``) is the CIFAR-10 ResNet of He et al. (2016, Sec. 4.2) that F&C call
+"Resnet-18" (their Fig. 2 lists it as ``16, 3x[16, 16], 3x[32, 32], 3x[64, 64]``, avg-pool, 10;
+274K/270K all/conv weights): a 3x3 conv to 16 channels with BatchNorm and ReLU, three stages of
+three basic blocks (two 3x3 convs with BatchNorm; 16, 32, 64 channels; the first block of stages 2
+and 3 has stride 2), global average pooling and a linear layer. Where a block changes shape, the
+shortcut is a 1x1 stride-2 conv with BatchNorm (as in open_lth's ``cifar_resnet_20``, Frankle's
+later code): that gives 270,896 conv + linear weights, 270,256 of them conv, F&C's "270K" (He et
+al.'s parameter-free option-A shortcut would give 268K). Convs have no bias. Init as every F&C
+net: Gaussian Glorot for conv and linear weights, zero linear bias, BatchNorm weight 1 and bias 0
+(running statistics 0/1), all drawn from the seed.
+
+Its protocol (:data:`ARCHS`) is F&C's Sec. 4 / Fig. 2 for that net, as recalled from the paper (no
+copy of its appendix was at hand here; the values below are the ones to check against it): SGD
+with momentum 0.9, batch 128, 30K iterations, learning rate dropped 10x at 20K and 25K; the
+learning rate that finds winning tickets is 0.03 with a linear warm-up from 0 over the first 20K
+iterations (at 0.1 without warm-up IMP fails to find tickets; 0.01 without warm-up also works).
+Weight decay 1e-4 is He et al.'s and open_lth's (F&C do not list it in Fig. 2). F&C prune the convs
+at 20% per round, *globally* across all conv layers (first conv and 1x1 shortcuts included), and
+do not prune the output layer ("fc 0%"). Here, as for Conv-2/4/6, pruning is per layer: every conv
+layer, the first conv and the shortcuts included, at 20% per round to the target, and the output
+layer stays dense (``dense_kinds = ("output",)``; :meth:`ArchSpec.layer_sparsity` gives the
+per-layer targets that encode this).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .validate import check_seed
 
-__all__ = ["ArchSpec", "ARCHS", "build_model", "build_model_from_config", "count_weights"]
+__all__ = ["ArchSpec", "ARCHS", "build_model", "build_model_from_config", "count_weights", "scheduled_lr",
+           "CifarResNet", "BasicBlock"]
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """One architecture and its protocol: widths, Adam lr, iterations, IMP conv prune rate."""
+    """One architecture and its protocol: widths, optimiser and schedule, IMP prune rates.
+
+    The optimiser is ``"adam"`` (lr only) or ``"sgd"`` (``momentum``, ``weight_decay``). The
+    learning rate at each step is :meth:`lr_at`: linear warm-up over ``warmup_iterations``, then
+    multiplied by ``lr_gamma`` at each of ``lr_milestones``. Layers of a kind in ``dense_kinds``
+    are never pruned (see :meth:`layer_sparsity`).
+    """
 
     name: str
     conv_widths: tuple[int, ...]
@@ -28,6 +60,48 @@ class ArchSpec:
     linear_widths: tuple[int, ...] = (256, 256)
     linear_prune_rate: float = 0.2
     output_prune_rate: float = 0.1
+    family: str = "convnet"              # "convnet": flat Sequential; "resnet": CIFAR ResNet
+    blocks_per_stage: int = 0            # resnet only
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 60
+    warmup_iterations: int = 0
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    dense_kinds: tuple[str, ...] = ()
+
+    def lr_at(self, step: int, lr: float | None = None) -> float:
+        """Learning rate of this protocol's step ``step`` (:func:`scheduled_lr`); ``lr``
+        overrides the peak rate (``--lr``)."""
+        return scheduled_lr(step, lr=self.lr if lr is None else lr,
+                            warmup_iterations=self.warmup_iterations,
+                            milestones=self.lr_milestones, gamma=self.lr_gamma)
+
+    def lr_factor(self, step: int) -> float:
+        """``lr_at(step) / lr``: the multiplier for ``torch.optim.lr_scheduler.LambdaLR``."""
+        return self.lr_at(step, 1.0)
+
+    def layer_sparsity(self, kinds: dict[str, str], sparsity: float) -> dict[str, float]:
+        """Per-layer sparsity targets: ``sparsity`` for every layer of ``kinds``
+        (``{param name: kind}``, as :func:`mcwt_ext.masks.layer_kind` gives), 0 for the
+        ``dense_kinds``; feed it to IMP, random pruning and the sampler."""
+        return {name: 0.0 if kind in self.dense_kinds else sparsity for name, kind in kinds.items()}
+
+
+def scheduled_lr(step: int, *, lr: float, warmup_iterations: int = 0,
+                 milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
+    """Learning rate of the optimiser step taken after ``step`` steps (0-based).
+
+    Warm-up: ``lr * (step + 1) / warmup_iterations`` for the first ``warmup_iterations`` steps
+    (so the first step is not wasted at 0); decay: times ``gamma`` for every milestone
+    ``m <= step``. A pure function of the step, so a resumed run needs no scheduler state.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if step < warmup_iterations:
+        lr *= (step + 1) / warmup_iterations
+    return lr * gamma ** sum(step >= m for m in milestones)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -35,6 +109,11 @@ ARCHS: dict[str, ArchSpec] = {
     "conv4": ArchSpec("conv4", (64, 64, 128, 128), lr=3e-4, iterations=25_000, conv_prune_rate=0.10),
     "conv6": ArchSpec("conv6", (64, 64, 128, 128, 256, 256), lr=3e-4, iterations=30_000,
                       conv_prune_rate=0.15),
+    "resnet20": ArchSpec("resnet20", (16, 32, 64), lr=0.03, iterations=30_000, conv_prune_rate=0.20,
+                         linear_widths=(), linear_prune_rate=0.0, output_prune_rate=0.0,
+                         family="resnet", blocks_per_stage=3, optimizer="sgd", momentum=0.9,
+                         weight_decay=1e-4, batch_size=128, warmup_iterations=20_000,
+                         lr_milestones=(20_000, 25_000), lr_gamma=0.1, dense_kinds=("output",)),
 }
 
 
@@ -52,17 +131,79 @@ def _positive_int(value, what: str) -> int:
     return value
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BatchNorm, added to the shortcut, then ReLU (He et al. 2016)."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, device=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False, device=device)
+        self.bn1 = nn.BatchNorm2d(channels, device=device)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False, device=device)
+        self.bn2 = nn.BatchNorm2d(channels, device=device)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False, device=device),
+                nn.BatchNorm2d(channels, device=device))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """``conv -> bn -> relu``, three stages of basic blocks, global average pool, ``fc``."""
+
+    def __init__(self, widths: tuple[int, ...], blocks_per_stage: int, in_channels: int,
+                 num_classes: int, device=None):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False, device=device)
+        self.bn = nn.BatchNorm2d(widths[0], device=device)
+        blocks, channels = [], widths[0]
+        for stage, width in enumerate(widths):
+            for block in range(blocks_per_stage):
+                stride = 2 if stage > 0 and block == 0 else 1
+                blocks.append(BasicBlock(channels, width, stride, device=device))
+                channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(channels, num_classes, device=device)
+
+    def forward(self, x):
+        out = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def _glorot_init(model: nn.Module, generator: torch.Generator) -> None:
+    """Glorot-normal conv/linear weights, zero biases, BatchNorm 1/0 with fresh statistics."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_normal_(module.weight, generator=generator)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_parameters()  # weight 1, bias 0, running mean 0, var 1, count 0
+
+
 def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
-                seed: int = 0) -> nn.Sequential:
+                seed: int = 0) -> nn.Module:
     """Build architecture ``name`` with Glorot-normal weights drawn from ``seed``, zero biases.
 
-    The weights depend on ``seed`` only (a private generator; the global RNG is untouched).
+    Conv-k nets are flat ``nn.Sequential``; ``resnet20`` is a :class:`CifarResNet`. The weights
+    depend on ``seed`` only (a private generator; the global RNG is untouched).
     """
     spec = arch_spec(name)
     _positive_int(in_channels, "in_channels")
     _positive_int(num_classes, "num_classes")
     _positive_int(image_size, "image_size")
     check_seed(seed)
+    if spec.family == "resnet":
+        # Built on the meta device so the modules' default init neither runs nor draws from
+        # the global RNG; the weights come from the seeded generator only.
+        model = CifarResNet(spec.conv_widths, spec.blocks_per_stage, in_channels, num_classes,
+                            device="meta").to_empty(device="cpu")
+        _glorot_init(model, torch.Generator().manual_seed(seed))
+        return model
     pools = len(spec.conv_widths) // 2
     side = image_size >> pools
     if side < 1:
@@ -85,15 +226,11 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_si
     # Built on the meta device so the modules' default init neither runs nor draws from the
     # global RNG; the weights come from the seeded generator only.
     model = nn.Sequential(*layers).to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
-    for module in model:
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_normal_(module.weight, generator=generator)
-            nn.init.zeros_(module.bias)
+    _glorot_init(model, torch.Generator().manual_seed(seed))
     return model
 
 
-def build_model_from_config(config: dict) -> nn.Sequential:
+def build_model_from_config(config: dict) -> nn.Module:
     """Build the model a run directory's ``config.json`` describes (arch, in_channels, ...)."""
     missing = [k for k in ("arch", "in_channels", "num_classes", "image_size", "seed") if k not in config]
     if missing:

@@ -7,6 +7,12 @@ equals its target, and its mask is drawn with the fused Bernoulli op (or, with
 Philox stream ``(seed, offset=l)``: the same seed and the same connectivity give the same
 masks on CPU and CUDA; measured connectivity differs in the last bits between the devices,
 so their masks agree on all but a bounded fraction of weights (test_ops_cross_device.py).
+
+Any ``nn.Module`` works: layers are taken in the order the forward pass first reaches
+them, and connectivity is measured by a stream from :mod:`mcwt_ext.connectivity`
+(fused ops for a flat ``nn.Sequential``, forward hooks with a prefix cache for anything
+else, BatchNorm in eval mode). A model pruned with ``torch.nn.utils.prune`` is sampled
+from its dense ``weight_orig``; its current ``weight_mask`` plays no part.
 """
 from __future__ import annotations
 
@@ -18,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .connectivity import DEFAULT_CACHE_BYTES, ActivationStream
+from .connectivity import DEFAULT_CACHE_BYTES, forward_layers, open_stream
 from .fit import LogisticFit, load_fit, normalised_connectivity
-from .masks import kept_count, layer_kind, prunable_layers
+from .masks import dense_weight, kept_count, layer_kind, prunable_layers
 from .validate import check_seed, check_sparsity
 
 
@@ -89,34 +95,41 @@ def _target_densities(sparsity, names: list[str]) -> dict[str, float]:
 def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, use_connectivity: bool = True,
                   exact: bool = False, seed: int = 0, max_samples: int | None = None,
                   batch_size: int = 500, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                  progress: bool = False) -> tuple[dict[str, torch.Tensor], list[LayerDraw]]:
-    """:func:`sample_masks`, also returning how each layer was drawn."""
+                  progress: bool = False, fused: bool = True
+                  ) -> tuple[dict[str, torch.Tensor], list[LayerDraw]]:
+    """:func:`sample_masks`, also returning how each layer was drawn.
+
+    ``fused=False`` measures connectivity with hooks even where the fused stream applies
+    (the two agree to float rounding; for tests and benchmarks).
+    """
     from . import ops
 
     fit = load_fit(fit)
     check_seed(seed)
-    layers = prunable_layers(model)
-    if not layers:
-        raise ValueError("model: has no prunable (Conv2d or Linear) layers")
-    kinds = layer_kind(model)
+    if not prunable_layers(model):
+        raise ValueError(f"model: {type(model).__name__} has no prunable (Conv2d or Linear) layers")
+    stream = None
+    if use_connectivity and len(prunable_layers(model)) > 1:
+        if data is None:
+            raise ValueError("data: connectivity needs data to measure activations on "
+                             "(or pass use_connectivity=False)")
+        stream = open_stream(model, data, max_samples=max_samples, batch_size=batch_size,
+                             cache_bytes=cache_bytes, fused=fused)
+        layers = stream.layers
+    else:
+        layers = forward_layers(model, data)
+    kinds = layer_kind(model, layers=layers)
     names = [f"{n}.weight" for n, _ in layers]
     targets = _target_densities(sparsity, names)
     for name in names:  # fail before any work if the fit lacks a model this net needs
         fit.model_for(name, kinds[name], use_connectivity and name != names[0])
-    stream = None
-    if use_connectivity and len(layers) > 1:
-        if data is None:
-            raise ValueError("data: connectivity needs data to measure activations on "
-                             "(or pass use_connectivity=False)")
-        stream = ActivationStream(model, data, max_samples=max_samples, batch_size=batch_size,
-                                  cache_bytes=cache_bytes)
 
     masks: dict[str, torch.Tensor] = {}
     draws: list[LayerDraw] = []
     bar = _progress(len(layers), progress)
     for index, (name, module) in enumerate(layers):
         param = names[index]
-        weight = module.weight.detach()
+        weight = dense_weight(module).detach()
         g = stream.advance(masks[names[index - 1]]) if stream is not None and index > 0 else None
         u_mag, u_conn = fit.slopes(param, kinds[param], weight, g)
         g_norm = None if g is None else normalised_connectivity(g).to(weight.device, weight.dtype)
@@ -150,11 +163,15 @@ def sample_masks(model: nn.Module, fit: "LogisticFit | str | os.PathLike", data=
     """Sample a Monte Carlo Winning Ticket for ``model`` (which holds its initial weights).
 
     Args:
-        model: a feed-forward ``nn.Sequential`` of Conv2d/Linear layers (ReLU, pooling and
-            flattening between them); its current weights are the initial weights.
+        model: any ``nn.Module`` whose Conv2d/Linear layers are pruned (each reached once per
+            forward pass, no shared weights; torch-pruned layers count by ``weight_orig``);
+            its current weights are the initial weights. A flat ``nn.Sequential`` of
+            Conv2d/Linear, ReLU, 2x2 max-pool and Flatten goes through the fused ops.
         fit: a :class:`~mcwt_ext.fit.LogisticFit` or the path of its JSON (``mcwt fit``).
         data: the inputs connectivity is measured on: a tensor, a DataLoader, a Dataset, or
-            an iterable of batches (tensors or ``(input, target)`` pairs).
+            an iterable of batches (tensors or ``(input, target)`` pairs). Also fixes the
+            layer order of a non-Sequential model (its first forward pass); without data
+            the order is the modules' registration order.
         sparsity: share of each layer to prune, a float or ``{param name: float}``, in [0, 1).
         use_connectivity: use the magnitude + connectivity models (False: magnitude only).
         exact: keep exactly ``round(n * (1 - sparsity))`` weights per layer (else Bernoulli,

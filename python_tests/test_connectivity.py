@@ -78,8 +78,10 @@ def test_errors():
         measure_connectivity(model, {}, _data("cpu"), max_samples=0)
     with pytest.raises(ValueError, match="no samples"):
         measure_connectivity(model, {}, torch.rand(0, 1, 8, 8))
-    with pytest.raises(TypeError, match="nn.Sequential"):
+    with pytest.raises(ValueError, match="forward"):  # not callable: no forward pass to hook
         measure_connectivity(nn.ModuleList([nn.Linear(2, 2)]), {}, torch.rand(3, 2))
+    with pytest.raises(ValueError, match="'9.weight'"):
+        measure_connectivity(model, {"9.weight": torch.ones(1, dtype=torch.bool)}, _data("cpu"))
     stream = ActivationStream(model, _data("cpu"))
     with pytest.raises(ValueError, match="shape"):
         stream.advance(torch.ones(3, 3, dtype=torch.bool))

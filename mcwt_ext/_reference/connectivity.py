@@ -17,7 +17,7 @@ from ..masks import apply_masks, prunable_layers
 def measure_connectivity(model: nn.Module, masks: dict[str, torch.Tensor], data: torch.Tensor
                          ) -> dict[str, torch.Tensor]:
     """``{param name: mean input per channel (conv) or unit (linear)}`` for all but the first layer."""
-    net = copy.deepcopy(model)
+    net = copy.deepcopy(model).eval()  # BatchNorm on its (init) running statistics, as measured
     apply_masks(net, masks)
     layers = prunable_layers(net)
     sums: dict[str, torch.Tensor] = {}
