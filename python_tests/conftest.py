@@ -13,6 +13,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_cuda: needs a visible CUDA device (skipped otherwise)")
+    config.addinivalue_line("markers", "slow: takes more than about 10 s (deselect with -m 'not slow')")
 
 
 def pytest_collection_modifyitems(config, items):
