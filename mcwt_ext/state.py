@@ -6,8 +6,9 @@ state is its masks plus its records. ``export_state(root, file)`` walks every ru
 
 - every ``.json``, ``.csv``, ``.md`` and ``.txt`` file as it is (configs, summaries, metrics,
   fits, tables);
-- every ``masks.safetensors`` as bits (``np.packbits``), in the smallest of three encodings per
-  layer: ``dense`` (all kept: no bits), ``nested`` (the layer's bits at the weights its parent
+- every ``masks.safetensors`` as bits (``np.packbits``), each layer's bits in the order of
+  decreasing initial magnitude (the init rebuilt from the nearest ``config.json``; kept weights
+  cluster at the front, which LZMA turns into fewer bytes), in one of three encodings per layer: ``dense`` (all kept: no bits), ``nested`` (the layer's bits at the weights its parent
   set keeps, the parent being the previous IMP round, or the round a ticket copies: IMP only ever
   prunes further) and ``full``; and ``derived`` for a whole set the run's config re-derives (the
   random baseline's ``random_masks(model, sparsity, seed)``), checked bit for bit at export;
@@ -81,8 +82,32 @@ def _derived_random(rd: RunDir, masks: Mapping[str, torch.Tensor]) -> dict | Non
     return dict(kind="random", sparsity=sparsity) if same else None
 
 
+def _orders(config_path: Path | None, cache: dict) -> dict[str, torch.Tensor]:
+    """Per weight: flat indices by decreasing initial magnitude (the init rebuilt from the
+    run's config). Kept weights cluster at the front (WTs keep large initial weights, and MCWT
+    samples them), so the bits packed in this order compress far better."""
+    if config_path is None:
+        return {}
+    if config_path not in cache:
+        model = build_model_from_config(json.loads(config_path.read_text()))
+        cache[config_path] = {n: torch.sort(p.detach().abs().flatten(), descending=True, stable=True).indices
+                              for n, p in model.named_parameters()}
+    return cache[config_path]
+
+
+def _config_for(folder: Path, root: Path) -> Path | None:
+    """The nearest config.json at or above ``folder`` (within ``root``) that names a model."""
+    for d in [folder, *folder.parents]:
+        c = d / RunDir.CONFIG
+        if c.is_file() and "arch" in json.loads(c.read_text()):
+            return c
+        if d == root:
+            return None
+    return None
+
+
 def _encode_masks(rd: RunDir, rel: Path, masks: Mapping[str, torch.Tensor],
-                  parents: Mapping[Path, dict]) -> tuple[dict, bytes]:
+                  parents: Mapping[Path, dict], orders: Mapping[str, torch.Tensor]) -> tuple[dict, bytes]:
     derived = _derived_random(rd, masks)
     if derived is not None:
         return dict(derived=derived, layers={n: list(m.shape) for n, m in masks.items()}), b""
@@ -91,14 +116,18 @@ def _encode_masks(rd: RunDir, rel: Path, masks: Mapping[str, torch.Tensor],
     layers, blob = {}, io.BytesIO()
     for name in sorted(masks):
         m = masks[name].to("cpu")
+        order = orders.get(name)
+        flat = m.flatten() if order is None or order.numel() != m.numel() else m.flatten()[order]
         p = parent.get(name)
         if bool(m.all()):
             enc, data = "dense", b""
         elif p is not None and p.shape == m.shape and not bool((m & ~p).any()):
-            enc, data = "nested", _bits(m[p])
+            pf = p.flatten() if order is None or order.numel() != m.numel() else p.flatten()[order]
+            enc, data = "nested", _bits(flat[pf])
         else:
-            enc, data = "full", _bits(m)
-        layers[name] = dict(shape=list(m.shape), encoding=enc, offset=blob.tell(), bytes=len(data))
+            enc, data = "full", _bits(flat)
+        layers[name] = dict(shape=list(m.shape), encoding=enc, offset=blob.tell(), bytes=len(data),
+                            order="init_magnitude" if order is not None and order.numel() == m.numel() else "index")
         blob.write(data)
     entry = dict(layers=layers)
     if any(v["encoding"] == "nested" for v in layers.values()):
@@ -128,6 +157,7 @@ def export_state(root_dir: str | os.PathLike, file: str | os.PathLike) -> dict:
         return group.as_posix(), not is_round, p.as_posix()
     mask_paths = sorted((p for p in paths if p.name == RunDir.MASKS), key=order)
     decoded: dict[Path, dict] = {}
+    cache: dict = {}
     with zipfile.ZipFile(_tmp_path(file), "w", zipfile.ZIP_LZMA) as zf:
         for p in paths:
             rel = p.relative_to(root)
@@ -138,8 +168,11 @@ def export_state(root_dir: str | os.PathLike, file: str | os.PathLike) -> dict:
             rel = p.relative_to(root)
             rd = RunDir(p.parent)
             masks = rd.load_tensors(RunDir.MASKS)
-            entry, blob = _encode_masks(rd, rel, masks, decoded)
+            config = _config_for(p.parent, root)
+            entry, blob = _encode_masks(rd, rel, masks, decoded, _orders(config, cache))
             decoded[rel] = masks
+            if config is not None:
+                entry["config"] = config.relative_to(root).as_posix()
             manifest["masks"].append(dict(entry, path=rel.as_posix()))
             if blob:
                 zf.writestr(rel.with_suffix(".bits").as_posix(), blob)
@@ -165,7 +198,8 @@ def _tmp_path(file) -> Path:
     return file.with_name(f".{file.name}.tmp")
 
 
-def _decode_masks(entry: dict, blob: bytes, decoded: Mapping[str, dict], rd: RunDir) -> dict:
+def _decode_masks(entry: dict, blob: bytes, decoded: Mapping[str, dict], rd: RunDir,
+                  orders: Mapping[str, torch.Tensor]) -> dict:
     if "derived" in entry:
         from .masks import random_masks
 
@@ -178,17 +212,20 @@ def _decode_masks(entry: dict, blob: bytes, decoded: Mapping[str, dict], rd: Run
     for name, layer in entry["layers"].items():
         shape, n = layer["shape"], int(np.prod(layer["shape"]))
         data = blob[layer["offset"]:layer["offset"] + layer["bytes"]]
+        order = orders[name] if layer.get("order") == "init_magnitude" else torch.arange(n)
+        flat = torch.zeros(n, dtype=torch.bool)
         if layer["encoding"] == "dense":
-            masks[name] = torch.ones(shape, dtype=torch.bool)
+            flat[:] = True
         elif layer["encoding"] == "full":
-            masks[name] = _unbits(data, n).view(shape)
+            flat[order] = _unbits(data, n)
         elif layer["encoding"] == "nested":
-            p = parent[name]
-            m = torch.zeros(shape, dtype=torch.bool)
-            m[p] = _unbits(data, int(p.sum()))
-            masks[name] = m
+            pf = parent[name].flatten()[order]
+            kept = torch.zeros(n, dtype=torch.bool)
+            kept[pf] = _unbits(data, int(pf.sum()))
+            flat[order] = kept
         else:
             raise ValueError(f"unknown mask encoding {layer['encoding']!r} for {name!r}")
+        masks[name] = flat.view(shape)
     return masks
 
 
@@ -224,6 +261,7 @@ def import_state(file: str | os.PathLike, root_dir: str | os.PathLike) -> dict:
             _safe(name)
             _write(root / name, zf.read(name))
         decoded: dict[str, dict] = {}
+        cache: dict = {}
         for entry in manifest["masks"]:  # parents precede their children
             name = entry["path"]
             _safe(name)
@@ -231,7 +269,10 @@ def import_state(file: str | os.PathLike, root_dir: str | os.PathLike) -> dict:
             bits = rel.with_suffix(".bits").as_posix()
             blob = zf.read(bits) if bits in zf.namelist() else b""
             rd = RunDir(root / rel.parent)
-            masks = _decode_masks(entry, blob, decoded, rd)
+            if "config" in entry:
+                _safe(entry["config"])
+            orders = _orders(root / entry["config"] if "config" in entry else None, cache)
+            masks = _decode_masks(entry, blob, decoded, rd, orders)
             decoded[name] = masks
             if rd.exists(RunDir.MASKS):
                 there = rd.load_tensors(RunDir.MASKS)
