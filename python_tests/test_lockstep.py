@@ -72,7 +72,7 @@ def test_pack_matches_independent_runs_on_digits(digits):
     def fresh(seed):
         return build_model("conv2", 1, 10, 8, seed=seed)
     specs = [(s, random_masks(fresh(s), 0.8, seed=s) if pruned else None) for s in (0, 1) for pruned in (0, 1)]
-    cfg = dict(iterations=300, lr=2e-4, eval_every=100)
+    cfg = dict(iterations=150, lr=2e-4, eval_every=50)
     nets, alone = [], []
     for s, masks in specs:
         model = fresh(s)
