@@ -7,6 +7,17 @@ the median of the paired differences) are compared. The mask's added work (two f
 is also timed alone, right after real steps.
 
     .venv/bin/python benchmarks/bench_training.py [--arch conv2] [--threads 2] [--steps 100]
+
+With ``--nets K[,K...]`` it measures packs instead (``mcwt_ext.lockstep``): net-steps/s of K
+masked nets trained in lockstep in one process (grouped convolutions, and ``torch.func.vmap``),
+beside the same K nets stepped one after another with train()'s own step, for each architecture
+of ``--archs``. K separate processes are not timed: on a shared 2-core CPU they would measure the
+scheduler; on a GPU, issue 10 measured them (time-slicing, ~540 net-steps/s for 6 Conv-2
+processes on an H100). The three variants take turns step by step, so load changes hit all alike;
+ratios are within one run. ``--tiny``: 8x8 images, 3 timed steps (a smoke test).
+``--cuda-graph`` adds the pack under a CUDA graph (CUDA only).
+
+    .venv/bin/python benchmarks/bench_training.py --nets 1,2,4,8,16 --archs conv2,conv4,conv6 --device cuda
 """
 from __future__ import annotations
 
@@ -21,12 +32,84 @@ from torch.utils.data import TensorDataset
 
 from mcwt_ext.masks import random_masks
 from mcwt_ext.models import ARCHS, build_model
-from mcwt_ext.train import BatchOrder, _MaskEnforcer, _step, evaluate, make_optimizer
+from mcwt_ext.train import BatchOrder, TrainConfig, _MaskEnforcer, _step, evaluate, make_optimizer
 
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _median_step(fn, device, times):
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    times.append(time.perf_counter() - t0)
+
+
+def bench_packs(a, device):
+    """Net-steps/s of packs of K nets against K nets stepped one by one, per architecture."""
+    from torch.utils.data import TensorDataset
+
+    from mcwt_ext.data import Dataset
+    from mcwt_ext.lockstep import PackNet, PackOptions, _open, _Pack
+
+    size = 8 if a.tiny else 32
+    n = 600 if a.tiny else 6000
+    g = torch.Generator().manual_seed(0)
+    split = TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(10, (n,), generator=g))
+    ds = Dataset("random", split, split, split, 3, size, 10, (0.0,) * 3, (1.0,) * 3)
+    x, y = (t.to(device) for t in split.tensors)
+    steps, warmup = (3, 1) if a.tiny else (a.steps, a.warmup)
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {a.threads} threads"
+    print(f"# bench_training --nets {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC | "
+          f"{what} | torch {torch.__version__}")
+    print(f"{size}x{size} inputs, batch {a.batch_size}, sparsity {a.sparsity}, {steps} timed steps "
+          f"(after {warmup}), medians; net-steps/s = K / step time\n")
+    variants = ["separate", "grouped", "vmap"] + (["grouped+graph"] if a.cuda_graph else [])
+    print("| arch | K | " + " | ".join(f"{v} net-steps/s" for v in variants) +
+          " | grouped / separate | vmap / separate |" + (" graph / separate |" if a.cuda_graph else ""))
+    print("|---|---|" + "---|" * (len(variants) + 2 + a.cuda_graph))
+    for arch in a.archs.split(","):
+        for k in [int(v) for v in a.nets.split(",")]:
+            cfg = [TrainConfig.for_arch(arch, seed=s, batch_size=a.batch_size, device=str(device)) for s in range(k)]
+            models = [build_model(arch, 3, 10, size, seed=s) for s in range(k)]
+            masks = [random_masks(m, a.sparsity, seed=s) for s, m in enumerate(models)]
+            runs = {}
+            sep = []
+            for m, mk, c in zip(models, masks, cfg):
+                m = build_model(arch, 3, 10, size, seed=c.seed).to(device)
+                enf = _MaskEnforcer(m, mk)
+                enf.weights()
+                sep.append((m, make_optimizer(m, c.lr), enf, BatchOrder(n, a.batch_size, c.seed)))
+
+            def separate(it=[0]):
+                for m, opt, enf, order in sep:
+                    idx = order.indices(it[0]).to(device)
+                    _step(m, opt, enf, x[idx], y[idx])
+                it[0] += 1
+            runs["separate"] = separate
+            for v in variants[1:]:
+                opts = PackOptions(impl="vmap" if v == "vmap" else "grouped", cuda_graph=v.endswith("graph"))
+                states = [_open(PackNet(build_model(arch, 3, 10, size, seed=c.seed), mk, c), opts, device)
+                          for mk, c in zip(masks, cfg)]
+                pack = _Pack(states, ds, opts, device)
+                idx = pack.batch_indices(0, steps + warmup)
+
+                def packed(pack=pack, idx=idx, it=[0]):
+                    pack.step(idx[it[0] % len(idx)])
+                    it[0] += 1
+                runs[v] = packed
+            times = {v: [] for v in variants}
+            for i in range(steps + warmup):
+                for v in (variants if i % 2 else variants[::-1]):
+                    _median_step(runs[v], device, times[v] if i >= warmup else [])
+            rate = {v: k / statistics.median(times[v]) for v in variants}
+            cells = " | ".join(f"{rate[v]:.1f}" for v in variants)
+            ratios = " | ".join(f"{rate[v] / rate['separate']:.2f}x" for v in variants[1:])
+            print(f"| {arch} | {k} | {cells} | {ratios} |", flush=True)
 
 
 def main(argv=None):
@@ -40,9 +123,15 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--eval-images", type=int, default=2000, help="images for the evaluation timing")
     ap.add_argument("--mask-repeats", type=int, default=20, help="timings of the mask ops alone")
+    ap.add_argument("--nets", help="comma list of pack sizes K: time packs instead (see above)")
+    ap.add_argument("--archs", default="conv2,conv4,conv6", help="architectures for --nets")
+    ap.add_argument("--tiny", action="store_true", help="with --nets: 8x8 images, 3 steps (smoke test)")
+    ap.add_argument("--cuda-graph", action="store_true", help="with --nets: also the pack under a CUDA graph")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
+    if a.nets:
+        return bench_packs(a, device)
 
     g = torch.Generator().manual_seed(0)
     n = 6000

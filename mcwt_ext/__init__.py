@@ -24,6 +24,9 @@ _LAZY = {
     "measure_connectivity": "mcwt_ext.connectivity",
     "build_model": "mcwt_ext.models",
     "load_dataset": "mcwt_ext.data",
+    "train_pack": "mcwt_ext.lockstep",
+    "export_state": "mcwt_ext.state",
+    "import_state": "mcwt_ext.state",
 }
 _SUBMODULES = {"ops", "ablate"}
 

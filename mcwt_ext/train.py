@@ -220,12 +220,14 @@ def _early_stop(history: list[dict]) -> dict:
 
 def _summary(history, config, masks, wall_time) -> dict:
     last, best = history[-1], _early_stop(history)
+    top = max(history, key=lambda row: (row["val_acc"], -row["iteration"]))  # earliest maximum
     return {
         "iterations": config.iterations,
         "val_acc_final": last["val_acc"], "test_acc_final": last["test_acc"],
         "val_loss_final": last["val_loss"],
         "early_stop_iteration": best["iteration"], "min_val_loss": best["val_loss"],
         "val_acc_early_stop": best["val_acc"], "test_acc_early_stop": best["test_acc"],
+        "val_acc_max": top["val_acc"], "val_acc_max_iteration": top["iteration"],
         "wall_time_s": wall_time,
         "densities": densities(masks),
         "masks_sha256": _masks_digest(masks),

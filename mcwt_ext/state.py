@@ -1,0 +1,294 @@
+"""A grid's state as one compact, portable bundle: masks as bits, metrics, summaries, configs.
+
+IMP rewinds to the initial weights and the initial weights come from the seed, so a grid's
+state is its masks plus its records. ``export_state(root, file)`` walks every run directory under
+``root`` and writes a zip (LZMA) holding:
+
+- every ``.json``, ``.csv``, ``.md`` and ``.txt`` file as it is (configs, summaries, metrics,
+  fits, tables);
+- every ``masks.safetensors`` as bits (``np.packbits``), each layer's bits in the order of
+  decreasing initial magnitude (the init rebuilt from the nearest ``config.json``; kept weights
+  cluster at the front, which LZMA turns into fewer bytes), in one of three encodings per layer: ``dense`` (all kept: no bits), ``nested`` (the layer's bits at the weights its parent
+  set keeps, the parent being the previous IMP round, or the round a ticket copies: IMP only ever
+  prunes further) and ``full``; and ``derived`` for a whole set the run's config re-derives (the
+  random baseline's ``random_masks(model, sparsity, seed)``), checked bit for bit at export;
+- ``manifest.json``: format version, the files, each mask set's layers, shapes and encodings,
+  and the run directories whose ``init.safetensors`` is rebuilt from their ``config.json``
+  (checked equal at export).
+
+Not in the bundle: trained weights (``final.safetensors``, snapshots), training checkpoints and
+figures. ``import_state(file, root)`` writes the files back (atomically, through runs.py) and
+rebuilds the initial weights, so a grid resumed there skips its finished cells: a finished
+cell needs its summary, masks and initial weights, never its trained weights. A training that was
+in progress starts over (its checkpoint stays behind), and so does a rewound IMP (its rewind
+weights are not derivable, so export refuses it).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import build_model_from_config
+from .runs import RunDir, atomic_write
+
+__all__ = ["export_state", "import_state", "FORMAT"]
+
+FORMAT = "mcwt-state/1"
+MANIFEST = "manifest.json"
+TEXT_SUFFIXES = (".json", ".csv", ".md", ".txt")
+SKIPPED = ("final.safetensors", "checkpoints", "figures")  # trained weights, resumable only locally
+UNDERIVABLE = ("rewind.safetensors",)
+
+
+def _bits(mask: torch.Tensor) -> bytes:
+    return np.packbits(mask.flatten().numpy()).tobytes()
+
+
+def _unbits(data: bytes, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(np.frombuffer(data, np.uint8), count=n).astype(bool))
+
+
+def _parent(rel: Path, have: Mapping[Path, dict]) -> Path | None:
+    """The mask set ``rel`` nests in, if already encoded: IMP round r in round r-1; an IMP run's
+    own ticket masks in its last round."""
+    folder = rel.parent
+    if folder.name.startswith("round_") and folder.name[6:].isdigit():
+        r = int(folder.name[6:])
+        prev = folder.parent / f"round_{r - 1:02d}" / RunDir.MASKS
+        return prev if r > 0 and prev in have else None
+    rounds = sorted(p for p in have if p.parent.parent == folder and p.parent.name.startswith("round_"))
+    return rounds[-1] if rounds else None
+
+
+def _derived_random(rd: RunDir, masks: Mapping[str, torch.Tensor]) -> dict | None:
+    """``{"kind": "random", ...}`` when the run's config re-derives ``masks`` exactly."""
+    from .masks import random_masks
+
+    if not rd.exists(RunDir.CONFIG):
+        return None
+    config = rd.load_json(RunDir.CONFIG)
+    sparsity = (config.get("protocol") or {}).get("sparsity")
+    if config.get("command") != "reproduce:random" or sparsity is None:
+        return None
+    derived = random_masks(build_model_from_config(config), sparsity, config["seed"])
+    same = derived.keys() == masks.keys() and all(torch.equal(derived[k], masks[k]) for k in masks)
+    return dict(kind="random", sparsity=sparsity) if same else None
+
+
+def _orders(config_path: Path | None, cache: dict) -> dict[str, torch.Tensor]:
+    """Per weight: flat indices by decreasing initial magnitude (the init rebuilt from the
+    run's config). Kept weights cluster at the front (WTs keep large initial weights, and MCWT
+    samples them), so the bits packed in this order compress far better."""
+    if config_path is None:
+        return {}
+    if config_path not in cache:
+        model = build_model_from_config(json.loads(config_path.read_text()))
+        cache[config_path] = {n: torch.sort(p.detach().abs().flatten(), descending=True, stable=True).indices
+                              for n, p in model.named_parameters()}
+    return cache[config_path]
+
+
+def _config_for(folder: Path, root: Path) -> Path | None:
+    """The nearest config.json at or above ``folder`` (within ``root``) that names a model."""
+    for d in [folder, *folder.parents]:
+        c = d / RunDir.CONFIG
+        if c.is_file() and "arch" in json.loads(c.read_text()):
+            return c
+        if d == root:
+            return None
+    return None
+
+
+def _encode_masks(rd: RunDir, rel: Path, masks: Mapping[str, torch.Tensor],
+                  parents: Mapping[Path, dict], orders: Mapping[str, torch.Tensor]) -> tuple[dict, bytes]:
+    derived = _derived_random(rd, masks)
+    if derived is not None:
+        return dict(derived=derived, layers={n: list(m.shape) for n, m in masks.items()}), b""
+    parent_path = _parent(rel, parents)
+    parent = parents.get(parent_path, {})
+    layers, blob = {}, io.BytesIO()
+    for name in sorted(masks):
+        m = masks[name].to("cpu")
+        order = orders.get(name)
+        flat = m.flatten() if order is None or order.numel() != m.numel() else m.flatten()[order]
+        p = parent.get(name)
+        if bool(m.all()):
+            enc, data = "dense", b""
+        elif p is not None and p.shape == m.shape and not bool((m & ~p).any()):
+            pf = p.flatten() if order is None or order.numel() != m.numel() else p.flatten()[order]
+            enc, data = "nested", _bits(flat[pf])
+        else:
+            enc, data = "full", _bits(flat)
+        layers[name] = dict(shape=list(m.shape), encoding=enc, offset=blob.tell(), bytes=len(data),
+                            order="init_magnitude" if order is not None and order.numel() == m.numel() else "index")
+        blob.write(data)
+    entry = dict(layers=layers)
+    if any(v["encoding"] == "nested" for v in layers.values()):
+        entry["parent"] = parent_path.as_posix()
+    return entry, blob.getvalue()
+
+
+def export_state(root_dir: str | os.PathLike, file: str | os.PathLike) -> dict:
+    """Write the state of every run directory under ``root_dir`` to the bundle ``file``.
+
+    Returns the manifest. Raises a ValueError for state that cannot travel this way (rewind
+    weights, initial weights that the run's config does not rebuild)."""
+    root = Path(root_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"root_dir {str(root)!r} is not a directory")
+    paths = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part in SKIPPED or part.startswith(".") for part in p.relative_to(root).parts))
+    bad = [p for p in paths if p.name in UNDERIVABLE]
+    if bad:
+        raise ValueError(f"{bad[0]} holds trained weights (IMP rewound to an iteration > 0), which a "
+                         f"state bundle cannot rebuild; export needs rewind_iteration = 0")
+    manifest = dict(format=FORMAT, files=[], masks=[], inits=[])
+
+    def order(p):  # parents first: an IMP run's round_00 < round_01 < ... < its ticket
+        is_round = p.parent.name.startswith("round_")
+        group = p.relative_to(root).parent.parent if is_round else p.relative_to(root).parent
+        return group.as_posix(), not is_round, p.as_posix()
+    mask_paths = sorted((p for p in paths if p.name == RunDir.MASKS), key=order)
+    decoded: dict[Path, dict] = {}
+    cache: dict = {}
+    with zipfile.ZipFile(_tmp_path(file), "w", zipfile.ZIP_LZMA) as zf:
+        for p in paths:
+            rel = p.relative_to(root)
+            if p.suffix in TEXT_SUFFIXES:
+                zf.writestr(rel.as_posix(), p.read_bytes())
+                manifest["files"].append(rel.as_posix())
+        for p in mask_paths:
+            rel = p.relative_to(root)
+            rd = RunDir(p.parent)
+            masks = rd.load_tensors(RunDir.MASKS)
+            config = _config_for(p.parent, root)
+            entry, blob = _encode_masks(rd, rel, masks, decoded, _orders(config, cache))
+            decoded[rel] = masks
+            if config is not None:
+                entry["config"] = config.relative_to(root).as_posix()
+            manifest["masks"].append(dict(entry, path=rel.as_posix()))
+            if blob:
+                zf.writestr(rel.with_suffix(".bits").as_posix(), blob)
+        for p in paths:
+            if p.name != RunDir.INIT:
+                continue
+            rd, rel = RunDir(p.parent), p.relative_to(root)
+            if not rd.exists(RunDir.CONFIG):
+                raise ValueError(f"{p}: no config.json beside it to rebuild the initial weights from")
+            built = build_model_from_config(rd.load_json(RunDir.CONFIG)).state_dict()
+            stored = rd.load_tensors(RunDir.INIT)
+            if built.keys() != stored.keys() or not all(torch.equal(built[k], stored[k]) for k in built):
+                raise ValueError(f"{p} differs from the initial weights its config.json builds; "
+                                 f"a state bundle can only rebuild seed-derived inits")
+            manifest["inits"].append(rel.parent.as_posix())
+        zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(_tmp_path(file), file)
+    return manifest
+
+
+def _tmp_path(file) -> Path:
+    file = Path(file)
+    return file.with_name(f".{file.name}.tmp")
+
+
+def _decode_masks(entry: dict, blob: bytes, decoded: Mapping[str, dict], rd: RunDir,
+                  orders: Mapping[str, torch.Tensor]) -> dict:
+    if "derived" in entry:
+        from .masks import random_masks
+
+        config = rd.load_json(RunDir.CONFIG)
+        return random_masks(build_model_from_config(config), entry["derived"]["sparsity"], config["seed"])
+    parent = decoded.get(entry.get("parent"))
+    if "parent" in entry and parent is None:
+        raise ValueError(f"mask set {entry['path']!r} nests in {entry['parent']!r}, which the bundle lacks")
+    masks = {}
+    for name, layer in entry["layers"].items():
+        shape, n = layer["shape"], int(np.prod(layer["shape"]))
+        data = blob[layer["offset"]:layer["offset"] + layer["bytes"]]
+        order = orders[name] if layer.get("order") == "init_magnitude" else torch.arange(n)
+        flat = torch.zeros(n, dtype=torch.bool)
+        if layer["encoding"] == "dense":
+            flat[:] = True
+        elif layer["encoding"] == "full":
+            flat[order] = _unbits(data, n)
+        elif layer["encoding"] == "nested":
+            pf = parent[name].flatten()[order]
+            kept = torch.zeros(n, dtype=torch.bool)
+            kept[pf] = _unbits(data, int(pf.sum()))
+            flat[order] = kept
+        else:
+            raise ValueError(f"unknown mask encoding {layer['encoding']!r} for {name!r}")
+        masks[name] = flat.view(shape)
+    return masks
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` unless it already holds exactly that; never overwrite other data."""
+    if path.exists():
+        if path.read_bytes() != data:
+            raise ValueError(f"{path} exists with other contents than the bundle's; import into a "
+                             f"fresh directory")
+        return
+    atomic_write(path, data)
+
+
+def import_state(file: str | os.PathLike, root_dir: str | os.PathLike) -> dict:
+    """Restore the bundle ``file`` (from :func:`export_state`) under ``root_dir``: text files,
+    masks (bit-exact) and initial weights (rebuilt from each run's config.json). Files already
+    there must match. Returns the manifest."""
+    file, root = Path(file), Path(root_dir)
+    if not file.is_file():
+        raise FileNotFoundError(f"state bundle {str(file)!r} does not exist")
+    try:
+        zf = zipfile.ZipFile(file)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{file} is not a state bundle (not a zip file)") from None
+    with zf:
+        try:
+            manifest = json.loads(zf.read(MANIFEST))
+        except KeyError:
+            raise ValueError(f"{file} is not a state bundle (no {MANIFEST})") from None
+        if manifest.get("format") != FORMAT:
+            raise ValueError(f"{file} has format {manifest.get('format')!r}; this version reads {FORMAT!r}")
+        for name in manifest["files"]:
+            _safe(name)
+            _write(root / name, zf.read(name))
+        decoded: dict[str, dict] = {}
+        cache: dict = {}
+        for entry in manifest["masks"]:  # parents precede their children
+            name = entry["path"]
+            _safe(name)
+            rel = Path(name)
+            bits = rel.with_suffix(".bits").as_posix()
+            blob = zf.read(bits) if bits in zf.namelist() else b""
+            rd = RunDir(root / rel.parent)
+            if "config" in entry:
+                _safe(entry["config"])
+            orders = _orders(root / entry["config"] if "config" in entry else None, cache)
+            masks = _decode_masks(entry, blob, decoded, rd, orders)
+            decoded[name] = masks
+            if rd.exists(RunDir.MASKS):
+                there = rd.load_tensors(RunDir.MASKS)
+                if there.keys() != masks.keys() or not all(torch.equal(there[k], masks[k]) for k in masks):
+                    raise ValueError(f"{rd.masks_path} exists with other masks than the bundle's")
+            else:
+                rd.save_tensors(RunDir.MASKS, masks)
+        for name in manifest["inits"]:
+            _safe(name)
+            rd = RunDir(root / name)
+            if not rd.exists(RunDir.INIT):
+                rd.save_tensors(RunDir.INIT, build_model_from_config(rd.load_json(RunDir.CONFIG)).state_dict())
+    return manifest
+
+
+def _safe(name: str) -> None:
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise ValueError(f"state bundle entry {name!r} points outside the import directory")
