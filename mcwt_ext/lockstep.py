@@ -35,9 +35,11 @@ from tqdm import tqdm
 
 from .data import Dataset
 from .masks import apply_masks, check_masks
-from .runs import RunDir, atomic_write
-from .train import (CHECKPOINT, METRICS_FIELDS, BatchOrder, TrainConfig, TrainResult, _check_same_run,
-                    _masks_digest, _read_history, _summary, snapshot_name)
+from .runs import RunDir, atomic_write, snapshot_name
+from .train import (METRICS_FIELDS, BatchOrder, TrainConfig, TrainResult, _check_same_run,
+                    _masks_digest, _read_history, _summary)
+
+CHECKPOINT = RunDir.CHECKPOINT
 
 __all__ = ["PackNet", "PackOptions", "train_pack", "IMPLS", "PRECISIONS", "pack_forward"]
 

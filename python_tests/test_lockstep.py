@@ -10,7 +10,10 @@ from mcwt_ext.lockstep import PackNet, PackOptions, pack_forward, train_pack
 from mcwt_ext.masks import random_masks
 from mcwt_ext.models import build_model
 from mcwt_ext.runs import RunDir
-from mcwt_ext.train import CHECKPOINT, TrainConfig, train
+from mcwt_ext.runs import RunDir
+from mcwt_ext.train import TrainConfig, train
+
+CHECKPOINT = RunDir.CHECKPOINT
 
 
 def _cfg(seed=0, **kw):
