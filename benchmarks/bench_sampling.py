@@ -168,10 +168,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, 16M-element large tensor")
+    parser.add_argument("--size", type=int, metavar="N",
+                        help="time only an N x N tensor instead of Conv-6's layers and the large "
+                             "tensor (a smoke test: --quick --size 64)")
     args = parser.parse_args(argv)
+    if args.size is not None and args.size < 1:
+        parser.error(f"--size: must be >= 1, got {args.size}")
 
-    big = (4096, 4096) if args.quick else (8192, 8192)
-    shapes = CONV6 + [(f"{big[0] * big[1] // 2**20}M tensor", big)]
+    if args.size is not None:
+        big = (args.size, args.size)
+        shapes = [(f"{args.size}x{args.size} tensor", big)]
+    else:
+        big = (4096, 4096) if args.quick else (8192, 8192)
+        shapes = CONV6 + [(f"{big[0] * big[1] // 2**20}M tensor", big)]
     runs = []
     if args.device in ("cpu", "all"):
         runs += [("cpu", t) for t in (1, 2)]
