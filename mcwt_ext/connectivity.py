@@ -56,7 +56,6 @@ Layers pruned with ``torch.nn.utils.prune`` are measured on their dense
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -66,6 +65,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
+from .models import eval_mode
 from .masks import _PRUNABLE, dense_weight, is_torch_pruned, prunable_layers
 
 #: Activations entering a stage are kept in memory while they fit this budget;
@@ -269,7 +269,7 @@ class ActivationStream:
                              f"the weight's {list(weight.shape)}")
         self._masks.append(torch.ones_like(weight, dtype=torch.bool) if mask is None  # dense: once,
                            else mask.to(weight.device))                               # not per batch
-        with _eval_mode(self._model):  # a Dropout in a stage's tail is off, as in the hook stream
+        with eval_mode(self._model):  # a Dropout in a stage's tail is off, as in the hook stream
             return self._advance(index, stage)
 
     def _advance(self, index: int, stage: Stage) -> torch.Tensor:
@@ -338,17 +338,6 @@ def _device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 @dataclass
 class _Trace:
     """What one forward pass did: per module name, calls and the ticks it was entered/left."""
@@ -379,7 +368,7 @@ def _trace(model: nn.Module, x: torch.Tensor) -> _Trace:
     handles = [h for name, m in modules.items() if name
                for h in (m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name)))]
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             model(x)
     except Exception as error:
         raise ValueError(f"data: the model's forward pass fails on a batch of shape "
@@ -511,7 +500,7 @@ class HookStream:
         for n in self._cache:
             self._modules[n].forward = functools.partial(self._replay, n)
         try:
-            with _eval_mode(self.model):
+            with eval_mode(self.model):
                 for self._batch, x in enumerate(self._batches):
                     try:
                         functional_call(self.model, self._overrides, (x.to(self.device),))

@@ -30,6 +30,7 @@ per-layer targets that encode this).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -242,3 +243,16 @@ def build_model_from_config(config: dict) -> nn.Module:
 def count_weights(model: nn.Module) -> int:
     """Number of Conv2d/Linear weights (biases excluded), the count the protocol quotes."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode for the duration (BatchNorm on its running statistics, dropout off); each
+    module's own mode is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

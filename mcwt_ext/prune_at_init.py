@@ -35,7 +35,6 @@ import copy
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +42,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .models import eval_mode
 from .masks import kept_count, per_layer, prunable_layers
 
 __all__ = ["METHODS", "ALLOCATIONS", "prune_at_init", "magnitude_scores", "snip_scores",
@@ -66,18 +66,6 @@ def _weight_names(model: nn.Module) -> list[str]:
     if not names:
         raise ValueError("model: has no prunable (Conv2d or Linear) layers")
     return names
-
-
-@contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode for the duration, each module's own mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _leaf_params(model: nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
@@ -164,7 +152,7 @@ def snip_scores(model: nn.Module, batches: Batches) -> Scores:
     _check_batches(batches, "snip")
     names = _weight_names(model)
     total = sum(len(y) for _, y in batches)
-    with _eval_mode(model):
+    with eval_mode(model):
         state, weights = _leaf_params(model, names)
         grads = [torch.zeros_like(w) for w in weights]
         for x, y in batches:
@@ -185,7 +173,7 @@ def grasp_scores(model: nn.Module, batches: Batches, *, temperature: float = GRA
         raise ValueError(f"temperature: must be a positive number, got {temperature!r}")
     names = _weight_names(model)
     total = sum(len(y) for _, y in batches)
-    with _eval_mode(model):
+    with eval_mode(model):
         state, weights = _leaf_params(model, names)
         g = [torch.zeros_like(w) for w in weights]
         for x, y in batches:  # g, without a graph
