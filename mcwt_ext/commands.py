@@ -42,15 +42,20 @@ def _check_data_root(dataset: str, data_root: Path | None) -> None:
 def flag(name: str, path=None):
     """Errors reading the input of flag ``name`` (the file ``path``) name the flag; a run
     directory's JSON that lacks a key or has the wrong shape is bad input too."""
-    where = name if path is None else f"{name} {path}"
     try:
         yield
     except (KeyError, TypeError, AttributeError) as e:
         if path is None:
             raise
-        raise ValueError(f"{where}: not a readable run ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{name} {path}: not a readable run ({type(e).__name__}: {e})") from None
     except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise ValueError(_named(name, path, e)) from None
+
+
+def _named(name: str, path, error: Exception) -> str:
+    """``error``'s message after the flag (and the file, unless the message names it)."""
+    message = str(error).removeprefix(name.lstrip("-") + ": ")  # the library's name for it
+    return f"{name}: {message}" if path is None or str(path) in message else f"{name} {path}: {message}"
 
 
 #: The files a run writes before any work: a run holding only these has lost nothing.
@@ -123,9 +128,9 @@ def _architecture_of(tensors: dict, ds: Dataset, masks: bool) -> str | None:
     return None
 
 
-def _fits(args, ds: Dataset, model, tensors: dict, path: Path, name: str, masks: bool) -> None:
-    """Check masks or weights read from ``path`` (flag ``name``) against ``model``; when they
-    do not fit, say whose they are."""
+def _fits(arch: str, ds: Dataset, model, tensors: dict, path: Path, name: str, masks: bool) -> None:
+    """Check masks or weights read from ``path`` (flag ``name``) against ``model`` (an ``arch``);
+    when they do not fit, say whose they are."""
     try:
         if masks:
             masks_lib.check_masks(model, tensors)
@@ -133,18 +138,23 @@ def _fits(args, ds: Dataset, model, tensors: dict, path: Path, name: str, masks:
             load_weights(model, path)
     except ValueError as e:
         other = _architecture_of(tensors, ds, masks)
-        if other is not None and other != args.arch:
+        if other is not None and other != arch:
             what = "masks" if masks else "weights"
-            raise ValueError(f"{name} {path} holds the {what} of a {other} on {args.dataset}, "
-                             f"not of --arch {args.arch}") from None
-        raise ValueError(f"{name} {path}: {e}") from None
+            raise ValueError(f"{name} {path} holds the {what} of a {other} on {ds.name}, "
+                             f"not of a {arch}") from None
+        raise ValueError(_named(name, path, e)) from None
 
 
 def read_masks(args, ds: Dataset, model, path: Path, name: str = "--masks") -> dict:
     with flag(name):
         masks = load_masks(path)
-    _fits(args, ds, model, masks, path, name, masks=True)
+    _fits(args.arch, ds, model, masks, path, name, masks=True)
     return masks
+
+
+def check_batch_size(cfg: TrainConfig, ds: Dataset) -> None:
+    if cfg.batch_size > len(ds.train):
+        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(ds.train)} training images")
 
 
 def data_and_model(args, init: Path | None = None, name: str = "--init") -> tuple[Dataset, torch.nn.Module]:
@@ -154,7 +164,7 @@ def data_and_model(args, init: Path | None = None, name: str = "--init") -> tupl
     if init is not None:
         with flag(name):
             tensors = load_tensors(init)
-        _fits(args, ds, model, tensors, init, name, masks=False)
+        _fits(args.arch, ds, model, tensors, init, name, masks=False)
     return ds, model
 
 
@@ -217,6 +227,7 @@ def train_cmd(args) -> int:
     ds, model = data_and_model(args, init, init_flag)
     masks = read_masks(args, ds, model, args.masks) if args.masks else None
     cfg = train_config(args)
+    check_batch_size(cfg, ds)
     with opened(args.out, run_config(args, ds, masks=_resolved(args.masks), init=_resolved(init),
                                      train=dataclasses.asdict(cfg))) as rd:
         save_starts(rd, model, masks)
@@ -229,6 +240,7 @@ def imp_cmd(args) -> int:
     cfg = ImpConfig.for_arch(args.arch, train=train_config(args), rates=args.rates,
                              sparsity=args.sparsity, rewind_iteration=args.rewind_iteration,
                              max_rounds=args.max_rounds)
+    check_batch_size(cfg.train, ds)
     kinds = set(masks_lib.layer_kind(model, ds.example_input()).values())
     stuck = [k for k in sorted(kinds) if cfg.rates[k] == 0.0]
     if stuck and cfg.sparsity > 0:
@@ -256,6 +268,8 @@ def random_cmd(args) -> int:
     mask_seed = args.seed if args.mask_seed is None else args.mask_seed
     masks = masks_lib.random_masks(model, sparsity, mask_seed)
     cfg = train_config(args)
+    if not args.no_train:
+        check_batch_size(cfg, ds)
     with opened(args.out, run_config(args, ds, sparsity=sparsity, mask_seed=mask_seed,
                                      init=_resolved(args.init),
                                      train=None if args.no_train else dataclasses.asdict(cfg))) as rd:
@@ -296,7 +310,7 @@ def sample_cmd(args) -> int:
     from .sample import sample_record, sample_ticket
 
     check_out(args.out)
-    with flag("--fit"):
+    with flag("--fit", args.fit):
         fit = load_fit(args.fit)
     ds, model = data_and_model(args, args.init)
     model.to(args.device)
@@ -351,8 +365,7 @@ def plot_cmd(args) -> int:
     for (name, path), m in zip([("--ticket", args.ticket), ("--mcwt", args.mcwt), ("--random", args.random)],
                                masks.values()):
         if m is not None:
-            with flag(name, path):
-                masks_lib.check_masks(ticket.model, m)
+            _fits(ticket.config["arch"], ds, ticket.model, m, path, name, masks=True)
     if rnd is None:
         masks["random"] = masks_lib.random_masks(
             ticket.model, {k: 1.0 - d for k, d in masks_lib.densities(mcwt).items()}, ticket.config["seed"])

@@ -166,7 +166,7 @@ def load_fit(fit: "LogisticFit | str | os.PathLike") -> LogisticFit:
     except (KeyError, TypeError, AttributeError) as e:  # the right tag, a broken body
         raise ValueError(f"fit: {fit} is not a complete mcwt fit file ({type(e).__name__}: {e})") from None
     except ValueError as e:
-        raise ValueError(f"{e} in {fit}") from None
+        raise ValueError(f"fit: {fit}: {str(e).removeprefix('fit: ')}") from None
 
 
 def magnitude_scale(weight: torch.Tensor) -> float:

@@ -133,7 +133,7 @@ CASES = {
         (["train", *TRAIN, "--lr", "0", "--out", "{out}"], "--lr"),
         (["train", *TRAIN, "--lr", "nan", "--out", "{out}"], "--lr"),
         (["train", *TRAIN, "--batch-size", "-3", "--out", "{out}"], "--batch-size"),
-        (["train", *TRAIN, "--batch-size", "100000", "--out", "{out}"], "batch_size"),  # found late
+        (["train", *TRAIN, "--batch-size", "100000", "--out", "{out}"], "--batch-size"),
         (["train", *TRAIN, "--eval-every", "x", "--out", "{out}"], "--eval-every"),
         (["train", *TRAIN, "--checkpoint-every", "-1", "--out", "{out}"], "--checkpoint-every"),
         (["train", *TRAIN, "--seed", "-1", "--out", "{out}"], "--seed"),
@@ -174,7 +174,7 @@ CASES = {
         (["imp", *TRAIN, "--rewind-iteration", "-1", "--out", "{out}"], "--rewind-iteration"),
         (["imp", *TRAIN, "--rewind-iteration", "5", "--out", "{out}"], "rewind_iteration"),
         (["imp", *TRAIN, "--max-rounds", "x", "--out", "{out}"], "--max-rounds"),
-        (["imp", *TRAIN, "--batch-size", "100000", *SMALL_IMP, "--out", "{out}"], "batch_size"),
+        (["imp", *TRAIN, "--batch-size", "100000", *SMALL_IMP, "--out", "{out}"], "--batch-size"),
         (["imp", *TRAIN, "--out", "{text}"], "--out"),
     ],
     "random": [
@@ -187,7 +187,7 @@ CASES = {
         (["random", *TRAIN, "--init", "{truncated_init}", "--out", "{out}"], "--init"),
         (["random", *TRAIN, "--sparsity", "0.5", "--like", "{ticket}/masks.safetensors",
           "--out", "{out}"], "--like"),
-        (["random", *TRAIN, "--batch-size", "100000", "--out", "{out}"], "batch_size"),
+        (["random", *TRAIN, "--batch-size", "100000", "--out", "{out}"], "--batch-size"),
         (["random", *TRAIN, "--out", "{foreign}"], "--out"),
     ],
     "fit": [
@@ -279,6 +279,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(inputs, offline, tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err
+    print(err, end="")  # pytest -rA shows every message
     assert exit_info.value.code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith(f"mcwt {command}: error: "), err
     assert match in err, err
@@ -323,22 +324,40 @@ def _fail_then(capsys, bad: list[str], good: list[str], out: Path, match: str) -
     assert main(good) == 0
 
 
-def test_train_retry_after_a_late_failure(tmp_path, capsys):
-    out = str(tmp_path / "run")  # the batch size is checked against the data when training starts
-    _fail_then(capsys, ["train", *TRAIN, "--batch-size", "5000", "--out", out],
-               ["train", *TRAIN, "--batch-size", "50", "--out", out], tmp_path / "run", "batch_size")
+def _fails_late(monkeypatch, module, name: str, out: Path) -> None:
+    """``module.name`` raises bad-input news once the run directory is open."""
+    def late_failure(*args, **kwargs):
+        assert (out / RunDir.CONFIG).is_file()  # it is late: the run directory is open
+        raise ValueError("late: the input turned out bad")
+
+    monkeypatch.setattr(module, name, late_failure)
 
 
-def test_imp_retry_after_a_late_failure(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    _fail_then(capsys, ["imp", *TRAIN, *SMALL_IMP, "--batch-size", "5000", "--out", out],
-               ["imp", *TRAIN, *SMALL_IMP, "--out", out], tmp_path / "run", "batch_size")
+@pytest.mark.parametrize("command,module,name", [
+    ("train", commands, "train"),            # after the init and masks were saved
+    ("random", commands, "train"),
+    ("imp", "mcwt_ext.imp", "train"),        # in round 0, after imp.json and round_00/masks
+])
+def test_retry_after_a_late_training_failure(tmp_path, capsys, monkeypatch, command, module, name):
+    import importlib
+
+    out = tmp_path / "run"
+    module = importlib.import_module(module) if isinstance(module, str) else module
+    real = getattr(module, name)
+    _fails_late(monkeypatch, module, name, out)
+    extra = SMALL_IMP if command == "imp" else []
+    with pytest.raises(SystemExit):
+        main([command, *TRAIN, *extra, "--seed", "1", "--out", str(out)])
+    assert "late:" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(module, name, real)
+    assert main([command, *TRAIN, *extra, "--seed", "2", "--out", str(out)]) == 0  # other settings
 
 
-def test_random_retry_after_a_late_failure(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    _fail_then(capsys, ["random", *TRAIN, "--batch-size", "5000", "--out", out],
-               ["random", *TRAIN, "--out", out], tmp_path / "run", "batch_size")
+def test_train_retry_after_masks_of_another_architecture(inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    _fail_then(capsys, ["train", *TRAIN, "--masks", str(inputs["conv4_masks"]), "--out", str(out)],
+               ["train", *TRAIN, "--masks", str(inputs["ticket"] / RunDir.MASKS), "--out", str(out)],
+               out, "conv4")
 
 
 def test_sample_retry_after_a_late_failure(inputs, tmp_path, capsys, monkeypatch):
@@ -391,6 +410,7 @@ def test_plot_retry_after_a_bad_sample(inputs, tmp_path, capsys):
                out, "--mcwt")
 
 
+@pytest.mark.slow
 def test_reproduce_retry_after_a_late_failure(tmp_path, capsys, monkeypatch):
     """A cell fails after the grid was opened; the retry under other settings starts afresh."""
     from mcwt_ext.experiments import grid
