@@ -430,3 +430,27 @@ def test_reproduce_retry_after_a_late_failure(tmp_path, capsys, monkeypatch):
     assert "cell's input" in capsys.readouterr().err and not out.exists()
     monkeypatch.setattr(grid, "run_cell", real)
     assert main([*base, "--iterations", "2"]) == 0
+    assert "Splits of synthetic: 450 training, 50 validation, 100 test images; one image is 2.00 points " \
+           "of validation accuracy, 1.00 of test accuracy." in capsys.readouterr().out
+
+
+# --- flags every command shares, and the defaults per dataset -------------------------------------
+
+@pytest.mark.parametrize("command", list(CASES))
+def test_every_command_takes_quiet(command):
+    from mcwt_ext.cli import build_parser
+
+    options = build_parser().commands[command]._option_string_actions
+    assert options["--quiet"].dest == options["--no-progress"].dest == "no_progress"
+
+
+@pytest.mark.parametrize("dataset,iterations,eval_every", [("digits", 300, 20), ("cifar10", 20000, 100)])
+def test_training_defaults_come_per_dataset(dataset, iterations, eval_every):
+    from mcwt_ext.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--arch", "conv2", "--dataset", dataset, "--out", "x"])
+    cfg = commands.train_config(args)
+    assert (cfg.iterations, cfg.eval_every) == (iterations, eval_every)
+    args = build_parser().parse_args(["train", "--arch", "conv2", "--dataset", dataset, "--iterations", "7",
+                                      "--out", "x"])
+    assert commands.train_config(args).iterations == 7  # a flag wins
