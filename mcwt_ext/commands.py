@@ -84,20 +84,20 @@ def opened(path: Path, identity: dict | None = None, **kwargs):
         raise
 
 
-def check_out(path: Path, name: str = "--out", *, run: bool = True) -> None:
-    """``path`` can take what the command writes: a run directory (``run``) or a file."""
-    if run:
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{name} {path} is a file, not a run directory")
-        if path.is_dir() and any(path.iterdir()) and not (path / RunDir.CONFIG).is_file():
-            raise ValueError(f"{name} {path} holds files but no {RunDir.CONFIG}: not a run "
-                             f"directory; give a new or empty directory")
-    else:
+def check_out(path: Path, name: str = "--out", *, kind: str = "run") -> None:
+    """``path`` can take what the command writes: a run directory, a file or a folder (``kind``)."""
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{name} {path}: {parent} is a file, not a directory")
+    if kind == "file":
         if path.is_dir():
             raise ValueError(f"{name} {path} is a directory; give a file name")
-        parent = next((p for p in path.absolute().parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise ValueError(f"{name} {path}: {parent} is a file, not a directory")
+        return
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is a file, not a {'run directory' if kind == 'run' else 'folder'}")
+    if kind == "run" and path.is_dir() and any(path.iterdir()) and not (path / RunDir.CONFIG).is_file():
+        raise ValueError(f"{name} {path} holds files but no {RunDir.CONFIG}: not a run "
+                         f"directory; give a new or empty directory")
 
 
 def load_data(args) -> Dataset:
@@ -223,7 +223,7 @@ def train_cmd(args) -> int:
     check_out(args.out)
     init, init_flag = args.init, "--init"
     if init is None and args.masks and (args.masks.parent / RunDir.INIT).is_file():
-        init, init_flag = args.masks.parent / RunDir.INIT, f"the {RunDir.INIT} next to --masks,"
+        init, init_flag = args.masks.parent / RunDir.INIT, f"--masks (its {RunDir.INIT})"
     ds, model = data_and_model(args, init, init_flag)
     masks = read_masks(args, ds, model, args.masks) if args.masks else None
     cfg = train_config(args)
@@ -283,7 +283,7 @@ def random_cmd(args) -> int:
 def fit_cmd(args) -> int:
     from .fit import fit_ticket
 
-    check_out(args.out, run=False)
+    check_out(args.out, kind="file")
     ticket, ds = _ticket_and_data(args)
     fit = fit_ticket(ticket.model, ticket.masks, ds.train.tensors[0], max_samples=args.max_samples,
                      max_weights_per_layer=args.max_weights, seed=ticket.config["seed"])
@@ -349,8 +349,7 @@ def _run_masks(path: Path, name: str) -> tuple[RunDir, dict]:
 def plot_cmd(args) -> int:
     from .plots import ticket_figures
 
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file, not a folder")
+    check_out(args.out, kind="folder")
     ticket, ds = _ticket_and_data(args)
     sample, mcwt = _run_masks(args.mcwt, "--mcwt")
     with flag("--mcwt", args.mcwt):

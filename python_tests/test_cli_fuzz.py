@@ -153,6 +153,7 @@ CASES = {
         (["train", *TRAIN, "--init", "{conv4_masks}", "--out", "{out}"], "--init"),
         (["train", *TRAIN, "--out", "{text}"], "--out"),
         (["train", *TRAIN, "--out", "{foreign}"], "--out"),
+        (["train", *TRAIN, "--out", "{text}/run"], "--out"),
         (["train", *TRAIN, "--out", "{other_run}"], "config.json"),
         (["train", "--arch", "conv2", "--dataset", "cifar10", "--out", "{out}"], "--data-root"),
         (["train", "--arch", "conv2", "--dataset", "cifar10", "--data-root", "{cifar_missing}",
@@ -233,6 +234,7 @@ CASES = {
         (["plot", "--ticket", "{ticket}", "--mcwt", "{sample}", "--max-samples", "0",
           "--out", "{out}"], "--max-samples"),
         (["plot", "--ticket", "{ticket}", "--mcwt", "{sample}", "--out", "{text}"], "--out"),
+        (["plot", "--ticket", "{ticket}", "--mcwt", "{sample}", "--out", "{text}/figs"], "--out"),
     ],
     "reproduce": [
         (["reproduce", "--arch", "conv9", "--out", "{out}"], "--arch"),
