@@ -145,12 +145,11 @@ def _setting_type(f: dataclasses.Field):
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (help from its metadata; --seed is the model's); unset ones
     take the architecture's protocol value."""
-    g = p.add_argument_group("training (defaults: the protocol for --arch)")
+    g = p.add_argument_group("training (defaults: the protocol for --arch; on digits 300 iterations, "
+                             "evaluation every 20)")
     for f in dataclasses.fields(TrainConfig):
         if f.name != "seed":
             g.add_argument("--" + f.name.replace("_", "-"), type=_setting_type(f), help=f.metadata["help"])
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when "
-                                                              "stderr is not a terminal)")
 
 
 def add_ticket_args(p: argparse.ArgumentParser) -> None:
@@ -171,6 +170,9 @@ def _command(subparsers, func, name: str, *, model_data: bool = False, train: bo
     """The sub-parser of command ``name`` run by ``func``, with the shared flag groups it takes."""
     p = subparsers.add_parser(name, **kwargs)
     p.set_defaults(func=func)
+    p.add_argument("--quiet", "--no-progress", dest="no_progress", action="store_true",
+                   help="no progress output (default: a bar on a terminal, else a line every 30 s "
+                        "on stderr; MCWT_PROGRESS_INTERVAL sets the seconds)")
     if model_data:
         add_model_data_args(p)
     if train:
@@ -334,7 +336,8 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="cells run in parallel processes, each with cores/jobs threads (default 1)")
     p.add_argument("--device", type=device_spec, default="cpu", help="torch device (default cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--download", action="store_true",
+                   help="download CIFAR-10 into --data-root through torchvision if it is absent")
     p.add_argument("--out", type=Path, required=True, help="grid directory; rerun to resume")
 
 
@@ -354,13 +357,19 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+#: What the package raises on bad input (its convention: a ValueError naming the argument or the
+#: file; a FileNotFoundError; an OS refusal to read or write a path the user gave). Anything else
+#: is a bug and keeps its traceback.
+INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # the library's word on a bad argument
-        parser.commands[args.command].error(str(e))
+    except INPUT_ERRORS as e:  # one line, under the command's name
+        parser.commands[args.command].error(" ".join(str(e).split()))
     except KeyboardInterrupt:
         print(f"\ninterrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
         return 130

@@ -1,13 +1,18 @@
 """What each ``mcwt`` command does, given its parsed arguments (cli.py parses, this module runs).
 
-Every command first builds and checks everything it needs (data, model, masks, settings), and
-only then opens its run directory (:meth:`RunDir.open`: a new run, or the same one resumed), so a
-bad input never leaves a half-made run behind.
+Every command first builds and checks everything it needs (data, model, masks, settings, where
+it writes), and only then opens its run directory (:func:`opened`: a new run, or the same one
+resumed). What can only fail later (e.g. a fit that lacks a layer's model) fails in a directory
+that :func:`opened` removes again when the failed command made it and it holds nothing but the
+run's starting files, so the corrected command starts afresh. Errors in the user's input are
+ValueErrors (or FileNotFoundErrors) naming the flag or the file; ``cli.main`` prints them as one line.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,8 +22,8 @@ import torch
 from . import masks as masks_lib
 from .data import DATASETS, Dataset, load_dataset
 from .imp import ImpConfig, run_imp
-from .models import build_model
-from .runs import RunDir, load_masks, load_ticket, load_weights
+from .models import ARCHS, build_model
+from .runs import RunDir, load_masks, load_ticket, load_tensors, load_weights
 from .train import TrainConfig, train
 
 __all__ = ["train_cmd", "imp_cmd", "random_cmd", "fit_cmd", "sample_cmd", "plot_cmd", "reproduce_cmd",
@@ -33,6 +38,68 @@ def _check_data_root(dataset: str, data_root: Path | None) -> None:
                          f"cifar-10-batches-py/)")
 
 
+@contextlib.contextmanager
+def flag(name: str, path=None):
+    """Errors reading the input of flag ``name`` (the file ``path``) name the flag; a run
+    directory's JSON that lacks a key or has the wrong shape is bad input too."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError) as e:
+        if path is None:
+            raise
+        raise ValueError(f"{name} {path}: not a readable run ({type(e).__name__}: {e})") from None
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(_named(name, path, e)) from None
+
+
+def _named(name: str, path, error: Exception) -> str:
+    """``error``'s message after the flag (and the file, unless the message names it)."""
+    message = str(error).removeprefix(name.lstrip("-") + ": ")  # the library's name for it
+    return f"{name}: {message}" if path is None or str(path) in message else f"{name} {path}: {message}"
+
+
+#: The files a run writes before any work: a run holding only these has lost nothing.
+START_FILES = frozenset({RunDir.CONFIG, RunDir.INIT, RunDir.MASKS, RunDir.IMP})
+
+
+def _is_fresh(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def _holds_only_starts(path: Path) -> bool:
+    return all(p.is_dir() or p.name in START_FILES for p in path.rglob("*"))
+
+
+@contextlib.contextmanager
+def opened(path: Path, identity: dict | None = None, **kwargs):
+    """The run directory ``path`` opened with ``identity`` (None: the caller opens it). If the
+    command fails in a directory it made and nothing but starting files are there, the directory
+    goes again, so the retry is not refused as "another run"."""
+    fresh = _is_fresh(path)
+    try:
+        yield RunDir.open(path, identity, **kwargs) if identity is not None else RunDir(path)
+    except BaseException:
+        if fresh and path.is_dir() and _holds_only_starts(path):
+            shutil.rmtree(path)
+        raise
+
+
+def check_out(path: Path, name: str = "--out", *, kind: str = "run") -> None:
+    """``path`` can take what the command writes: a run directory, a file or a folder (``kind``)."""
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{name} {path}: {parent} is a file, not a directory")
+    if kind == "file":
+        if path.is_dir():
+            raise ValueError(f"{name} {path} is a directory; give a file name")
+        return
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is a file, not a {'run directory' if kind == 'run' else 'folder'}")
+    if kind == "run" and path.is_dir() and any(path.iterdir()) and not (path / RunDir.CONFIG).is_file():
+        raise ValueError(f"{name} {path} holds files but no {RunDir.CONFIG}: not a run "
+                         f"directory; give a new or empty directory")
+
+
 def load_data(args) -> Dataset:
     _check_data_root(args.dataset, args.data_root)
     return load_dataset(args.dataset, args.data_root, split_seed=args.split_seed,
@@ -40,17 +107,64 @@ def load_data(args) -> Dataset:
 
 
 def train_config(args) -> TrainConfig:
-    """The TrainConfig of the parsed training flags (unset ones: the architecture's protocol)."""
-    return TrainConfig.for_arch(args.arch, **{f.name: getattr(args, f.name)
-                                              for f in dataclasses.fields(TrainConfig)})
+    """The TrainConfig of the parsed training flags; unset ones take the dataset's defaults
+    (digits: the short protocol), then the architecture's protocol."""
+    values = dict(DATASETS[args.dataset].train_defaults)
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                   if getattr(args, f.name) is not None})
+    return TrainConfig.for_arch(args.arch, **values)
 
 
-def data_and_model(args, init: Path | None = None) -> tuple[Dataset, torch.nn.Module]:
+def _architecture_of(tensors: dict, ds: Dataset, masks: bool) -> str | None:
+    """The registered architecture whose weights (``masks``: prunable weights) have exactly the
+    names and shapes of ``tensors`` on ``ds``, if any."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    for arch in ARCHS:
+        model = build_model(arch, ds.in_channels, ds.num_classes, ds.image_size)
+        ours = model.state_dict() if not masks else \
+            {f"{n}.weight": masks_lib.dense_weight(m) for n, m in masks_lib.prunable_layers(model)}
+        if shapes == {k: tuple(v.shape) for k, v in ours.items()}:
+            return arch
+    return None
+
+
+def _fits(arch: str, ds: Dataset, model, tensors: dict, path: Path, name: str, masks: bool) -> None:
+    """Check masks or weights read from ``path`` (flag ``name``) against ``model`` (an ``arch``);
+    when they do not fit, say whose they are."""
+    try:
+        if masks:
+            masks_lib.check_masks(model, tensors)
+        else:
+            load_weights(model, path)
+    except ValueError as e:
+        other = _architecture_of(tensors, ds, masks)
+        if other is not None and other != arch:
+            what = "masks" if masks else "weights"
+            raise ValueError(f"{name} {path} holds the {what} of a {other} on {ds.name}, "
+                             f"not of a {arch}") from None
+        raise ValueError(_named(name, path, e)) from None
+
+
+def read_masks(args, ds: Dataset, model, path: Path, name: str = "--masks") -> dict:
+    with flag(name):
+        masks = load_masks(path)
+    _fits(args.arch, ds, model, masks, path, name, masks=True)
+    return masks
+
+
+def check_batch_size(cfg: TrainConfig, ds: Dataset) -> None:
+    if cfg.batch_size > len(ds.train):
+        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(ds.train)} training images")
+
+
+def data_and_model(args, init: Path | None = None, name: str = "--init") -> tuple[Dataset, torch.nn.Module]:
     """The dataset and the model: a fresh init from --seed, or the weights of ``init``."""
     ds = load_data(args)
     model = build_model(args.arch, ds.in_channels, ds.num_classes, ds.image_size, args.seed)
     if init is not None:
-        load_weights(model, init)
+        with flag(name):
+            tensors = load_tensors(init)
+        _fits(args.arch, ds, model, tensors, init, name, masks=False)
     return ds, model
 
 
@@ -93,32 +207,48 @@ def _ticket_data(ticket, data_root: Path | None) -> Dataset:
                         val_size=config.get("val_size"))
 
 
+def _ticket_and_data(args):
+    """The ticket of --ticket and its dataset (--data-root overriding the ticket's)."""
+    with flag("--ticket", args.ticket):
+        ticket = load_ticket(args.ticket)
+        if not isinstance(ticket.config.get("seed"), int):
+            raise ValueError(f"{RunDir.CONFIG} has no int seed")
+    with flag("--data-root" if args.data_root else "--ticket", args.data_root or args.ticket):
+        return ticket, _ticket_data(ticket, args.data_root)
+
+
 # --- the commands --------------------------------------------------------------------------------
 
 def train_cmd(args) -> int:
-    init = args.init
+    check_out(args.out)
+    init, init_flag = args.init, "--init"
     if init is None and args.masks and (args.masks.parent / RunDir.INIT).is_file():
-        init = args.masks.parent / RunDir.INIT
-    ds, model = data_and_model(args, init)
-    masks = load_masks(args.masks) if args.masks else None
-    if masks is not None:
-        masks_lib.check_masks(model, masks)
+        init, init_flag = args.masks.parent / RunDir.INIT, f"--masks (its {RunDir.INIT})"
+    ds, model = data_and_model(args, init, init_flag)
+    masks = read_masks(args, ds, model, args.masks) if args.masks else None
     cfg = train_config(args)
-    rd = RunDir.open(args.out, run_config(args, ds, masks=_resolved(args.masks), init=_resolved(init),
-                                          train=dataclasses.asdict(cfg)))
-    save_starts(rd, model, masks)
-    return _train_and_report(args, ds, model, masks, cfg, rd, "train")
+    check_batch_size(cfg, ds)
+    with opened(args.out, run_config(args, ds, masks=_resolved(args.masks), init=_resolved(init),
+                                     train=dataclasses.asdict(cfg))) as rd:
+        save_starts(rd, model, masks)
+        return _train_and_report(args, ds, model, masks, cfg, rd, "train")
 
 
 def imp_cmd(args) -> int:
+    check_out(args.out)
     ds, model = data_and_model(args)
     cfg = ImpConfig.for_arch(args.arch, train=train_config(args), rates=args.rates,
                              sparsity=args.sparsity, rewind_iteration=args.rewind_iteration,
                              max_rounds=args.max_rounds)
-    rd = RunDir.open(args.out, run_config(args, ds, train=dataclasses.asdict(cfg.train),
-                                          imp=dict(rates=cfg.rates, sparsity=cfg.sparsity,
-                                                   rewind_iteration=cfg.rewind_iteration)))
-    run_imp(model, ds, cfg, rd, progress=not args.no_progress)
+    check_batch_size(cfg.train, ds)
+    kinds = set(masks_lib.layer_kind(model, ds.example_input()).values())
+    stuck = [k for k in sorted(kinds) if cfg.rates[k] == 0.0]
+    if stuck and cfg.sparsity > 0:
+        raise ValueError(f"--rates: a rate of 0 for {', '.join(stuck)} never reaches --sparsity {cfg.sparsity}")
+    with opened(args.out, run_config(args, ds, train=dataclasses.asdict(cfg.train),
+                                     imp=dict(rates=cfg.rates, sparsity=cfg.sparsity,
+                                              rewind_iteration=cfg.rewind_iteration))) as rd:
+        run_imp(model, ds, cfg, rd, progress=not args.no_progress)
     summary = rd.load_json(RunDir.SUMMARY)
     if not summary["reached_target"]:
         print(f"warning: stopped after --max-rounds {args.max_rounds} short of --sparsity "
@@ -128,31 +258,33 @@ def imp_cmd(args) -> int:
 
 
 def random_cmd(args) -> int:
+    check_out(args.out)
     ds, model = data_and_model(args, args.init)
     if args.like is not None:
-        like = load_masks(args.like)
-        masks_lib.check_masks(model, like)
+        like = read_masks(args, ds, model, args.like, "--like")
         sparsity = {k: 1.0 - d for k, d in masks_lib.densities(like).items()}
     else:
         sparsity = args.sparsity
     mask_seed = args.seed if args.mask_seed is None else args.mask_seed
     masks = masks_lib.random_masks(model, sparsity, mask_seed)
     cfg = train_config(args)
-    rd = RunDir.open(args.out, run_config(args, ds, sparsity=sparsity, mask_seed=mask_seed,
-                                          init=_resolved(args.init),
-                                          train=None if args.no_train else dataclasses.asdict(cfg)))
-    save_starts(rd, model, masks)
-    if args.no_train:
-        print(f"wrote {rd.masks_path} and {rd.init_path}")
-        return 0
-    return _train_and_report(args, ds, model, masks, cfg, rd, "random")
+    if not args.no_train:
+        check_batch_size(cfg, ds)
+    with opened(args.out, run_config(args, ds, sparsity=sparsity, mask_seed=mask_seed,
+                                     init=_resolved(args.init),
+                                     train=None if args.no_train else dataclasses.asdict(cfg))) as rd:
+        save_starts(rd, model, masks)
+        if args.no_train:
+            print(f"wrote {rd.masks_path} and {rd.init_path}")
+            return 0
+        return _train_and_report(args, ds, model, masks, cfg, rd, "random")
 
 
 def fit_cmd(args) -> int:
     from .fit import fit_ticket
 
-    ticket = load_ticket(args.ticket)
-    ds = _ticket_data(ticket, args.data_root)
+    check_out(args.out, kind="file")
+    ticket, ds = _ticket_and_data(args)
     fit = fit_ticket(ticket.model, ticket.masks, ds.train.tensors[0], max_samples=args.max_samples,
                      max_weights_per_layer=args.max_weights, seed=ticket.config["seed"])
     fit.source = dict(ticket=str(args.ticket.resolve()), arch=ticket.config["arch"],
@@ -163,25 +295,38 @@ def fit_cmd(args) -> int:
     return 0
 
 
+def _check_fit_covers(fit, model, ds: Dataset, use_connectivity: bool, path: Path) -> None:
+    """Fail before any work when the fit lacks a model one of the net's layers needs."""
+    layers = masks_lib.prunable_layers(model, ds.example_input().to(next(model.parameters()).device))
+    kinds = masks_lib.layer_kind(model, layers=layers)
+    names = [f"{n}.weight" for n, _ in layers]
+    with flag("--fit", path):
+        for name in names:
+            fit.model_for(name, kinds[name], use_connectivity and name != names[0])
+
+
 def sample_cmd(args) -> int:
     from .fit import load_fit
     from .sample import sample_record, sample_ticket
 
-    fit = load_fit(args.fit)
+    check_out(args.out)
+    with flag("--fit", args.fit):
+        fit = load_fit(args.fit)
     ds, model = data_and_model(args, args.init)
     model.to(args.device)
-    rd = RunDir.open(args.out, run_config(args, ds, fit=str(args.fit.resolve()), sparsity=args.sparsity,
-                                          use_connectivity=args.use_connectivity, exact=args.exact,
-                                          max_samples=args.max_samples))
-    start = time.perf_counter()
-    masks, draws = sample_ticket(model, fit, ds.train.tensors[0], sparsity=args.sparsity,
-                                 use_connectivity=args.use_connectivity, exact=args.exact,
-                                 seed=args.seed, max_samples=args.max_samples,
-                                 progress=sys.stderr.isatty())
-    wall = time.perf_counter() - start
-    save_starts(rd, model, masks)
-    record = sample_record(draws, wall)
-    rd.save_json(RunDir.SAMPLE, record)
+    _check_fit_covers(fit, model, ds, args.use_connectivity, args.fit)
+    with opened(args.out, run_config(args, ds, fit=str(args.fit.resolve()), sparsity=args.sparsity,
+                                     use_connectivity=args.use_connectivity, exact=args.exact,
+                                     max_samples=args.max_samples)) as rd:
+        start = time.perf_counter()
+        masks, draws = sample_ticket(model, fit, ds.train.tensors[0], sparsity=args.sparsity,
+                                     use_connectivity=args.use_connectivity, exact=args.exact,
+                                     seed=args.seed, max_samples=args.max_samples,
+                                     progress=not args.no_progress)
+        wall = time.perf_counter() - start
+        save_starts(rd, model, masks)
+        record = sample_record(draws, wall)
+        rd.save_json(RunDir.SAMPLE, record)
     for d in record["layers"]:
         print(f"{d['name']:>14}  {d['kind']:<6}  density {d['density']:.4f} "
               f"(target {d['target_density']:.4f})  bias " +
@@ -190,23 +335,39 @@ def sample_cmd(args) -> int:
     return 0
 
 
+def _run_masks(path: Path, name: str) -> tuple[RunDir, dict]:
+    """The run directory of flag ``name`` and its masks."""
+    with flag(name, path):
+        if not path.is_dir():
+            raise ValueError("not a run directory")
+        run = RunDir(path)
+        if not run.exists(RunDir.MASKS):
+            raise ValueError(f"holds no {RunDir.MASKS}")
+        return run, load_masks(run.masks_path)
+
+
 def plot_cmd(args) -> int:
     from .plots import ticket_figures
 
-    ticket = load_ticket(args.ticket)
-    ds = _ticket_data(ticket, args.data_root)
-    sample = RunDir(args.mcwt)
-    mcwt = load_masks(sample.masks_path)
-    variant = "mcwt_connectivity" if not sample.exists(RunDir.CONFIG) or \
-        sample.load_json(RunDir.CONFIG).get("use_connectivity", True) else "mcwt_magnitude"
+    check_out(args.out, kind="folder")
+    ticket, ds = _ticket_and_data(args)
+    sample, mcwt = _run_masks(args.mcwt, "--mcwt")
+    with flag("--mcwt", args.mcwt):
+        use_connectivity = not sample.exists(RunDir.CONFIG) or \
+            sample.load_json(RunDir.CONFIG).get("use_connectivity", True)
+    variant = "mcwt_connectivity" if use_connectivity else "mcwt_magnitude"
     if args.random is not None:
-        rnd = load_masks(RunDir(args.random).masks_path)
+        _, rnd = _run_masks(args.random, "--random")
     else:  # the same per-layer sparsity as the sample
-        rnd = masks_lib.random_masks(ticket.model, {k: 1.0 - d for k, d in masks_lib.densities(mcwt).items()},
-                                     ticket.config["seed"])
+        rnd = None
     masks = {"wt": ticket.masks, variant: mcwt, "random": rnd}
-    for m in masks.values():
-        masks_lib.check_masks(ticket.model, m)
+    for (name, path), m in zip([("--ticket", args.ticket), ("--mcwt", args.mcwt), ("--random", args.random)],
+                               masks.values()):
+        if m is not None:
+            _fits(ticket.config["arch"], ds, ticket.model, m, path, name, masks=True)
+    if rnd is None:
+        masks["random"] = masks_lib.random_masks(
+            ticket.model, {k: 1.0 - d for k, d in masks_lib.densities(mcwt).items()}, ticket.config["seed"])
     for path in ticket_figures(ticket.model, masks, ds.train.tensors[0], args.out, args.max_samples):
         print(f"wrote {path} (numbers: {path.with_suffix('.json')})")
     return 0
@@ -215,17 +376,31 @@ def plot_cmd(args) -> int:
 def reproduce_cmd(args) -> int:
     from .experiments import Grid, report
 
+    check_out(args.out)
     _check_data_root(args.dataset, args.data_root)
-    if DATASETS[args.dataset].needs_root:
-        load_dataset(args.dataset, args.data_root)  # fail now, not in a worker, on missing or bad files
+    # fail now, not in a worker, on missing or bad files; the split sizes go beside the table
+    ds = load_dataset(args.dataset, args.data_root, download=args.download)
+    defaults = DATASETS[args.dataset].train_defaults
     grid = Grid(archs=args.arch, seeds=list(range(args.seeds)), dataset=args.dataset, out=args.out,
                 data_root=_resolved(args.data_root), protocol=args.protocol, jobs=args.jobs,
-                iterations=args.iterations, eval_every=args.eval_every, device=args.device,
+                iterations=args.iterations or defaults.get("iterations"),
+                eval_every=args.eval_every or defaults.get("eval_every"), device=args.device,
                 progress=not args.no_progress)
-    grid.run()
+    with opened(args.out):
+        grid.run()
     paths = report(grid)
     print(paths["table_md"].read_text())
+    print(split_note(ds))
+    print()
     print(paths["cost_md"].read_text())
     for name, path in paths.items():
         print(f"{name:>10}: {path}")
     return 0
+
+
+def split_note(ds: Dataset) -> str:
+    """The split sizes, and what one image is worth in the accuracy columns."""
+    n_train, n_val, n_test = len(ds.train), len(ds.val), len(ds.test)
+    return (f"Splits of {ds.name}: {n_train:,} training, {n_val:,} validation, {n_test:,} test images; "
+            f"one image is {100 / n_val:.2f} points of validation accuracy, {100 / n_test:.2f} of test "
+            f"accuracy.")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -147,8 +148,25 @@ def load_fit(fit: "LogisticFit | str | os.PathLike") -> LogisticFit:
         raise TypeError(f"fit: expected a LogisticFit or a path, got {type(fit).__name__}")
     if not os.path.isfile(fit):
         raise FileNotFoundError(f"fit: no such file {str(fit)!r} (make one with `mcwt fit`)")
-    with open(fit) as f:
-        return LogisticFit.from_json(json.load(f))
+    try:
+        with open(fit, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"fit: {fit} is not JSON ({e}); make one with `mcwt fit`") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"fit: {fit} is not an mcwt fit file (JSON {type(obj).__name__}, expected an object)")
+    try:
+        loaded = LogisticFit.from_json(obj)
+        for group, variants in loaded.models.items():
+            for variant, m in variants.items():
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in (m.u_mag, m.u_conn, m.bias)):
+                    raise TypeError(f"model {group}/{variant} has non-numeric coefficients")
+        return loaded
+    except (KeyError, TypeError, AttributeError) as e:  # the right tag, a broken body
+        raise ValueError(f"fit: {fit} is not a complete mcwt fit file ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise ValueError(f"fit: {fit}: {str(e).removeprefix('fit: ')}") from None
 
 
 def magnitude_scale(weight: torch.Tensor) -> float:

@@ -201,10 +201,7 @@ def sample_record(draws: list[LayerDraw], wall_time_s: float) -> dict:
 
 
 def _progress(total: int, enabled: bool):
-    import sys
+    from .progress import Progress
 
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="sample", unit="layer", leave=False,
-                disable=not (enabled and sys.stderr.isatty()))
+    return Progress(total, "sample", unit="layer", noun="layer", leave=False, enabled=enabled)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm import tqdm
 
 from .data import Dataset
 from .masks import apply_masks, check_masks, densities, masked_parameters
 from .models import arch_spec
+from .progress import Progress, note
 from .runs import RUNTIME_KEYS, RunDir, atomic_write, check_identity, snapshot_name
 
 __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "BatchOrder", "make_optimizer"]
@@ -286,17 +285,21 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     loss_count = 0
     if rd is not None and rd.exists(RunDir.CHECKPOINT):
-        ckpt = torch.load(rd.file(RunDir.CHECKPOINT), map_location=device, weights_only=True)
+        try:  # weights_only: tensors, ints, floats, strings and dicts/lists of them, no code
+            ckpt = torch.load(rd.file(RunDir.CHECKPOINT), map_location=device, weights_only=True)
+        except Exception as e:  # truncated or not a checkpoint: torch raises several types
+            raise ValueError(f"{rd.file(RunDir.CHECKPOINT)} is not a readable checkpoint "
+                             f"({type(e).__name__}); delete it to train this run from the start") from None
         _check_same_run(ckpt, config, digest, rd.file(RunDir.CHECKPOINT))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start, history, wall_time = ckpt["iteration"], ckpt["history"], ckpt["wall_time_s"]
         loss_sum, loss_count = ckpt["loss_sum"].to(device), ckpt["loss_count"]
+        note(f"resuming {rd.path} from iteration {start}", progress)
 
     val, test = (TensorDataset(*(t.to(device) for t in s.tensors)) for s in (dataset.val, dataset.test))
     order = BatchOrder(len(dataset.train), config.batch_size, config.seed)
-    bar = tqdm(total=config.iterations, initial=start, desc=desc, dynamic_ncols=True,
-               disable=not (progress and sys.stderr.isatty()))
+    bar = Progress(config.iterations, desc, initial=start, enabled=progress)
     began = time.perf_counter()
 
     def record(iteration):
@@ -307,7 +310,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         history.append(dict(iteration=iteration, train_loss=train_loss, val_loss=val_loss,
                             val_acc=val_acc, test_loss=test_loss, test_acc=test_acc))
         loss_sum, loss_count = torch.zeros_like(loss_sum), 0
-        bar.set_postfix(val_acc=f"{val_acc:.4f}", val_loss=f"{val_loss:.4f}", refresh=False)
+        bar.set(val_acc=val_acc, val_loss=val_loss)
         if rd is not None:
             rd.save_csv(RunDir.METRICS, history, METRICS_FIELDS)
 

@@ -113,4 +113,4 @@ def test_rerun_resumes_and_other_settings_are_refused(tmp_path, capsys):
 
 def test_init_from_another_architecture_is_refused(imp_dir, tmp_path, capsys):
     _fails(capsys, ["train", *BASE[:1], "conv4", *BASE[2:], "--init", str(imp_dir.init_path),
-                    "--out", str(tmp_path / "x")], "does not fit")
+                    "--out", str(tmp_path / "x")], "holds the weights of a conv2 on synthetic, not of a conv4")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,12 +95,12 @@ def run_cell(cell: Cell) -> tuple:
 def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True) -> None:
     """Run every unfinished cell of ``cells``, each after the cells it needs (same arch and seed),
     in ``cells``' order where there is a choice; ``jobs > 1``: in that many worker processes."""
-    from tqdm.auto import tqdm
+    from ..progress import Progress
 
     pending = {c.key: c for c in cells if not c.done()}
     finished = {c.key for c in cells if c.done()}
-    bar = tqdm(total=len(cells), initial=len(finished), desc="reproduce", unit="cell",
-               disable=not (progress and sys.stderr.isatty()))
+    bar = Progress(len(cells), "reproduce", unit="cell", noun="cell", initial=len(finished),
+                   enabled=progress)
 
     def ready():
         return [c for c in pending.values()
@@ -110,7 +109,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True) -> None:
     def finish(key):
         pending.pop(key)
         finished.add(key)
-        bar.set_postfix_str("/".join(map(str, key)))
+        bar.set(last="/".join(map(str, key)))
         bar.update(1)
 
     try:
