@@ -139,6 +139,14 @@ def add_model_data_args(p: argparse.ArgumentParser) -> None:
 def _setting_type(f: dataclasses.Field):
     if f.name == "device":
         return device_spec
+    if f.metadata.get("parse") is not None:  # the field's own parser; its ValueError is the message
+        def parse(text: str, _parse=f.metadata["parse"]):
+            try:
+                return _parse(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        parse.__name__ = f.name
+        return parse
     return positive_float if f.type in ("float", float) else _int_at_least(f.metadata["low"])
 
 

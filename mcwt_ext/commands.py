@@ -17,7 +17,7 @@ import torch
 from . import masks as masks_lib
 from .data import DATASETS, Dataset, load_dataset
 from .imp import ImpConfig, run_imp
-from .models import build_model
+from .models import arch_sparsity, build_model
 from .runs import RunDir, load_masks, load_ticket, load_weights
 from .train import TrainConfig, train
 
@@ -113,7 +113,7 @@ def train_cmd(args) -> int:
 def imp_cmd(args) -> int:
     ds, model = data_and_model(args)
     cfg = ImpConfig.for_arch(args.arch, train=train_config(args), rates=args.rates,
-                             sparsity=args.sparsity, rewind_iteration=args.rewind_iteration,
+                             sparsity=arch_sparsity(args.arch, model, ds.example_input(), args.sparsity), rewind_iteration=args.rewind_iteration,
                              max_rounds=args.max_rounds)
     rd = RunDir.open(args.out, run_config(args, ds, train=dataclasses.asdict(cfg.train),
                                           imp=dict(rates=cfg.rates, sparsity=cfg.sparsity,
@@ -134,7 +134,7 @@ def random_cmd(args) -> int:
         masks_lib.check_masks(model, like)
         sparsity = {k: 1.0 - d for k, d in masks_lib.densities(like).items()}
     else:
-        sparsity = args.sparsity
+        sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)
     mask_seed = args.seed if args.mask_seed is None else args.mask_seed
     masks = masks_lib.random_masks(model, sparsity, mask_seed)
     cfg = train_config(args)
@@ -174,7 +174,8 @@ def sample_cmd(args) -> int:
                                           use_connectivity=args.use_connectivity, exact=args.exact,
                                           max_samples=args.max_samples))
     start = time.perf_counter()
-    masks, draws = sample_ticket(model, fit, ds.train.tensors[0], sparsity=args.sparsity,
+    sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)
+    masks, draws = sample_ticket(model, fit, ds.train.tensors[0], sparsity=sparsity,
                                  use_connectivity=args.use_connectivity, exact=args.exact,
                                  seed=args.seed, max_samples=args.max_samples,
                                  progress=sys.stderr.isatty())

@@ -142,7 +142,9 @@ class TrainConfig:
 
     @classmethod
     def for_arch(cls, arch: str, **overrides) -> "TrainConfig":
-        """The protocol's settings for ``arch``; ``overrides`` set to None are ignored."""
+        """The protocol's settings for ``arch``; ``overrides`` set to None are ignored. With
+        other ``iterations``, the protocol's warm-up and milestones are scaled to them (unless
+        given too), as the reduced protocol needs."""
         spec = arch_spec(arch)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - known
@@ -152,7 +154,13 @@ class TrainConfig:
                       optimizer=spec.optimizer, momentum=spec.momentum,
                       weight_decay=spec.weight_decay, warmup_iterations=spec.warmup_iterations,
                       lr_milestones=list(spec.lr_milestones), lr_gamma=spec.lr_gamma)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "iterations" in given and given["iterations"] != spec.iterations:
+            # a shorter (or longer) run keeps the shape of the protocol's schedule
+            protocol = cls(**values).scaled(given["iterations"])
+            values.update(warmup_iterations=protocol.warmup_iterations,
+                          lr_milestones=protocol.lr_milestones)
+        values.update(given)
         return cls(**values)
 
     def scaled(self, iterations: int) -> "TrainConfig":

@@ -35,6 +35,8 @@ def test_config_protocol_defaults_and_overrides():
     assert (r.warmup_iterations, r.lr_milestones, r.lr_gamma) == (20_000, [20_000, 25_000], 0.1)
     # the reduced protocol's schedule: warm-up and milestones scaled with the iterations
     small = r.scaled(1500)
+    assert TrainConfig.for_arch("resnet20", iterations=1500) == small
+    assert TrainConfig.for_arch("resnet20", iterations=1500, warmup_iterations=0).warmup_iterations == 0
     assert (small.iterations, small.warmup_iterations, small.lr_milestones) == (1500, 1000, [1000, 1250])
     assert small.lr_at(0) == pytest.approx(0.03 / 1000) and small.lr_at(999) == pytest.approx(0.03)
     assert small.lr_at(1000) == pytest.approx(0.003) and small.lr_at(1250) == pytest.approx(0.0003)
