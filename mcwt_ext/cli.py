@@ -365,6 +365,9 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import distributed
+
+    joined = distributed.init()  # under torchrun: one process group trains one net
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # the library's word on a bad argument
@@ -372,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

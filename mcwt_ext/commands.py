@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from . import masks as masks_lib
 from .data import DATASETS, Dataset, load_dataset
 from .imp import ImpConfig, run_imp
@@ -41,8 +42,10 @@ def load_data(args) -> Dataset:
 
 def train_config(args) -> TrainConfig:
     """The TrainConfig of the parsed training flags (unset ones: the architecture's protocol)."""
-    return TrainConfig.for_arch(args.arch, **{f.name: getattr(args, f.name)
-                                              for f in dataclasses.fields(TrainConfig)})
+    cfg = TrainConfig.for_arch(args.arch, **{f.name: getattr(args, f.name)
+                                             for f in dataclasses.fields(TrainConfig)})
+    distributed.check_batch_size(cfg.batch_size)  # under torchrun: before any run directory
+    return cfg
 
 
 def data_and_model(args, init: Path | None = None) -> tuple[Dataset, torch.nn.Module]:
@@ -74,6 +77,8 @@ def save_starts(rd: RunDir, model: torch.nn.Module, masks: dict | None) -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    if not distributed.is_main():  # under torchrun: one report, rank 0's
+        return
     keys = ("val_acc_early_stop", "test_acc_early_stop", "early_stop_iteration", "val_acc_final",
             "test_acc_final")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
@@ -217,6 +222,9 @@ def reproduce_cmd(args) -> int:
     from .experiments import Grid, report
 
     _check_data_root(args.dataset, args.data_root)
+    if distributed.active() and args.jobs > 1:
+        raise ValueError(f"--jobs {args.jobs}: under torchrun the processes train each net together; "
+                         f"give --jobs 1")
     if DATASETS[args.dataset].needs_root:
         load_dataset(args.dataset, args.data_root)  # fail now, not in a worker, on missing or bad files
     grid = Grid(archs=args.arch, seeds=list(range(args.seeds)), dataset=args.dataset, out=args.out,
@@ -224,6 +232,8 @@ def reproduce_cmd(args) -> int:
                 iterations=args.iterations, eval_every=args.eval_every, device=args.device,
                 progress=not args.no_progress)
     grid.run()
+    if not distributed.is_main():  # rank 0 writes and prints the report
+        return 0
     paths = report(grid)
     print(paths["table_md"].read_text())
     print(paths["cost_md"].read_text())

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init", "active", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "share",
+__all__ = ["init", "shutdown", "all_reduce_mean", "active", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "share",
            "part", "local_slice", "wrap", "check_batch_size", "device_for"]
 
 
@@ -40,6 +40,20 @@ def init() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     return True
+
+
+def shutdown() -> None:
+    """Leave the process group :func:`init` joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(total: torch.Tensor, count: int) -> torch.Tensor:
+    """``total / count`` with both summed over the ranks (a mean over all their samples)."""
+    if not active():
+        return total / count
+    n = torch.tensor(float(count), dtype=torch.float64, device=total.device)
+    return all_reduce_sum(total) / all_reduce_sum(n)
 
 
 def active() -> bool:
