@@ -79,3 +79,25 @@ def test_two_gloo_processes_train_as_one(tmp_path):
 def test_one_process_is_not_distributed():
     assert not distributed.active() and distributed.part() == (0, 1) and distributed.share(5) == slice(0, 5)
     distributed.check_batch_size(7)
+
+
+@pytest.mark.slow
+def test_readme_torchrun_command_runs(tmp_path):
+    """The README's "Scaling out" torchrun command, as written (on a free port)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    section = (root / "README.md").read_text().split("### Scaling out", 1)[1]
+    command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    command = command.replace("torchrun", f"{sys.executable} -m torch.distributed.run", 1)
+    command = re.sub(r"--master-port \d+", f"--master-port {_free_port()}", command)
+    env = dict(os.environ, PYTHONPATH=str(root))
+    done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = __import__("json").loads((tmp_path / "runs" / "ddp-digits" / "summary.json").read_text())
+    assert summary["iterations"] == 200 and summary["val_acc_final"] > 0.9
+    assert done.stdout.count("val_acc_final") == 1  # one report, rank 0's
