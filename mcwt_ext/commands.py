@@ -232,9 +232,9 @@ def reproduce_cmd(args) -> int:
                 iterations=args.iterations, eval_every=args.eval_every, device=args.device,
                 progress=not args.no_progress)
     grid.run()
-    if not distributed.is_main():  # rank 0 writes and prints the report
+    paths = report(grid)  # every rank: the figures measure connectivity together; rank 0 writes
+    if not distributed.is_main():
         return 0
-    paths = report(grid)
     print(paths["table_md"].read_text())
     print(paths["cost_md"].read_text())
     for name, path in paths.items():
