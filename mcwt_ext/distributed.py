@@ -13,8 +13,9 @@ afterwards:
   read what it wrote after a :func:`barrier`.
 
 Without a process group (or with one process) every function here is the identity, so the
-single-process code path is untouched. BatchNorm statistics are each rank's own (DDP's default;
-its buffers are broadcast from rank 0 at every forward).
+single-process code path is untouched. BatchNorm normalises each rank's slice with its own batch
+statistics (DDP's default, not SyncBatchNorm); the running statistics are rank 0's, broadcast at
+every forward and before each evaluation.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["init", "shutdown", "all_reduce_mean", "active", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "share",
-           "part", "local_slice", "wrap", "check_batch_size", "device_for"]
+           "part", "local_slice", "broadcast_buffers", "wrap", "check_batch_size", "device_for"]
 
 
 def init() -> bool:
@@ -122,6 +123,14 @@ def local_slice(batch: torch.Tensor, part: tuple[int, int]) -> torch.Tensor:
         return batch
     per = len(batch) // size
     return batch[r * per:(r + 1) * per]
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: each rank's training
+    forward updates them from its own slice, and evaluation and the saved weights are rank 0's."""
+    if active():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def wrap(model: nn.Module) -> nn.Module:

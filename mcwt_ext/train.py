@@ -432,6 +432,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
 
     def record(iteration):
         nonlocal loss_sum, loss_count
+        distributed.broadcast_buffers(model)  # under torchrun: evaluate rank 0's net everywhere
         val_loss, val_acc = evaluate(model, val, device)
         test_loss, test_acc = evaluate(model, test, device)
         mean = distributed.all_reduce_sum(loss_sum.clone()).item() / distributed.world_size()
