@@ -139,6 +139,14 @@ def add_model_data_args(p: argparse.ArgumentParser) -> None:
 def _setting_type(f: dataclasses.Field):
     if f.name == "device":
         return device_spec
+    if f.metadata.get("parse") is not None:  # the field's own parser; its ValueError is the message
+        def parse(text: str, _parse=f.metadata["parse"]):
+            try:
+                return _parse(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        parse.__name__ = f.name
+        return parse
     return positive_float if f.type in ("float", float) else _int_at_least(f.metadata["low"])
 
 
@@ -366,6 +374,9 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryErro
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import distributed
+
+    joined = distributed.init()  # under torchrun: one process group trains one net
     try:
         return args.func(args)
     except INPUT_ERRORS as e:  # one line, under the command's name
@@ -373,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from . import masks as masks_lib
 from .data import DATASETS, Dataset, load_dataset
 from .imp import ImpConfig, run_imp
-from .models import ARCHS, build_model
+from .models import ARCHS, arch_sparsity, build_model
 from .runs import RunDir, load_masks, load_ticket, load_tensors, load_weights
 from .train import TrainConfig, train
 
@@ -112,7 +113,9 @@ def train_config(args) -> TrainConfig:
     values = dict(DATASETS[args.dataset].train_defaults)
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                    if getattr(args, f.name) is not None})
-    return TrainConfig.for_arch(args.arch, **values)
+    cfg = TrainConfig.for_arch(args.arch, **values)
+    distributed.check_batch_size(cfg.batch_size)  # under torchrun: before any run directory
+    return cfg
 
 
 def _architecture_of(tensors: dict, ds: Dataset, masks: bool) -> str | None:
@@ -188,6 +191,8 @@ def save_starts(rd: RunDir, model: torch.nn.Module, masks: dict | None) -> None:
 
 
 def _print_summary(summary: dict) -> None:
+    if not distributed.is_main():  # under torchrun: one report, rank 0's
+        return
     keys = ("val_acc_early_stop", "test_acc_early_stop", "early_stop_iteration", "val_acc_final",
             "test_acc_final")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
@@ -238,7 +243,7 @@ def imp_cmd(args) -> int:
     check_out(args.out)
     ds, model = data_and_model(args)
     cfg = ImpConfig.for_arch(args.arch, train=train_config(args), rates=args.rates,
-                             sparsity=args.sparsity, rewind_iteration=args.rewind_iteration,
+                             sparsity=arch_sparsity(args.arch, model, ds.example_input(), args.sparsity), rewind_iteration=args.rewind_iteration,
                              max_rounds=args.max_rounds)
     check_batch_size(cfg.train, ds)
     kinds = set(masks_lib.layer_kind(model, ds.example_input()).values())
@@ -264,7 +269,7 @@ def random_cmd(args) -> int:
         like = read_masks(args, ds, model, args.like, "--like")
         sparsity = {k: 1.0 - d for k, d in masks_lib.densities(like).items()}
     else:
-        sparsity = args.sparsity
+        sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)
     mask_seed = args.seed if args.mask_seed is None else args.mask_seed
     masks = masks_lib.random_masks(model, sparsity, mask_seed)
     cfg = train_config(args)
@@ -319,7 +324,8 @@ def sample_cmd(args) -> int:
                                      use_connectivity=args.use_connectivity, exact=args.exact,
                                      max_samples=args.max_samples)) as rd:
         start = time.perf_counter()
-        masks, draws = sample_ticket(model, fit, ds.train.tensors[0], sparsity=args.sparsity,
+        sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)
+        masks, draws = sample_ticket(model, fit, ds.train.tensors[0], sparsity=sparsity,
                                      use_connectivity=args.use_connectivity, exact=args.exact,
                                      seed=args.seed, max_samples=args.max_samples,
                                      progress=not args.no_progress)
@@ -378,6 +384,9 @@ def reproduce_cmd(args) -> int:
 
     check_out(args.out)
     _check_data_root(args.dataset, args.data_root)
+    if distributed.active() and args.jobs > 1:
+        raise ValueError(f"--jobs {args.jobs}: under torchrun the processes train each net together; "
+                         f"give --jobs 1")
     # fail now, not in a worker, on missing or bad files; the split sizes go beside the table
     ds = load_dataset(args.dataset, args.data_root, download=args.download)
     defaults = DATASETS[args.dataset].train_defaults
@@ -388,7 +397,9 @@ def reproduce_cmd(args) -> int:
                 progress=not args.no_progress)
     with opened(args.out):
         grid.run()
-    paths = report(grid)
+    paths = report(grid)  # every rank: the figures measure connectivity together; rank 0 writes
+    if not distributed.is_main():
+        return 0
     print(paths["table_md"].read_text())
     print(split_note(ds))
     print()

@@ -65,6 +65,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
+from . import distributed
 from .models import eval_mode
 from .masks import _PRUNABLE, dense_weight, is_torch_pruned, prunable_layers
 
@@ -151,6 +152,7 @@ def input_batches(data, *, max_samples: int | None = None, batch_size: int = 500
         raise ValueError(f"max_samples: must be positive, got {max_samples}")
     if isinstance(data, torch.Tensor):
         data = data[:max_samples] if max_samples else data
+        data = data[distributed.share(len(data))]  # under torchrun: this rank's share
         batches: Iterable = data.split(batch_size)
     elif isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         batches = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
@@ -283,7 +285,7 @@ class ActivationStream:
         if size <= self.cache_bytes:  # the next stage's inputs fit: cache them, move the anchor
             self._cache, self._anchor = outputs, index + 1
         _check_input(self.stages[index + 1], y)
-        return total / count
+        return distributed.all_reduce_mean(total, count)  # under torchrun: over all ranks' shares
 
 
 @torch.no_grad()
@@ -516,7 +518,7 @@ class HookStream:
         for n in [n for n, outputs in self._cache.items() if not all(o.intact() for o in outputs)]:
             self._drop(n)  # changed in place downstream: no longer the module's output
         self._admit(recorded)
-        return total / count
+        return distributed.all_reduce_mean(total, count)  # under torchrun: over all ranks' shares
 
     def _drop(self, name: str) -> None:
         self._cached_bytes -= sum(o.nbytes for o in self._cache.pop(name))

@@ -253,6 +253,8 @@ def fit_ticket(model: nn.Module, masks: dict[str, torch.Tensor], data, *, max_sa
         feats = {k: v.flatten().cpu().numpy() for k, v in layer_features(
             module.weight, g, normalise=granularity != "pooled-raw").items()}
         y = masks[param].flatten().cpu().numpy().astype(np.int64)
+        if y.all():  # a layer the ticket keeps whole (resnet20's output layer) tells nothing
+            continue
         take = (rng.choice(len(y), max_weights_per_layer, replace=False)
                 if len(y) > max_weights_per_layer else np.arange(len(y)))
         mag = feats["magnitude"][take][:, None]

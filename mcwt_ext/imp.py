@@ -23,7 +23,10 @@ import torch
 from torch import nn
 
 from .data import Dataset
-from .masks import per_layer, densities, dense_masks, kept_count, layer_kind, magnitude_prune
+from . import distributed
+from .masks import (dense_masks, dense_state_dict, densities, from_torch_prune, is_torch_pruned,
+                    kept_count, layer_kind, load_dense_state_dict, magnitude_prune, per_layer,
+                    to_torch_prune)
 from .models import arch_spec
 from .runs import RunDir, snapshot_name
 from .train import TrainConfig, train
@@ -102,6 +105,10 @@ def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunD
     Resumes a run directory that was stopped: finished rounds are read back, the round in
     progress continues from its last checkpoint. ``model`` ends with the last round's trained
     weights.
+
+    A model pruned with ``torch.nn.utils.prune`` starts from its masks (round 0 trains them) and
+    ends pruned with the ticket's, each round's masks registered on it; the run directory holds
+    plain weights (:func:`~mcwt_ext.masks.dense_state_dict`) either way.
     """
     if not isinstance(config, ImpConfig):
         raise TypeError(f"config must be an ImpConfig, got {type(config).__name__}")
@@ -115,16 +122,19 @@ def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunD
     if stuck:
         raise ValueError(f"layers {stuck} have a sparsity target but a prune rate of 0")
 
-    init = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    torch_pruned = any(is_torch_pruned(m) for m in model.modules())
+    init = {k: v.detach().to("cpu").clone() for k, v in dense_state_dict(model).items()}
     RunDir.open(rd.path, config.identity(), name=RunDir.IMP)
     rd.save_or_check_tensors(RunDir.INIT, init, "initial weights")
 
     k = config.rewind_iteration
-    masks, rewind, rounds = dense_masks(model), init, []
+    masks, rewind, rounds = {**dense_masks(model), **from_torch_prune(model)}, init, []
     for r in itertools.count():
         round_dir = rd.round(r)
         round_dir.save_or_check_tensors(RunDir.MASKS, masks, "masks")
-        model.load_state_dict(rewind)
+        if torch_pruned:
+            to_torch_prune(model, masks)
+        load_dense_state_dict(model, rewind)
         result = train(model, dataset, masks, config.train, round_dir, progress, desc=f"IMP round {r}",
                        snapshot_iterations=[k] if r == 0 and k > 0 else ())
         if r == 0 and k > 0:
@@ -140,9 +150,10 @@ def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunD
         reached = _at_target(masks, targets)
         if reached or (config.max_rounds is not None and r >= config.max_rounds):
             break
-        masks = magnitude_prune(model.state_dict(), masks, rates, targets)
+        masks = magnitude_prune(dense_state_dict(model), masks, rates, targets)
 
     rd.save_tensors(RunDir.MASKS, masks)
     rd.save_json(RunDir.SUMMARY, dict(rounds=rounds, reached_target=reached, kinds=kinds,
                                       densities=densities(masks), ticket=rounds[-1]))
+    distributed.barrier()  # under torchrun: the other ranks may read the summary from here on
     return masks

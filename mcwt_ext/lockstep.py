@@ -444,6 +444,12 @@ def train_pack(nets: Sequence[PackNet], dataset: Dataset, options: PackOptions |
     device = torch.device(nets[0].config.device)
     if options.cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
+    plain_adam = dict(optimizer="adam", weight_decay=0.0, warmup_iterations=0, lr_milestones=[])
+    for net in nets:  # the stacked optimiser is Adam at a constant rate (the Conv nets' protocol)
+        other = {k: getattr(net.config, k) for k in plain_adam if getattr(net.config, k) != plain_adam[k]}
+        if other:
+            raise ValueError(f"a pack trains with Adam at a constant rate; this net's config sets "
+                             f"{other} (train it with mcwt_ext.train.train)")
     states = [_open(net, options, device) for net in nets]
     iterations = nets[0].config.iterations
     extra = dict(pack_size=len(nets), impl=options.impl, precision=options.precision,

@@ -20,7 +20,8 @@ from .validate import check_rate, check_seed, check_sparsity
 
 __all__ = ["prunable_layers", "layer_kind", "dense_masks", "apply_masks", "masked_parameters",
            "densities", "kept_count", "per_layer", "magnitude_prune", "random_masks", "check_masks",
-           "dense_weight", "is_torch_pruned", "to_torch_prune", "from_torch_prune", "dense_state_dict"]
+           "dense_weight", "is_torch_pruned", "to_torch_prune", "from_torch_prune", "dense_state_dict",
+           "load_dense_state_dict"]
 
 _PRUNABLE = (nn.Conv2d, nn.Linear)
 
@@ -270,3 +271,21 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         out[f"{module}.weight" if module in pruned and attr == "weight_orig" else key] = value
     return out
+
+
+def load_dense_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a :func:`dense_state_dict` (a run directory's weights) into ``model``, torch-pruned
+    or not: a pruned layer's ``"<module>.weight"`` goes to its ``weight_orig``, and its
+    ``weight_mask`` is kept."""
+    pruned = {name for name, m in model.named_modules() if is_torch_pruned(m)}
+    if not pruned:
+        model.load_state_dict(state)
+        return
+    full = dict(state)
+    current = model.state_dict()
+    for module in pruned:
+        prefix = f"{module}." if module else ""
+        if prefix + "weight" in full:
+            full[prefix + "weight_orig"] = full.pop(prefix + "weight")
+        full[prefix + "weight_mask"] = current[prefix + "weight_mask"]
+    model.load_state_dict(full)

@@ -39,7 +39,7 @@ from torch import nn
 
 from .validate import check_seed
 
-__all__ = ["ArchSpec", "ARCHS", "build_model", "build_model_from_config", "count_weights", "scheduled_lr",
+__all__ = ["ArchSpec", "ARCHS", "arch_sparsity", "build_model", "build_model_from_config", "count_weights", "scheduled_lr",
            "CifarResNet", "BasicBlock"]
 
 
@@ -88,6 +88,19 @@ class ArchSpec:
         (``{param name: kind}``, as :func:`mcwt_ext.masks.layer_kind` gives), 0 for the
         ``dense_kinds``; feed it to IMP, random pruning and the sampler."""
         return {name: 0.0 if kind in self.dense_kinds else sparsity for name, kind in kinds.items()}
+
+
+def arch_sparsity(arch: str, model: nn.Module, example_input: torch.Tensor, sparsity):
+    """The sparsity IMP, random pruning and the sampler take for ``model`` of ``arch``:
+    ``sparsity`` as it is where every layer is pruned alike (the Conv nets, whose settings thus
+    stay as they were) or where it is already per layer, else :meth:`ArchSpec.layer_sparsity`
+    over the model's layers (resnet20: the output layer dense)."""
+    from .masks import layer_kind
+
+    spec = arch_spec(arch)
+    if not spec.dense_kinds or isinstance(sparsity, dict):
+        return sparsity
+    return spec.layer_sparsity(layer_kind(model, example_input), sparsity)
 
 
 def scheduled_lr(step: int, *, lr: float, warmup_iterations: int = 0,

@@ -47,6 +47,11 @@ __all__ = ["RunDir", "atomic_write", "load_tensors", "load_masks", "load_weights
 #: device trains, how batches are assembled); at any depth of the identity.
 RUNTIME_KEYS = frozenset({"data_root", "device", "num_workers"})
 
+#: Settings added after runs were made, with the value those older runs used: a stored identity
+#: that lacks one of these keys is read as having this value (so old runs still resume).
+ADDED_KEYS = {"optimizer": "adam", "momentum": 0.0, "weight_decay": 0.0, "warmup_iterations": 0,
+              "lr_milestones": [], "lr_gamma": 0.1}
+
 #: The files a reproduce grid writes at its top level.
 GRID_FILES = dict(table_md="table.md", table_csv="table.csv", cost_md="cost.md", cost_csv="cost.csv",
                   figures="figures")
@@ -84,6 +89,10 @@ def check_identity(stored: Mapping, ours: Mapping, where, mutable=RUNTIME_KEYS) 
     def comparable(config):
         return {k: v for k, v in _flat(config).items() if k.rsplit(".", 1)[-1] not in mutable}
     a, b = comparable(stored), comparable(ours)
+    for k in set(b) - set(a):
+        leaf = k.rsplit(".", 1)[-1]
+        if leaf in ADDED_KEYS and b[k] == ADDED_KEYS[leaf]:
+            a[k] = b[k]
     diff = [f"{k} {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
     if diff:
@@ -97,7 +106,12 @@ os.umask(_UMASK)  # read once: mkstemp creates files 0600, and we want the usual
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[str], None]) -> None:
     """Write ``path`` atomically: ``data`` (bytes or text) or ``data(tmp_path)`` fills a temporary
-    file next to it, which then replaces ``path``."""
+    file next to it, which then replaces ``path``. Under ``torchrun`` only rank 0 writes (see
+    :mod:`mcwt_ext.distributed`); on the other ranks this does nothing."""
+    from . import distributed
+
+    if not distributed.is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -122,7 +122,8 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, use_connect
     names = [f"{n}.weight" for n, _ in layers]
     targets = _target_densities(sparsity, names)
     for name in names:  # fail before any work if the fit lacks a model this net needs
-        fit.model_for(name, kinds[name], use_connectivity and name != names[0])
+        if targets[name] < 1.0:  # a layer kept dense needs none
+            fit.model_for(name, kinds[name], use_connectivity and name != names[0])
 
     masks: dict[str, torch.Tensor] = {}
     draws: list[LayerDraw] = []
@@ -131,9 +132,9 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, use_connect
         param = names[index]
         weight = dense_weight(module).detach()
         g = stream.advance(masks[names[index - 1]]) if stream is not None and index > 0 else None
-        u_mag, u_conn = fit.slopes(param, kinds[param], weight, g)
-        g_norm = None if g is None else normalised_connectivity(g).to(weight.device, weight.dtype)
         density = targets[param]
+        u_mag, u_conn = fit.slopes(param, kinds[param], weight, g) if density < 1.0 else (0.0, 0.0)
+        g_norm = None if g is None else normalised_connectivity(g).to(weight.device, weight.dtype)
         k = kept_count(weight.numel(), density)
         if density >= 1.0 or k == weight.numel():
             mask, bias = torch.ones_like(weight, dtype=torch.bool), math.inf

@@ -1,8 +1,10 @@
-"""Masked training with Adam, periodic evaluation, early-stopping bookkeeping and exact resume.
+"""Masked training (Adam, or SGD with momentum and a learning-rate schedule), periodic
+evaluation, early-stopping bookkeeping and exact resume.
 
-The mask is enforced at every step: the gradients of pruned weights are zeroed before the Adam
-step (so their moments stay zero) and the mask is re-applied after it, so pruned weights are
-exactly zero throughout. The batch of iteration ``i`` is a function of ``(seed, i)`` only: each
+The mask is enforced at every step: the gradients of pruned weights are zeroed before the
+optimiser step (so their moments stay zero) and the mask is re-applied after it, so pruned weights
+are exactly zero throughout. The learning rate of each step is :func:`~mcwt_ext.models.scheduled_lr`
+of the step number, a pure function, so the schedule needs no state either. The batch of iteration ``i`` is a function of ``(seed, i)`` only: each
 epoch's order is a permutation seeded from ``(seed, epoch)``. A checkpoint therefore needs no RNG
 state, and a resumed run on CPU ends with weights bit-identical to an uninterrupted one.
 """
@@ -21,9 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import distributed
 from .data import Dataset
-from .masks import apply_masks, check_masks, densities, masked_parameters
-from .models import arch_spec
+from .masks import (apply_masks, check_masks, dense_state_dict, densities, from_torch_prune,
+                    is_torch_pruned, load_dense_state_dict, masked_parameters)
+from .models import arch_spec, scheduled_lr
 from .progress import Progress, note
 from .runs import RUNTIME_KEYS, RunDir, atomic_write, check_identity, snapshot_name
 
@@ -32,10 +36,43 @@ __all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "BatchOrder", "mak
 METRICS_FIELDS = ["iteration", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc"]
 
 
-def _setting(default=dataclasses.MISSING, *, help: str, low: int | None = None):
+def _setting(default=dataclasses.MISSING, *, help: str, low: int | None = None, parse=None,
+             default_factory=dataclasses.MISSING):
     """A TrainConfig field: ``help`` documents it (and its generated CLI flag); ``low`` is an int
-    field's least value."""
-    return field(default=default, metadata=dict(help=help, low=low))
+    field's least value; ``parse`` turns the flag's text into the value (ValueError if bad)."""
+    return field(default=default, default_factory=default_factory,
+                 metadata=dict(help=help, low=low, parse=parse))
+
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def _parse_optimizer(text: str) -> str:
+    if text not in OPTIMIZERS:
+        raise ValueError(f"{text!r} is not one of {', '.join(OPTIMIZERS)}")
+    return text
+
+
+def _parse_milestones(text: str) -> list[int]:
+    """``20000,25000`` (or an empty string: none)."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma list of iterations") from None
+
+
+def _parse_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{text} does not lie in [0, 1)")
+    return value
+
+
+def _parse_nonnegative(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < math.inf:
+        raise ValueError(f"{text} is not a number >= 0")
+    return value
 
 
 @dataclass(kw_only=True)
@@ -44,8 +81,23 @@ class TrainConfig:
 
     iterations: int = _setting(help="training iterations (default 20000 / 25000 / 30000 for "
                                     "conv2 / conv4 / conv6)", low=1)
-    lr: float = _setting(help="Adam learning rate (default 2e-4 conv2, 3e-4 conv4/conv6)")
-    batch_size: int = _setting(60, help="batch size (default 60)", low=1)
+    lr: float = _setting(help="peak learning rate (default 2e-4 conv2, 3e-4 conv4/conv6, 0.03 resnet20)")
+    batch_size: int = _setting(60, help="global batch size (default 60; 128 for resnet20); under "
+                                        "torchrun a multiple of the process count", low=1)
+    optimizer: str = _setting("adam", help="adam or sgd (default adam; sgd for resnet20)",
+                              parse=_parse_optimizer)
+    momentum: float = _setting(0.0, help="SGD momentum (default 0; 0.9 for resnet20)",
+                               parse=_parse_fraction)
+    weight_decay: float = _setting(0.0, help="weight decay (default 0; 1e-4 for resnet20)",
+                                   parse=_parse_nonnegative)
+    warmup_iterations: int = _setting(0, help="linear learning-rate warm-up over this many "
+                                              "iterations (default 0; 20000 for resnet20)", low=0)
+    lr_milestones: list[int] = _setting(default_factory=list, parse=_parse_milestones,
+                                        help="comma list of iterations at which the learning rate "
+                                             "is multiplied by --lr-gamma (default none; "
+                                             "20000,25000 for resnet20)")
+    lr_gamma: float = _setting(0.1, help="learning-rate factor at each milestone (default 0.1)",
+                               parse=_parse_nonnegative)
     eval_every: int = _setting(100, help="iterations between evaluations (default 100)", low=1)
     checkpoint_every: int = _setting(1000, help="iterations between checkpoints, 0 for none "
                                                 "(default 1000)", low=0)
@@ -66,6 +118,22 @@ class TrainConfig:
                 or not math.isfinite(self.lr):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         self.lr = float(self.lr)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name, low, high in (("momentum", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
+                                ("lr_gamma", 0.0, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+                raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
+            setattr(self, name, float(value))
+        if self.optimizer == "adam" and self.momentum:
+            raise ValueError(f"momentum {self.momentum} is SGD's; give optimizer='sgd' (--optimizer sgd)")
+        milestones = self.lr_milestones
+        if not isinstance(milestones, (list, tuple)) or any(
+                isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) \
+                or list(milestones) != sorted(set(milestones)):
+            raise ValueError(f"lr_milestones must be increasing ints >= 1, got {milestones!r}")
+        self.lr_milestones = list(milestones)  # a list, as in the JSON a resumed run compares with
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
@@ -73,15 +141,40 @@ class TrainConfig:
 
     @classmethod
     def for_arch(cls, arch: str, **overrides) -> "TrainConfig":
-        """The protocol's settings for ``arch``; ``overrides`` set to None are ignored."""
+        """The protocol's settings for ``arch``; ``overrides`` set to None are ignored. With
+        other ``iterations``, the protocol's warm-up and milestones are scaled to them (unless
+        given too), as the reduced protocol needs."""
         spec = arch_spec(arch)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(overrides) - known
         if unknown:
             raise TypeError(f"unknown TrainConfig fields {sorted(unknown)}")
-        values = dict(iterations=spec.iterations, lr=spec.lr)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values = dict(iterations=spec.iterations, lr=spec.lr, batch_size=spec.batch_size,
+                      optimizer=spec.optimizer, momentum=spec.momentum,
+                      weight_decay=spec.weight_decay, warmup_iterations=spec.warmup_iterations,
+                      lr_milestones=list(spec.lr_milestones), lr_gamma=spec.lr_gamma)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "iterations" in given and given["iterations"] != spec.iterations:
+            # a shorter (or longer) run keeps the shape of the protocol's schedule
+            protocol = cls(**values).scaled(given["iterations"])
+            values.update(warmup_iterations=protocol.warmup_iterations,
+                          lr_milestones=protocol.lr_milestones)
+        values.update(given)
         return cls(**values)
+
+    def scaled(self, iterations: int) -> "TrainConfig":
+        """These settings for a run of ``iterations`` instead: the warm-up and the milestones
+        scaled by the same factor (the reduced protocol's schedule has the full one's shape)."""
+        f = iterations / self.iterations
+        milestones = sorted({max(1, round(m * f)) for m in self.lr_milestones})
+        return dataclasses.replace(self, iterations=iterations,
+                                   warmup_iterations=round(self.warmup_iterations * f),
+                                   lr_milestones=milestones)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the step taken after ``step`` steps."""
+        return scheduled_lr(step, lr=self.lr, warmup_iterations=self.warmup_iterations,
+                            milestones=tuple(self.lr_milestones), gamma=self.lr_gamma)
 
     def identity(self) -> dict:
         """The fields that determine the result (all but device and num_workers)."""
@@ -123,27 +216,28 @@ class BatchOrder:
 class _BatchSource(torch.utils.data.Dataset):
     """Batch ``i`` = the batch of iteration ``start + i``, for DataLoader workers."""
 
-    def __init__(self, x, y, order: BatchOrder, start: int, stop: int):
-        self.x, self.y, self.order, self.start, self.stop = x, y, order, start, stop
+    def __init__(self, x, y, order: BatchOrder, start: int, stop: int, part: tuple[int, int]):
+        self.x, self.y, self.order, self.start, self.stop, self.part = x, y, order, start, stop, part
 
     def __len__(self):
         return self.stop - self.start
 
     def __getitem__(self, i):
-        idx = self.order.indices(self.start + i)
+        idx = distributed.local_slice(self.order.indices(self.start + i), self.part)
         return self.x[idx], self.y[idx]
 
 
 def _batches(train_set: TensorDataset, order: BatchOrder, start: int, stop: int,
              num_workers: int, device: torch.device):
     x, y = train_set.tensors
+    part = distributed.part()  # under torchrun: this rank's slice of each global batch
     if num_workers == 0:
         x, y = x.to(device), y.to(device)  # once: indexing then happens on the device
         for it in range(start, stop):
-            idx = order.indices(it).to(device)
+            idx = distributed.local_slice(order.indices(it), part).to(device)
             yield x[idx], y[idx]
         return
-    loader = DataLoader(_BatchSource(x, y, order, start, stop), batch_size=None,
+    loader = DataLoader(_BatchSource(x, y, order, start, stop, part), batch_size=None,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     for xb, yb in loader:
         yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -155,16 +249,17 @@ def evaluate(model: nn.Module, split: TensorDataset, device: str | torch.device 
     """Mean cross-entropy and accuracy of ``model`` on ``split``."""
     was_training = model.training
     model.eval()
-    x, y = split.tensors
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = len(split)
+    x, y = (t[distributed.share(n)] for t in split.tensors)  # under torchrun: this rank's share
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         logits = model(xb)
-        loss += F.cross_entropy(logits, yb, reduction="sum").double()
-        correct += (logits.argmax(1) == yb).sum()
+        sums[0] += F.cross_entropy(logits, yb, reduction="sum").double()
+        sums[1] += (logits.argmax(1) == yb).sum()
     model.train(was_training)
-    return loss.item() / len(y), correct.item() / len(y)
+    loss, correct = distributed.all_reduce_sum(sums).tolist()
+    return loss / n, correct / n
 
 
 class _MaskEnforcer:
@@ -185,17 +280,30 @@ class _MaskEnforcer:
             torch._foreach_mul_(self.params, self.masks)
 
 
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
-    """Adam, fused (one kernel per step) where the device supports it. The unfused CPU Adam slows
-    down about 2x on a pruned net: the moments of pruned weights are exactly zero, and its
-    vectorised sqrt of zero takes a slow path on AVX-512 CPUs."""
+def make_optimizer(model: nn.Module, config: "TrainConfig | float") -> torch.optim.Optimizer:
+    """The optimiser of ``config`` (a bare float: Adam at that rate), fused (one kernel per step)
+    where the device supports it: Adam, or SGD with ``momentum`` and ``weight_decay``. The unfused
+    CPU Adam slows down about 2x on a pruned net: the moments of pruned weights are exactly zero,
+    and its vectorised sqrt of zero takes a slow path on AVX-512 CPUs. Weight decay keeps pruned
+    weights at zero: it adds ``weight_decay * w``, which is 0 there."""
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig(iterations=1, lr=config)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in model.parameters())
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay, fused=fused or None)
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                            fused=fused or None)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, enforcer: _MaskEnforcer,
           xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    """One masked Adam step; returns the batch loss (detached, not synchronised)."""
+    """One masked optimiser step; returns the batch loss (detached, not synchronised)."""
     loss = F.cross_entropy(model(xb), yb)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -234,6 +342,27 @@ def _summary(history, config, masks, wall_time) -> dict:
     }
 
 
+def _torch_pruned_masks(model: nn.Module, masks: Mapping[str, torch.Tensor] | None
+                        ) -> dict[str, torch.Tensor] | None:
+    """The masks to train with: ``masks``, or those of a model pruned with
+    ``torch.nn.utils.prune``; given both, they must agree (a layer absent from one is dense)."""
+    if not any(is_torch_pruned(m) for m in model.modules()):
+        return masks
+    ours = from_torch_prune(model)
+    if masks is None:
+        return ours
+    masks = {k: v.to("cpu") for k, v in masks.items()}
+    check_masks(model, masks)
+    differ = [n for n in sorted(set(ours) | set(masks))
+              if not (bool(masks[n].all()) if n not in ours else bool(ours[n].all()) if n not in masks
+                      else torch.equal(ours[n], masks[n]))]
+    if differ:
+        raise ValueError(f"masks: disagree with the model's torch.nn.utils.prune masks on {differ}; "
+                         f"pass masks=None to train the model's own, or prune it with these "
+                         f"(mcwt_ext.masks.to_torch_prune)")
+    return masks
+
+
 def _check_same_run(stored: dict, config: TrainConfig, digest: str, where) -> None:
     """A summary or checkpoint was made with these settings and these masks."""
     check_identity(dict(config=stored["config"], masks_sha256=stored["masks_sha256"]),
@@ -261,26 +390,27 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     rd = run_dir if isinstance(run_dir, RunDir) or run_dir is None else RunDir(run_dir)
-    masks = {k: v.to("cpu") for k, v in (masks or {}).items()}
+    distributed.check_batch_size(config.batch_size)
+    masks = {k: v.to("cpu") for k, v in (_torch_pruned_masks(model, masks) or {}).items()}
     check_masks(model, masks)
     snapshots = sorted(set(snapshot_iterations))
     if snapshots and rd is None:
         raise ValueError("snapshot_iterations needs a run_dir to save the snapshots in")
     if snapshots and not 0 <= snapshots[0] <= snapshots[-1] <= config.iterations:
         raise ValueError(f"snapshot_iterations must lie in [0, {config.iterations}], got {snapshots}")
-    device = torch.device(config.device)
+    device = distributed.device_for(config.device)
     digest = _masks_digest(masks)
     model.to(device)
 
     if rd is not None and rd.exists(RunDir.SUMMARY):
         summary = rd.load_json(RunDir.SUMMARY)
         _check_same_run(summary, config, digest, rd.summary_path)
-        model.load_state_dict(rd.load_tensors(RunDir.FINAL, device))
+        load_dense_state_dict(model, rd.load_tensors(RunDir.FINAL, device))
         return TrainResult(summary, _read_history(rd))
 
     apply_masks(model, masks)
     enforcer = _MaskEnforcer(model, masks)
-    optimizer = make_optimizer(model, config.lr)
+    optimizer = make_optimizer(model, config)
     start, history, wall_time = 0, [], 0.0
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     loss_count = 0
@@ -296,6 +426,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         start, history, wall_time = ckpt["iteration"], ckpt["history"], ckpt["wall_time_s"]
         loss_sum, loss_count = ckpt["loss_sum"].to(device), ckpt["loss_count"]
         note(f"resuming {rd.path} from iteration {start}", progress)
+    net = distributed.wrap(model)  # under torchrun: DDP, which averages the gradients over ranks
 
     val, test = (TensorDataset(*(t.to(device) for t in s.tensors)) for s in (dataset.val, dataset.test))
     order = BatchOrder(len(dataset.train), config.batch_size, config.seed)
@@ -304,9 +435,11 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
 
     def record(iteration):
         nonlocal loss_sum, loss_count
+        distributed.broadcast_buffers(model)  # under torchrun: evaluate rank 0's net everywhere
         val_loss, val_acc = evaluate(model, val, device)
         test_loss, test_acc = evaluate(model, test, device)
-        train_loss = loss_sum.item() / loss_count if loss_count else float("nan")
+        mean = distributed.all_reduce_sum(loss_sum.clone()).item() / distributed.world_size()
+        train_loss = mean / loss_count if loss_count else float("nan")
         history.append(dict(iteration=iteration, train_loss=train_loss, val_loss=val_loss,
                             val_acc=val_acc, test_loss=test_loss, test_acc=test_acc))
         loss_sum, loss_count = torch.zeros_like(loss_sum), 0
@@ -324,16 +457,17 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
     if start == 0:
         record(0)
         if 0 in snapshots:
-            rd.save_tensors(snapshot_name(0), model.state_dict())
+            rd.save_tensors(snapshot_name(0), dense_state_dict(model))
     model.train()
     try:
         batches = _batches(dataset.train, order, start, config.iterations, config.num_workers, device)
         for it, (xb, yb) in enumerate(batches, start=start + 1):  # it = steps done after this one
-            loss_sum += _step(model, optimizer, enforcer, xb, yb)
+            _set_lr(optimizer, config.lr_at(it - 1))
+            loss_sum += _step(net, optimizer, enforcer, xb, yb)
             loss_count += 1
             bar.update()
             if it in snapshots:
-                rd.save_tensors(snapshot_name(it), model.state_dict())
+                rd.save_tensors(snapshot_name(it), dense_state_dict(model))
             if it % config.eval_every == 0 or it == config.iterations:
                 record(it)
             if rd is not None and config.checkpoint_every and it % config.checkpoint_every == 0 \
@@ -344,10 +478,11 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
 
     summary = _summary(history, config, masks, wall_time + time.perf_counter() - began)
     if rd is not None:
-        rd.save_tensors(RunDir.FINAL, model.state_dict())
+        rd.save_tensors(RunDir.FINAL, dense_state_dict(model))
         rd.save_json(RunDir.SUMMARY, summary)
-        if rd.exists(RunDir.CHECKPOINT):  # the finished run needs it no more
+        if distributed.is_main() and rd.exists(RunDir.CHECKPOINT):  # the finished run needs it no more
             rd.file(RunDir.CHECKPOINT).unlink()
             if not any(rd.checkpoints_dir.iterdir()):
                 rd.checkpoints_dir.rmdir()
+        distributed.barrier()  # the other ranks may read what rank 0 wrote from here on
     return TrainResult(summary, history)

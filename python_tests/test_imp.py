@@ -122,3 +122,22 @@ def test_resume_refuses_another_init_or_other_settings(synthetic, imp_run):
         run_imp(synthetic_model(seed=1), synthetic, _cfg(), rd, progress=False)
     with pytest.raises(ValueError, match="sparsity 0.75 there, 0.5 now"):
         run_imp(synthetic_model(), synthetic, _cfg(sparsity=0.5), rd, progress=False)
+
+
+def test_torch_pruned_model_finds_the_same_ticket(imp_run, synthetic, tmp_path):
+    """IMP on a model pruned with torch.nn.utils.prune (here: all kept) finds the plain model's
+    ticket, writes plain weights, and ends pruned with the ticket's masks."""
+    from torch.nn.utils import prune
+
+    from mcwt_ext.masks import from_torch_prune, prunable_layers
+
+    _, plain, _ = imp_run
+    model = synthetic_model()
+    for _, layer in prunable_layers(model):
+        prune.identity(layer, "weight")
+    masks = run_imp(model, synthetic, _cfg(), RunDir(tmp_path / "pruned"), progress=False)
+    assert set(masks) == set(plain) and all(torch.equal(masks[k], plain[k]) for k in plain)
+    ours = from_torch_prune(model)
+    assert all(torch.equal(ours[k], masks[k]) for k in masks)
+    init = RunDir(tmp_path / "pruned").load_tensors("init.safetensors")
+    assert set(init) == set(synthetic_model().state_dict())

@@ -23,13 +23,32 @@ def test_config_protocol_defaults_and_overrides():
     assert (c2.iterations, c2.lr, c2.batch_size, c2.eval_every) == (20_000, 2e-4, 60, 100)
     assert (c6.iterations, c6.lr) == (30_000, 3e-4)
     assert TrainConfig.for_arch("conv4", iterations=7, lr=None).iterations == 7
-    with pytest.raises(TypeError, match="momentum"):
+    with pytest.raises(TypeError, match="nesterov"):
+        TrainConfig.for_arch("conv4", nesterov=True)
+    with pytest.raises(ValueError, match="momentum"):  # momentum is SGD's
         TrainConfig.for_arch("conv4", momentum=0.9)
+    assert (c2.optimizer, c2.momentum, c2.weight_decay, c2.warmup_iterations, c2.lr_milestones) == \
+        ("adam", 0.0, 0.0, 0, [])
+    r = TrainConfig.for_arch("resnet20")
+    assert (r.optimizer, r.lr, r.momentum, r.weight_decay, r.batch_size, r.iterations) == \
+        ("sgd", 0.03, 0.9, 1e-4, 128, 30_000)
+    assert (r.warmup_iterations, r.lr_milestones, r.lr_gamma) == (20_000, [20_000, 25_000], 0.1)
+    # the reduced protocol's schedule: warm-up and milestones scaled with the iterations
+    small = r.scaled(1500)
+    assert TrainConfig.for_arch("resnet20", iterations=1500) == small
+    assert TrainConfig.for_arch("resnet20", iterations=1500, warmup_iterations=0).warmup_iterations == 0
+    assert (small.iterations, small.warmup_iterations, small.lr_milestones) == (1500, 1000, [1000, 1250])
+    assert small.lr_at(0) == pytest.approx(0.03 / 1000) and small.lr_at(999) == pytest.approx(0.03)
+    assert small.lr_at(1000) == pytest.approx(0.003) and small.lr_at(1250) == pytest.approx(0.0003)
 
 
 @pytest.mark.parametrize("field,value", [("iterations", 0), ("lr", -1.0), ("lr", float("nan")),
                                          ("batch_size", 0), ("eval_every", 0), ("checkpoint_every", -1),
-                                         ("seed", -1), ("iterations", 2.5), ("device", "gpu0")])
+                                         ("seed", -1), ("iterations", 2.5), ("device", "gpu0"),
+                                         ("optimizer", "rmsprop"), ("momentum", 1.0),
+                                         ("weight_decay", -1e-4), ("warmup_iterations", -1),
+                                         ("lr_milestones", [5, 3]), ("lr_milestones", [0]),
+                                         ("lr_gamma", -0.1)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         _cfg(**{field: value})
@@ -169,3 +188,96 @@ def test_bad_arguments(synthetic):
         train(synthetic_model(), synthetic, None, None)
     with pytest.raises(ValueError, match="names no"):
         train(synthetic_model(), synthetic, {"1.weight": torch.ones(1, dtype=torch.bool)}, _cfg(), progress=False)
+
+
+def _sgd(**kw):
+    return _cfg(**{**dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3,
+                          warmup_iterations=4, lr_milestones=[7, 10], lr_gamma=0.5), **kw})
+
+
+def test_sgd_steps_at_the_scheduled_learning_rate(synthetic, monkeypatch):
+    """Each step runs SGD (momentum, weight decay) at scheduled_lr of its step number."""
+    from mcwt_ext.models import scheduled_lr
+
+    cfg = _sgd()
+    rates = []
+    real = train_mod._step
+
+    def spy(model, optimizer, *args):
+        assert isinstance(optimizer, torch.optim.SGD)
+        group = optimizer.param_groups[0]
+        assert (group["momentum"], group["weight_decay"]) == (0.9, 1e-3)
+        rates.append(group["lr"])
+        return real(model, optimizer, *args)
+    monkeypatch.setattr(train_mod, "_step", spy)
+    masks = random_masks(synthetic_model(), 0.5, seed=0)
+    model = synthetic_model()
+    train(model, synthetic, masks, cfg, progress=False)
+    assert rates == [scheduled_lr(i, lr=0.05, warmup_iterations=4, milestones=(7, 10), gamma=0.5)
+                     for i in range(12)]
+    assert rates[0] == pytest.approx(0.0125) and rates[-1] == pytest.approx(0.0125)
+    for name, mask in masks.items():  # weight decay and momentum leave pruned weights at zero
+        assert torch.count_nonzero(model.get_parameter(name).detach()[~mask]) == 0
+
+
+def test_sgd_resume_after_a_kill_is_bit_identical(synthetic, tmp_path, monkeypatch):
+    masks = random_masks(synthetic_model(), 0.5, seed=0)
+    whole = synthetic_model()
+    train(whole, synthetic, masks, _sgd(), tmp_path / "whole", progress=False)
+    _kill_at(monkeypatch, 10)  # after the checkpoint at 8, past the warm-up and a milestone
+    with pytest.raises(_Killed):
+        train(synthetic_model(), synthetic, masks, _sgd(), tmp_path / "killed", progress=False)
+    monkeypatch.undo()
+    resumed = synthetic_model()
+    train(resumed, synthetic, masks, _sgd(), tmp_path / "killed", progress=False)
+    assert _same_weights(whole, resumed)
+    with pytest.raises(ValueError, match="lr_milestones"):  # another schedule is another run
+        train(synthetic_model(), synthetic, masks, _sgd(lr_milestones=[5]), tmp_path / "whole",
+              progress=False)
+
+
+def test_runs_made_before_the_optimizer_settings_still_resume(synthetic, tmp_path):
+    """A summary or checkpoint without optimizer/schedule keys is an Adam run with no schedule."""
+    from mcwt_ext.runs import ADDED_KEYS
+
+    rd = RunDir(tmp_path / "old")
+    train(synthetic_model(), synthetic, None, _cfg(), rd, progress=False)
+    summary = rd.load_json("summary.json")
+    for key in ADDED_KEYS:
+        del summary["config"][key]
+    rd.save_json("summary.json", summary)
+    model = synthetic_model()
+    assert train(model, synthetic, None, _cfg(), rd, progress=False).summary == summary
+    with pytest.raises(ValueError, match="optimizer"):
+        train(synthetic_model(), synthetic, None, _sgd(), rd, progress=False)
+
+
+def test_torch_pruned_model_trains_its_own_masks(synthetic, tmp_path):
+    """A model pruned with torch.nn.utils.prune trains like the unpruned model with its masks; its
+    run directory holds plain weights that load into build_model's net."""
+    from mcwt_ext.masks import from_torch_prune, to_torch_prune
+    from mcwt_ext.runs import load_weights
+
+    masks = random_masks(synthetic_model(), 0.6, seed=1)
+    plain = synthetic_model()
+    train(plain, synthetic, masks, _cfg(), tmp_path / "plain", progress=False)
+    pruned = to_torch_prune(synthetic_model(), masks)
+    result = train(pruned, synthetic, None, _cfg(), tmp_path / "pruned", progress=False)
+    assert result.summary["masks_sha256"] == train_mod._masks_digest(masks)
+    assert {k: torch.equal(v, masks[k]) for k, v in from_torch_prune(pruned).items()} == \
+        {k: True for k in masks}
+    final = RunDir(tmp_path / "pruned").load_tensors("final.safetensors")
+    assert set(final) == set(plain.state_dict())
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6)
+    loaded = synthetic_model()
+    load_weights(loaded, tmp_path / "pruned" / "final.safetensors")
+    # the finished run is read back into the pruned model, not retrained
+    again = to_torch_prune(synthetic_model(), masks)
+    train(again, synthetic, None, _cfg(), tmp_path / "pruned", progress=False)
+    assert torch.equal(again.get_submodule("0").weight_orig, pruned.get_submodule("0").weight_orig)
+    # given masks must agree with the model's
+    train(to_torch_prune(synthetic_model(), masks), synthetic, masks, _cfg(iterations=1), progress=False)
+    other = random_masks(synthetic_model(), 0.6, seed=2)
+    with pytest.raises(ValueError, match="disagree.*0.weight"):
+        train(to_torch_prune(synthetic_model(), masks), synthetic, other, _cfg(), progress=False)

@@ -86,7 +86,10 @@ class Cell:
 
 
 def run_cell(cell: Cell) -> tuple:
+    from .. import distributed
+
     CELLS[cell.kind].run(cell)
+    distributed.barrier()  # under torchrun: the next cell may read what rank 0 wrote
     return cell.key
 
 

@@ -78,12 +78,20 @@ def _desc(cell) -> str:
     return f"{cell.arch} seed {cell.seed} {cell.kind}"
 
 
+def _sparsity(cell, ds, model):
+    """The protocol's sparsity, per layer where the architecture keeps some layers dense."""
+    from ..models import arch_sparsity
+
+    return arch_sparsity(cell.arch, model, ds.example_input(), cell.settings.protocol.sparsity)
+
+
 @register_cell("imp")
 def run_imp_cell(cell) -> None:
     from ..imp import run_imp
 
     ds, model, train_cfg, config = cell.context()
-    imp_cfg = cell.settings.protocol.imp_config(cell.arch, train_cfg)
+    imp_cfg = cell.settings.protocol.imp_config(cell.arch, train_cfg,
+                                                sparsity=_sparsity(cell, ds, model))
     run_imp(model, ds, imp_cfg, RunDir.open(cell.dir().path, config), progress=cell.progress)
 
 
@@ -94,7 +102,7 @@ def run_random_cell(cell) -> None:
 
     ds, model, train_cfg, config = cell.context()
     rd = RunDir.open(cell.dir().path, config)
-    masks = random_masks(model, cell.settings.protocol.sparsity, cell.seed)
+    masks = random_masks(model, _sparsity(cell, ds, model), cell.seed)
     rd.save_tensors(RunDir.INIT, model.state_dict())
     rd.save_tensors(RunDir.MASKS, masks)
     train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
@@ -128,7 +136,7 @@ def _run_mcwt_cell(cell, use_connectivity: bool) -> None:
         protocol = cell.settings.protocol
         start = time.perf_counter()
         masks, draws = sample_ticket(model, cell.dir("fit").file(RunDir.FIT), ds.train.tensors[0],
-                                     sparsity=protocol.sparsity, use_connectivity=use_connectivity,
+                                     sparsity=_sparsity(cell, ds, model), use_connectivity=use_connectivity,
                                      seed=cell.seed, max_samples=protocol.connectivity_samples,
                                      progress=cell.progress)
         wall = time.perf_counter() - start

@@ -33,11 +33,13 @@ class Protocol:
         return TrainConfig.for_arch(arch, iterations=iterations or (self.iterations or {}).get(arch),
                                     seed=seed, eval_every=eval_every or self.eval_every, device=device)
 
-    def imp_config(self, arch: str, train):
-        """The ImpConfig of ``arch`` under this protocol, training with ``train``."""
+    def imp_config(self, arch: str, train, sparsity=None):
+        """The ImpConfig of ``arch`` under this protocol, training with ``train``; ``sparsity``
+        (per layer) replaces the protocol's where given."""
         from ..imp import ImpConfig
 
-        return ImpConfig.for_arch(arch, train=train, rates=self.rates or {}, sparsity=self.sparsity)
+        return ImpConfig.for_arch(arch, train=train, rates=self.rates or {},
+                                  sparsity=self.sparsity if sparsity is None else sparsity)
 
 
 PROTOCOLS = {
