@@ -6,8 +6,10 @@ bad input never leaves a half-made run behind.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -214,18 +216,54 @@ def plot_cmd(args) -> int:
 
 def reproduce_cmd(args) -> int:
     from .experiments import Grid, report
+    from .state import export_state, import_state
 
     _check_data_root(args.dataset, args.data_root)
     if DATASETS[args.dataset].needs_root:
         load_dataset(args.dataset, args.data_root)  # fail now, not in a worker, on missing or bad files
+    if args.import_state is not None and not Path(args.import_state).is_file():
+        raise ValueError(f"--import-state: {str(args.import_state)!r} is not a file")
     grid = Grid(archs=args.arch, seeds=list(range(args.seeds)), dataset=args.dataset, out=args.out,
                 data_root=_resolved(args.data_root), protocol=args.protocol, jobs=args.jobs,
                 iterations=args.iterations, eval_every=args.eval_every, device=args.device,
-                progress=not args.no_progress)
-    grid.run()
+                progress=not args.no_progress, pack=getattr(args, "pack", "auto"),
+                shard=getattr(args, "shard", None), lock_timeout=getattr(args, "lock_timeout", 600))
+    if args.import_state is not None:
+        manifest = import_state(args.import_state, args.out)
+        print(f"imported {args.import_state}: {len(manifest['files'])} files, "
+              f"{len(manifest['masks'])} mask sets", file=sys.stderr)
+    try:
+        with _sigterm_as_interrupt():
+            grid.run()
+    finally:  # a run cut short (Ctrl-C, SIGTERM, timeout) still leaves its state
+        if args.export_state is not None and Path(args.out).is_dir():
+            manifest = export_state(args.out, args.export_state)
+            print(f"exported the state of {args.out} to {args.export_state} "
+                  f"({Path(args.export_state).stat().st_size:,} bytes, {len(manifest['masks'])} mask sets)",
+                  file=sys.stderr)
+    if grid.shard is not None and not grid.done():
+        print(f"shard {grid.shard[0]}/{grid.shard[1]} done; other shards' cells remain, so no table yet",
+              file=sys.stderr)
+        return 0
     paths = report(grid)
     print(paths["table_md"].read_text())
     print(paths["cost_md"].read_text())
     for name, path in paths.items():
         print(f"{name:>10}: {path}")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's time limit, ``timeout``) raises KeyboardInterrupt, so cleanup runs."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

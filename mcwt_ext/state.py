@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .models import build_model_from_config
-from .runs import RunDir, atomic_write
+from .runs import RunDir, atomic_write, round_index, round_name
 
 __all__ = ["export_state", "import_state", "FORMAT"]
 
@@ -59,11 +59,11 @@ def _parent(rel: Path, have: Mapping[Path, dict]) -> Path | None:
     """The mask set ``rel`` nests in, if already encoded: IMP round r in round r-1; an IMP run's
     own ticket masks in its last round."""
     folder = rel.parent
-    if folder.name.startswith("round_") and folder.name[6:].isdigit():
-        r = int(folder.name[6:])
-        prev = folder.parent / f"round_{r - 1:02d}" / RunDir.MASKS
-        return prev if r > 0 and prev in have else None
-    rounds = sorted(p for p in have if p.parent.parent == folder and p.parent.name.startswith("round_"))
+    r = round_index(folder.name)
+    if r is not None:
+        prev = folder.parent / round_name(r - 1) / RunDir.MASKS if r > 0 else None
+        return prev if prev in have else None
+    rounds = sorted(p for p in have if p.parent.parent == folder and round_index(p.parent.name) is not None)
     return rounds[-1] if rounds else None
 
 
@@ -152,7 +152,7 @@ def export_state(root_dir: str | os.PathLike, file: str | os.PathLike) -> dict:
     manifest = dict(format=FORMAT, files=[], masks=[], inits=[])
 
     def order(p):  # parents first: an IMP run's round_00 < round_01 < ... < its ticket
-        is_round = p.parent.name.startswith("round_")
+        is_round = round_index(p.parent.name) is not None
         group = p.relative_to(root).parent.parent if is_round else p.relative_to(root).parent
         return group.as_posix(), not is_round, p.as_posix()
     mask_paths = sorted((p for p in paths if p.name == RunDir.MASKS), key=order)
