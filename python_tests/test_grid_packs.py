@@ -273,3 +273,16 @@ def test_bad_reproduce_flags(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "g").exists()
+
+
+def test_bundle_rederives_random_and_mcwt_without_connectivity(packed, tmp_path):
+    manifest = export_state(packed.out, tmp_path / "state.zip")
+    derived = {Path(e["path"]).parent.name: e["derived"]["kind"] for e in manifest["masks"] if "derived" in e}
+    assert derived == {"random": "random", "mcwt_magnitude": "mcwt_magnitude"}
+    assert sum("derived" in e for e in manifest["masks"]) == 4  # both seeds
+    import_state(tmp_path / "state.zip", tmp_path / "b")
+    for s in (0, 1):
+        for kind in ("random", "mcwt_magnitude", "mcwt_connectivity"):
+            a = RunDir(packed.out / "conv2" / f"seed_{s}" / kind).load_tensors(RunDir.MASKS)
+            b = RunDir(tmp_path / "b" / "conv2" / f"seed_{s}" / kind).load_tensors(RunDir.MASKS)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

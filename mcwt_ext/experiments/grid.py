@@ -199,7 +199,8 @@ class CellLock:
 
     def release(self) -> None:
         try:
-            if json.loads(self.path.read_text()).get("pid") == self.me["pid"]:
+            holder = json.loads(self.path.read_text())
+            if (holder.get("pid"), holder.get("host")) == (self.me["pid"], self.me["host"]):
                 self.path.unlink()
         except (FileNotFoundError, ValueError):
             pass
