@@ -320,7 +320,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
         out = []
         for c in list(pending.values()):
             if c.done():  # finished by another process
-                finish(c.key, ran=False)
+                finish(c.key)
             elif all(c.dir(d).done() for d in CELLS[c.kind].needs) and claim(c):
                 out.append(c)
         return out
@@ -338,8 +338,9 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
         if shard is not None:
             print(f"shard {shard[0]}/{shard[1]}: running {' '.join(map(str, c.key))}", file=sys.stderr, flush=True)
 
-    def finish(key, ran=True):
-        pending.pop(key)
+    def finish(key):
+        if pending.pop(key, None) is None:  # already seen done on disk
+            return
         if key in locks:
             locks.pop(key).release()
         bar.set_postfix_str("/".join(map(str, key)))
