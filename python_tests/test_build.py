@@ -141,7 +141,7 @@ def test_gpu_table1_script_plans_a_reproduce_the_cli_accepts(tmp_path, protocol,
     result = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "previous.zip")],
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
-    plan = {line.split()[1]: line.split(": ", 1)[1] for line in result.stdout.splitlines()
+    plan = {line.split()[1].rstrip(":"): line.split(": ", 1)[1] for line in result.stdout.splitlines()
             if line.startswith("[dry-run] ")}
     assert "pip install --no-build-isolation --no-deps ." in plan["build"]
     assert "materialize.py" in plan["data"]
