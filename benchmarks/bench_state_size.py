@@ -4,9 +4,11 @@ Builds, in a temporary directory, what ``mcwt reproduce --protocol full`` leaves
 architecture and seed, at CIFAR-10 shapes: IMP's mask sets at the protocol's rates until every
 layer is at 80% pruned (the stopping rule of ``mcwt_ext.imp``; the "trained" weights that rank
 each round are the initial weights plus Gaussian noise), the ticket, the random cell (derived
-from its seed), two MCWT-like mask sets (Bernoulli draws at density 0.2 favouring large initial
-weights), one metrics.csv per training (an evaluation every 100 iterations, six float columns),
-summaries and configs. Then it exports the grid and reports the bundle's size by part.
+from its seed), an MCWT-with-connectivity-like mask set (Bernoulli draws at density 0.2 favouring
+large initial weights), one metrics.csv per training (an evaluation every 100 iterations, six float columns),
+summaries and configs. MCWT without connectivity is sampled for real from a fit on the simulated
+ticket (connectivity measured on random inputs), so the bundle re-derives it as it does in a grid.
+Then it exports the grid and reports the bundle's size by part.
 
     .venv/bin/python benchmarks/bench_state_size.py [--archs conv2,conv4,conv6] [--seeds 3]
 """
@@ -23,7 +25,9 @@ import torch
 
 from mcwt_ext.masks import dense_masks, kept_count, layer_kind, magnitude_prune, random_masks
 from mcwt_ext.models import arch_spec, build_model
+from mcwt_ext.fit import fit_ticket
 from mcwt_ext.runs import RunDir
+from mcwt_ext.sample import sample_ticket
 from mcwt_ext.state import export_state
 from mcwt_ext.train import METRICS_FIELDS
 
@@ -71,16 +75,25 @@ def build_grid(root: Path, archs: list[str], seeds: int) -> dict[str, int]:
             rnd.save_tensors(RunDir.INIT, init)
             rnd.save_tensors(RunDir.MASKS, random_masks(model, 0.8, seed))
             _metrics(rnd, spec.iterations, rng)
+            # The fit on the (simulated) ticket, connectivity on random inputs; MCWT without
+            # connectivity sampled from it as the grid does (the bundle re-derives it).
+            fit = fit_ticket(model, masks, torch.randn(64, 3, 32, 32, generator=g), seed=seed,
+                             max_weights_per_layer=20_000)
+            fit.save(base.subdir("fit").file(RunDir.FIT))
             for kind in ("mcwt_magnitude", "mcwt_connectivity"):
                 rd = base.subdir(kind)
-                rd.save_json(RunDir.CONFIG, dict(config, command=f"reproduce:{kind}"))
+                rd.save_json(RunDir.CONFIG, dict(config, command=f"reproduce:{kind}",
+                                                 use_connectivity=kind == "mcwt_connectivity"))
                 rd.save_tensors(RunDir.INIT, init)
-                sampled = {}
-                for n in kinds:
-                    w = init[n].abs() / init[n].std()
-                    p = torch.sigmoid(2.0 * w - 2.5)
-                    p = (p * (0.2 / p.mean())).clamp(0, 1)
-                    sampled[n] = torch.bernoulli(p, generator=g).bool()
+                if kind == "mcwt_magnitude":
+                    sampled = sample_ticket(model, fit, None, sparsity=0.8, use_connectivity=False, seed=seed)[0]
+                else:
+                    sampled = {}
+                    for n in kinds:
+                        w = init[n].abs() / init[n].std()
+                        p = torch.sigmoid(2.0 * w - 2.5)
+                        p = (p * (0.2 / p.mean())).clamp(0, 1)
+                        sampled[n] = torch.bernoulli(p, generator=g).bool()
                 rd.save_tensors(RunDir.MASKS, sampled)
                 rd.save_json("sample.json", dict(wall_time_s=rng.random()))
                 _metrics(rd, spec.iterations, rng)

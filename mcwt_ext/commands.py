@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -381,6 +382,7 @@ def plot_cmd(args) -> int:
 
 def reproduce_cmd(args) -> int:
     from .experiments import Grid, report
+    from .state import export_state, import_state
 
     check_out(args.out)
     _check_data_root(args.dataset, args.data_root)
@@ -390,13 +392,31 @@ def reproduce_cmd(args) -> int:
     # fail now, not in a worker, on missing or bad files; the split sizes go beside the table
     ds = load_dataset(args.dataset, args.data_root, download=args.download)
     defaults = DATASETS[args.dataset].train_defaults
+    if args.import_state is not None and not Path(args.import_state).is_file():
+        raise ValueError(f"--import-state: {str(args.import_state)!r} is not a file")
     grid = Grid(archs=args.arch, seeds=list(range(args.seeds)), dataset=args.dataset, out=args.out,
                 data_root=_resolved(args.data_root), protocol=args.protocol, jobs=args.jobs,
                 iterations=args.iterations or defaults.get("iterations"),
                 eval_every=args.eval_every or defaults.get("eval_every"), device=args.device,
-                progress=not args.no_progress)
-    with opened(args.out):
-        grid.run()
+                progress=not args.no_progress, pack=args.pack, shard=args.shard,
+                lock_timeout=args.lock_timeout)
+    if args.import_state is not None:
+        manifest = import_state(args.import_state, args.out)
+        print(f"imported {args.import_state}: {len(manifest['files'])} files, "
+              f"{len(manifest['masks'])} mask sets", file=sys.stderr)
+    try:
+        with opened(args.out), _sigterm_as_interrupt():
+            grid.run()
+    finally:  # a run cut short (Ctrl-C, SIGTERM, timeout) still leaves its state
+        if args.export_state is not None and Path(args.out).is_dir():
+            manifest = export_state(args.out, args.export_state)
+            print(f"exported the state of {args.out} to {args.export_state} "
+                  f"({Path(args.export_state).stat().st_size:,} bytes, {len(manifest['masks'])} mask sets)",
+                  file=sys.stderr)
+    if grid.shard is not None and not grid.done():
+        print(f"shard {grid.shard[0]}/{grid.shard[1]} done; other shards' cells remain, so no table yet",
+              file=sys.stderr)
+        return 0
     paths = report(grid)  # every rank: the figures measure connectivity together; rank 0 writes
     if not distributed.is_main():
         return 0
@@ -415,3 +435,19 @@ def split_note(ds: Dataset) -> str:
     return (f"Splits of {ds.name}: {n_train:,} training, {n_val:,} validation, {n_test:,} test images; "
             f"one image is {100 / n_val:.2f} points of validation accuracy, {100 / n_test:.2f} of test "
             f"accuracy.")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's time limit, ``timeout``) raises KeyboardInterrupt, so cleanup runs."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

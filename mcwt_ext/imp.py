@@ -28,11 +28,11 @@ from .masks import (dense_masks, dense_state_dict, densities, from_torch_prune, 
                     kept_count, layer_kind, load_dense_state_dict, magnitude_prune, per_layer,
                     to_torch_prune)
 from .models import arch_spec
-from .runs import RunDir, snapshot_name
+from .runs import RunDir, round_index, snapshot_name
 from .train import TrainConfig, train
 from .validate import check_rate, check_sparsity
 
-__all__ = ["ImpConfig", "run_imp", "KINDS"]
+__all__ = ["ImpConfig", "ImpRun", "run_imp", "KINDS"]
 
 KINDS = ("conv", "linear", "output")
 
@@ -49,6 +49,7 @@ class ImpConfig:
     sparsity: float | dict[str, float] = 0.8
     rewind_iteration: int = 0
     max_rounds: int | None = None
+    table_iterations: int | None = None  # the dense round and the ticket train this long (protocol paper)
 
     def __post_init__(self):
         if not isinstance(self.train, TrainConfig):
@@ -67,6 +68,9 @@ class ImpConfig:
         m = self.max_rounds
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
             raise ValueError(f"max_rounds must be None or an int >= 0, got {m!r}")
+        t = self.table_iterations
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < self.train.iterations):
+            raise ValueError(f"table_iterations must be None or an int >= {self.train.iterations}, got {t!r}")
 
     @classmethod
     def for_arch(cls, arch: str, **overrides) -> "ImpConfig":
@@ -90,70 +94,137 @@ class ImpConfig:
 
     def identity(self) -> dict:
         """The settings a resumed run must share (all but max_rounds and runtime fields)."""
-        return dict(rates=self.rates, sparsity=self.sparsity, rewind_iteration=self.rewind_iteration,
-                    train=self.train.identity())
+        ident = dict(rates=self.rates, sparsity=self.sparsity, rewind_iteration=self.rewind_iteration,
+                     train=self.train.identity())
+        if self.table_iterations is not None:
+            ident["table_iterations"] = self.table_iterations
+        return ident
 
 
 def _at_target(masks: Mapping[str, torch.Tensor], targets: Mapping[str, float]) -> bool:
     return all(int(m.sum()) <= kept_count(m.numel(), targets[n]) for n, m in masks.items())
 
 
+ROUND_FIELDS = ("val_acc_final", "test_acc_final", "val_acc_early_stop", "test_acc_early_stop",
+                "val_acc_max", "early_stop_iteration", "min_val_loss")
+
+
+class ImpRun:
+    """IMP as a sequence of trainings: :meth:`pending` reads back every finished round, writes
+    the next round's masks and returns the next training (a :class:`~mcwt_ext.lockstep.PackNet`)
+    or None once the ticket is found (the summary then written). Whoever trains it (``train()``,
+    or a pack of several IMP runs whose rounds advance together) calls :meth:`pending` again.
+
+    A finished round needs only its summary and the next round's masks, not its trained weights:
+    a grid imported from a state bundle resumes without retraining finished rounds."""
+
+    def __init__(self, model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunDir | str):
+        if not isinstance(config, ImpConfig):
+            raise TypeError(f"config must be an ImpConfig, got {type(config).__name__}")
+        self.model, self.config = model, config
+        self.rd = rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        device = next(model.parameters()).device
+        self.kinds = kinds = layer_kind(model, dataset.example_input().to(device))
+        self.rates = {name: config.rates[kind] for name, kind in kinds.items()}
+        targets = {name: 1.0 for name in kinds}
+        targets.update({n: 1.0 - s for n, s in per_layer(config.sparsity, list(kinds), "sparsity").items()})
+        self.targets = targets
+        stuck = [n for n in kinds if targets[n] < 1.0 and self.rates[n] == 0.0]
+        if stuck:
+            raise ValueError(f"layers {stuck} have a sparsity target but a prune rate of 0")
+        # A model pruned with torch.nn.utils.prune starts from its masks and ends pruned with the
+        # ticket's; the run directory holds plain weights (dense_state_dict) either way.
+        self.torch_pruned = any(is_torch_pruned(m) for m in model.modules())
+        self.init = {k: v.detach().to("cpu").clone() for k, v in dense_state_dict(model).items()}
+        RunDir.open(rd.path, config.identity(), name=RunDir.IMP)
+        rd.save_or_check_tensors(RunDir.INIT, self.init, "initial weights")
+        self.masks: dict[str, torch.Tensor] = self._start_masks()
+
+    def _start_masks(self) -> dict[str, torch.Tensor]:
+        return {**dense_masks(self.model), **from_torch_prune(self.model)}
+
+    def _load(self, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+        if self.torch_pruned:
+            to_torch_prune(self.model, masks)
+        load_dense_state_dict(self.model, weights)
+
+    def round_config(self, r: int, at_target: bool) -> TrainConfig:
+        """Round ``r``'s training: ``table_iterations`` for the dense round and the ticket."""
+        long = self.config.table_iterations
+        if long is not None and (r == 0 or at_target):
+            return dataclasses.replace(self.config.train, iterations=long)
+        return self.config.train
+
+    def _snapshots(self, r: int, train_cfg: TrainConfig) -> list[int]:
+        if r != 0:
+            return []
+        marks = {self.config.rewind_iteration} - {0}
+        if train_cfg.iterations != self.config.train.iterations:  # prune at the protocol's length
+            marks.add(self.config.train.iterations)
+        return sorted(marks)
+
+    def _pruning_weights(self, r: int, round_dir: RunDir) -> dict[str, torch.Tensor]:
+        if r == 0 and self.round_config(0, False).iterations != self.config.train.iterations:
+            return round_dir.load_tensors(snapshot_name(self.config.train.iterations))
+        return round_dir.load_tensors(RunDir.FINAL)
+
+    def pending(self):
+        """The next round's training as a PackNet, or None when IMP is finished."""
+        from .lockstep import PackNet
+
+        rd, cfg, k = self.rd, self.config, self.config.rewind_iteration
+        masks, rewind, rounds = self._start_masks(), self.init, []
+        for r in itertools.count():
+            round_dir = rd.round(r)
+            round_dir.save_or_check_tensors(RunDir.MASKS, masks, "masks")
+            reached = _at_target(masks, self.targets)
+            train_cfg = self.round_config(r, reached)
+            if not round_dir.done():
+                self._load(rewind, masks)
+                return PackNet(self.model, masks, train_cfg, round_dir, self._snapshots(r, train_cfg))
+            if r == 0 and k > 0:
+                if not rd.exists(RunDir.REWIND):
+                    rd.save_tensors(RunDir.REWIND, round_dir.load_tensors(snapshot_name(k)))
+                rewind = rd.load_tensors(RunDir.REWIND)
+            s = round_dir.load_json(RunDir.SUMMARY)
+            kept = sum(int(m.sum()) for m in masks.values())
+            rounds.append(dict(round=r, density=kept / sum(m.numel() for m in masks.values()),
+                               **{key: s.get(key) for key in ROUND_FIELDS}))
+            if reached or (cfg.max_rounds is not None and r >= cfg.max_rounds):
+                break
+            following = rd.round(r + 1)
+            if following.exists(RunDir.MASKS) and not round_dir.exists(RunDir.FINAL):
+                masks = following.load_tensors(RunDir.MASKS)  # resumed from a state bundle
+            elif not round_dir.exists(RunDir.FINAL):
+                raise ValueError(f"{round_dir.path} is finished but holds neither its trained weights "
+                                 f"nor does {following.path} hold the next masks; use a fresh run directory")
+            else:
+                masks = magnitude_prune(self._pruning_weights(r, round_dir), masks, self.rates, self.targets)
+        rd.save_csv(RunDir.ROUNDS, rounds)
+        if round_dir.exists(RunDir.FINAL):
+            self._load(round_dir.load_tensors(RunDir.FINAL), masks)
+        elif self.torch_pruned:
+            to_torch_prune(self.model, masks)
+        self.masks = masks
+        rd.save_tensors(RunDir.MASKS, masks)
+        rd.save_json(RunDir.SUMMARY, dict(rounds=rounds, reached_target=reached, kinds=self.kinds,
+                                          densities=densities(masks), ticket=rounds[-1]))
+        distributed.barrier()  # under torchrun: the other ranks may read the summary from here on
+        return None
+
+
 def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunDir | str,
-            progress: bool = True) -> dict[str, torch.Tensor]:
+            progress: bool = True, trainer=train) -> dict[str, torch.Tensor]:
     """Run IMP from ``model``'s current (initial) weights; return the WT masks.
 
     Resumes a run directory that was stopped: finished rounds are read back, the round in
     progress continues from its last checkpoint. ``model`` ends with the last round's trained
-    weights.
-
-    A model pruned with ``torch.nn.utils.prune`` starts from its masks (round 0 trains them) and
-    ends pruned with the ticket's, each round's masks registered on it; the run directory holds
-    plain weights (:func:`~mcwt_ext.masks.dense_state_dict`) either way.
+    weights (where they are on disk). ``trainer``: ``train()`` or a stand-in with its signature
+    (the reproduce scheduler's, which trains IMP rounds of several seeds as one pack).
     """
-    if not isinstance(config, ImpConfig):
-        raise TypeError(f"config must be an ImpConfig, got {type(config).__name__}")
-    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    device = next(model.parameters()).device
-    kinds = layer_kind(model, dataset.example_input().to(device))
-    rates = {name: config.rates[kind] for name, kind in kinds.items()}
-    targets = {name: 1.0 for name in kinds}
-    targets.update({n: 1.0 - s for n, s in per_layer(config.sparsity, list(kinds), "sparsity").items()})
-    stuck = [n for n in kinds if targets[n] < 1.0 and rates[n] == 0.0]
-    if stuck:
-        raise ValueError(f"layers {stuck} have a sparsity target but a prune rate of 0")
-
-    torch_pruned = any(is_torch_pruned(m) for m in model.modules())
-    init = {k: v.detach().to("cpu").clone() for k, v in dense_state_dict(model).items()}
-    RunDir.open(rd.path, config.identity(), name=RunDir.IMP)
-    rd.save_or_check_tensors(RunDir.INIT, init, "initial weights")
-
-    k = config.rewind_iteration
-    masks, rewind, rounds = {**dense_masks(model), **from_torch_prune(model)}, init, []
-    for r in itertools.count():
-        round_dir = rd.round(r)
-        round_dir.save_or_check_tensors(RunDir.MASKS, masks, "masks")
-        if torch_pruned:
-            to_torch_prune(model, masks)
-        load_dense_state_dict(model, rewind)
-        result = train(model, dataset, masks, config.train, round_dir, progress, desc=f"IMP round {r}",
-                       snapshot_iterations=[k] if r == 0 and k > 0 else ())
-        if r == 0 and k > 0:
-            rewind = round_dir.load_tensors(snapshot_name(k))
-            rd.save_tensors(RunDir.REWIND, rewind)
-        s = result.summary
-        kept = sum(int(m.sum()) for m in masks.values())
-        rounds.append(dict(round=r, density=kept / sum(m.numel() for m in masks.values()),
-                           **{key: s[key] for key in ("val_acc_final", "test_acc_final",
-                                                      "val_acc_early_stop", "test_acc_early_stop",
-                                                      "early_stop_iteration", "min_val_loss")}))
-        rd.save_csv(RunDir.ROUNDS, rounds)
-        reached = _at_target(masks, targets)
-        if reached or (config.max_rounds is not None and r >= config.max_rounds):
-            break
-        masks = magnitude_prune(dense_state_dict(model), masks, rates, targets)
-
-    rd.save_tensors(RunDir.MASKS, masks)
-    rd.save_json(RunDir.SUMMARY, dict(rounds=rounds, reached_target=reached, kinds=kinds,
-                                      densities=densities(masks), ticket=rounds[-1]))
-    distributed.barrier()  # under torchrun: the other ranks may read the summary from here on
-    return masks
+    imp = ImpRun(model, dataset, config, run_dir)
+    while (net := imp.pending()) is not None:
+        r = round_index(net.run_dir.path.name)
+        trainer(net.model, dataset, net.masks, net.config, net.run_dir, progress, desc=f"IMP round {r}",
+                snapshot_iterations=net.snapshot_iterations)
+    return imp.masks

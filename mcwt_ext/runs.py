@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["RunDir", "atomic_write", "load_tensors", "load_masks", "load_weights", "check_identity",
-           "Ticket", "load_ticket", "snapshot_name", "round_name", "grid_cell", "RUNTIME_KEYS",
+           "Ticket", "load_ticket", "snapshot_name", "round_name", "round_index", "grid_cell", "RUNTIME_KEYS",
            "GRID_FILES", "FIGURE_FILES"]
 
 #: Config keys that may change between a run and its resumption (where the data lives, which
@@ -69,6 +69,13 @@ def snapshot_name(iteration: int) -> str:
 def round_name(r: int) -> str:
     """IMP's round ``r`` sub-directory."""
     return f"round_{r:02d}"
+
+
+def round_index(name: str) -> int | None:
+    """``r`` when ``name`` is IMP's round ``r`` sub-directory (see :func:`round_name`), else None."""
+    prefix = round_name(0)[:-2]
+    rest = name[len(prefix):]
+    return int(rest) if name.startswith(prefix) and rest.isdigit() else None
 
 
 def grid_cell(root: str | os.PathLike, arch: str, seed: int, cell: str) -> "RunDir":
@@ -153,6 +160,7 @@ class RunDir:
     IMP = "imp.json"
     REWIND = "rewind.safetensors"
     ROUNDS = "rounds.csv"
+    LOCK = ".lock"  # a sharded grid's claim on a cell (hidden: state bundles skip it)
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

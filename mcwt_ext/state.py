@@ -11,7 +11,8 @@ state is its masks plus its records. ``export_state(root, file)`` walks every ru
   cluster at the front, which LZMA turns into fewer bytes), in one of three encodings per layer: ``dense`` (all kept: no bits), ``nested`` (the layer's bits at the weights its parent
   set keeps, the parent being the previous IMP round, or the round a ticket copies: IMP only ever
   prunes further) and ``full``; and ``derived`` for a whole set the run's config re-derives (the
-  random baseline's ``random_masks(model, sparsity, seed)``), checked bit for bit at export;
+  random baseline's ``random_masks(model, sparsity, seed)``; MCWT without connectivity, sampled
+  from the fit cell's ``fit.json`` and the seed), checked bit for bit at export;
 - ``manifest.json``: format version, the files, each mask set's layers, shapes and encodings,
   and the run directories whose ``init.safetensors`` is rebuilt from their ``config.json``
   (checked equal at export).
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from .models import build_model_from_config
-from .runs import RunDir, atomic_write
+from .runs import RunDir, atomic_write, round_index, round_name
 
 __all__ = ["export_state", "import_state", "FORMAT"]
 
@@ -59,27 +60,49 @@ def _parent(rel: Path, have: Mapping[Path, dict]) -> Path | None:
     """The mask set ``rel`` nests in, if already encoded: IMP round r in round r-1; an IMP run's
     own ticket masks in its last round."""
     folder = rel.parent
-    if folder.name.startswith("round_") and folder.name[6:].isdigit():
-        r = int(folder.name[6:])
-        prev = folder.parent / f"round_{r - 1:02d}" / RunDir.MASKS
-        return prev if r > 0 and prev in have else None
-    rounds = sorted(p for p in have if p.parent.parent == folder and p.parent.name.startswith("round_"))
+    r = round_index(folder.name)
+    if r is not None:
+        prev = folder.parent / round_name(r - 1) / RunDir.MASKS if r > 0 else None
+        return prev if prev in have else None
+    rounds = sorted(p for p in have if p.parent.parent == folder and round_index(p.parent.name) is not None)
     return rounds[-1] if rounds else None
 
 
-def _derived_random(rd: RunDir, masks: Mapping[str, torch.Tensor]) -> dict | None:
-    """``{"kind": "random", ...}`` when the run's config re-derives ``masks`` exactly."""
-    from .masks import random_masks
+def _derive(rd: RunDir, kind: str, config: dict, sparsity: float) -> dict[str, torch.Tensor] | None:
+    """The mask set a grid cell of ``kind`` re-derives from its config (and, for MCWT without
+    connectivity, its sibling fit cell's ``fit.json``: no data needed), or None."""
+    model = build_model_from_config(config)
+    if kind == "random":
+        from .masks import random_masks
+        return random_masks(model, sparsity, config["seed"])
+    if kind == "mcwt_magnitude" and config.get("use_connectivity") is False:
+        from .sample import sample_ticket
+        fit = rd.path.parent / "fit" / RunDir.FIT
+        if not fit.is_file():
+            return None
+        return sample_ticket(model, fit, None, sparsity=sparsity, use_connectivity=False,
+                             seed=config["seed"])[0]
+    return None
 
+
+def _derived(rd: RunDir, masks: Mapping[str, torch.Tensor]) -> dict | None:
+    """``{"kind": ..., "sparsity": ...}`` when the run's config re-derives ``masks`` exactly
+    (checked bit for bit): the random baseline (its seed) and MCWT without connectivity (the fit
+    and the seed)."""
     if not rd.exists(RunDir.CONFIG):
         return None
     config = rd.load_json(RunDir.CONFIG)
     sparsity = (config.get("protocol") or {}).get("sparsity")
-    if config.get("command") != "reproduce:random" or sparsity is None:
+    kind = str(config.get("command", "")).removeprefix("reproduce:")
+    if kind not in ("random", "mcwt_magnitude") or sparsity is None:
         return None
-    derived = random_masks(build_model_from_config(config), sparsity, config["seed"])
-    same = derived.keys() == masks.keys() and all(torch.equal(derived[k], masks[k]) for k in masks)
-    return dict(kind="random", sparsity=sparsity) if same else None
+    try:
+        derived = _derive(rd, kind, config, sparsity)
+    except (ValueError, KeyError, FileNotFoundError):  # not derivable after all: store the bits
+        return None
+    same = derived is not None and derived.keys() == masks.keys() and \
+        all(torch.equal(derived[k], masks[k]) for k in masks)
+    return dict(kind=kind, sparsity=sparsity) if same else None
 
 
 def _orders(config_path: Path | None, cache: dict) -> dict[str, torch.Tensor]:
@@ -108,7 +131,7 @@ def _config_for(folder: Path, root: Path) -> Path | None:
 
 def _encode_masks(rd: RunDir, rel: Path, masks: Mapping[str, torch.Tensor],
                   parents: Mapping[Path, dict], orders: Mapping[str, torch.Tensor]) -> tuple[dict, bytes]:
-    derived = _derived_random(rd, masks)
+    derived = _derived(rd, masks)
     if derived is not None:
         return dict(derived=derived, layers={n: list(m.shape) for n, m in masks.items()}), b""
     parent_path = _parent(rel, parents)
@@ -152,7 +175,7 @@ def export_state(root_dir: str | os.PathLike, file: str | os.PathLike) -> dict:
     manifest = dict(format=FORMAT, files=[], masks=[], inits=[])
 
     def order(p):  # parents first: an IMP run's round_00 < round_01 < ... < its ticket
-        is_round = p.parent.name.startswith("round_")
+        is_round = round_index(p.parent.name) is not None
         group = p.relative_to(root).parent.parent if is_round else p.relative_to(root).parent
         return group.as_posix(), not is_round, p.as_posix()
     mask_paths = sorted((p for p in paths if p.name == RunDir.MASKS), key=order)
@@ -201,10 +224,11 @@ def _tmp_path(file) -> Path:
 def _decode_masks(entry: dict, blob: bytes, decoded: Mapping[str, dict], rd: RunDir,
                   orders: Mapping[str, torch.Tensor]) -> dict:
     if "derived" in entry:
-        from .masks import random_masks
-
-        config = rd.load_json(RunDir.CONFIG)
-        return random_masks(build_model_from_config(config), entry["derived"]["sparsity"], config["seed"])
+        d = entry["derived"]
+        masks = _derive(rd, d.get("kind", "random"), rd.load_json(RunDir.CONFIG), d["sparsity"])
+        if masks is None:
+            raise ValueError(f"mask set {entry['path']!r} is derived ({d}) but cannot be re-derived here")
+        return masks
     parent = decoded.get(entry.get("parent"))
     if "parent" in entry and parent is None:
         raise ValueError(f"mask set {entry['path']!r} nests in {entry['parent']!r}, which the bundle lacks")

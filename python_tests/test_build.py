@@ -120,10 +120,37 @@ def test_gpu_check_script_plans_every_step_and_benchmark(tmp_path):
     steps = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("[dry-run] ")]
     assert steps == ["env", "build", "import", "tests-serial", "tests-xdist", "sanitizer-memcheck",
                      "sanitizer-racecheck", "sanitizer-synccheck", "bench-sampling",
-                     "bench-connectivity", "bench-training"]
+                     "bench-connectivity", "bench-training", "bench-training-nets"]
     assert "--no-build-isolation --no-deps" in result.stdout
     for bench in sorted((ROOT / "benchmarks").glob("bench_*.py")):  # every device benchmark, on the GPU
         if "--device" not in bench.read_text():
             continue
         assert any(bench.name in line and "--device cuda" in line for line in result.stdout.splitlines()), bench
     assert not (tmp_path / "report").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("protocol", ["full", "paper"])
+def test_gpu_table1_script_plans_a_reproduce_the_cli_accepts(tmp_path, protocol, monkeypatch):
+    import shlex
+
+    from mcwt_ext.cli import build_parser
+
+    script = ROOT / "scripts" / "gpu_table1.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PROTOCOL=protocol, WORK=str(tmp_path / "work"))
+    result = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "previous.zip")],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    plan = {line.split()[1].rstrip(":"): line.split(": ", 1)[1] for line in result.stdout.splitlines()
+            if line.startswith("[dry-run] ")}
+    assert "pip install --no-build-isolation --no-deps ." in plan["build"]
+    assert "materialize.py" in plan["data"]
+    argv = shlex.split(plan["reproduce"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the plan is for a CUDA machine
+    args = build_parser().parse_args(argv[argv.index("mcwt_ext.cli") + 1:])
+    assert (args.command, args.dataset, args.protocol, args.device, args.pack, args.seeds) == \
+        ("reproduce", "cifar10", protocol, "cuda", "auto", 3)
+    assert args.arch == ["conv2", "conv4", "conv6"]
+    assert args.import_state == tmp_path / "previous.zip"
+    assert args.export_state == tmp_path / "out" / "state.zip"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # a dry run writes nothing

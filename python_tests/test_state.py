@@ -118,26 +118,26 @@ def test_state_that_cannot_travel_is_refused(tmp_path):
 def test_imported_grid_finishes_without_redoing_finished_cells(tmp_path, monkeypatch):
     """A digits grid with IMP and random finished moves through a bundle to a fresh directory,
     where reproduce trains only the rest."""
-    import mcwt_ext.experiments as experiments
+    import mcwt_ext.experiments.grid as grid_mod
     from mcwt_ext.experiments import Grid, run_cell
 
     def grid(out):
-        return Grid(["conv2"], [0], "synthetic", out, protocol="reduced", iterations=6, eval_every=3,
+        return Grid(archs=["conv2"], seeds=[0], dataset="synthetic", out=out, protocol="reduced", iterations=6, eval_every=3,
                     progress=False)
     first = grid(tmp_path / "a")
-    first.check_out()
+    first.open()
     for cell in first.cells:
         if cell.kind in ("imp", "random"):
             run_cell(cell)
     export_state(tmp_path / "a", tmp_path / "state.zip")
     import_state(tmp_path / "state.zip", tmp_path / "b")
     ran = []
-    real = experiments.run_cell
+    real = grid_mod.run_cell
 
     def counting(cell):
         ran.append(cell.kind)
         return real(cell)
-    monkeypatch.setattr(experiments, "run_cell", counting)
+    monkeypatch.setattr(grid_mod, "run_cell", counting)
     second = grid(tmp_path / "b")
     second.run()
     assert sorted(ran) == ["fit", "mcwt_connectivity", "mcwt_magnitude"]

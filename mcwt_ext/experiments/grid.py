@@ -6,12 +6,32 @@ cell is finished when its summary exists; a rerun skips finished cells and resum
 (IMP at its round, training at its checkpoint). ``jobs > 1`` runs independent cells in parallel
 processes. What the cells are is :mod:`.methods`' business; which run, when and where is this
 module's.
+
+Packs (``pack > 1``): every ready cell runs in a thread of its own until it asks to train
+(:meth:`Cell.train`); the trainings asked for (IMP round r of every seed, the random and MCWT
+cells, any trained cell registered in methods.py) are trained together, up to ``pack`` nets of
+one architecture and training length at a time, by :func:`mcwt_ext.lockstep.train_pack`; then
+the cells go on (IMP prunes and asks for its next round). Only one thread runs at a time, so
+the cells' own work never overlaps. Each net keeps its run directory, so a killed pack resumes
+from its checkpoints and the reports read the same files.
+
+Shards (``shard=(i, n)``): this process runs the cells whose index in the grid is i-1 modulo n,
+each once its needs are done on disk (polled; they may belong to other shards, over a shared
+directory). A lock file in a cell's directory (created atomically, holding pid, host and time,
+refreshed while the cell runs) keeps two processes off one cell; a lock not refreshed for
+``lock_timeout`` seconds, or held by a dead process on this host, is taken over.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
+import json
 import os
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +43,31 @@ from ..validate import check_seed
 from .methods import CELLS
 from .protocol import PROTOCOLS, Protocol
 
-__all__ = ["CellSettings", "Cell", "Grid", "run_cell", "schedule"]
+__all__ = ["CellSettings", "Cell", "Grid", "run_cell", "schedule", "CellLock", "parse_shard", "parse_pack"]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N), 1 <= I <= N."""
+    i, sep, n = str(text).partition("/")
+    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 1 <= int(i) <= int(n):
+        raise ValueError(f"--shard: must be I/N with 1 <= I <= N (this task's share of N), got {text!r}")
+    return int(i), int(n)
+
+
+def parse_pack(text: str) -> str | int:
+    """``"auto"`` or a positive int (nets per pack; 1: train every cell on its own)."""
+    if str(text) == "auto":
+        return "auto"
+    if not str(text).isdigit() or int(text) < 1:
+        raise ValueError(f"--pack: must be auto or a positive int (nets per pack), got {text!r}")
+    return int(text)
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset(name: str, root: str | None):
+    """One copy of a dataset per process, shared by the cells (packs keep several cells alive)."""
+    from ..data import load_dataset
+    return load_dataset(name, root)
 
 
 @dataclass(frozen=True)
@@ -67,13 +111,12 @@ class Cell:
 
     def context(self):
         """(dataset, fresh model from the seed, TrainConfig, the run's config.json) of this cell."""
-        from ..data import load_dataset
         from ..models import build_model
 
         s = self.settings
         if s.threads:
             torch.set_num_threads(s.threads)
-        ds = load_dataset(s.dataset, s.data_root)
+        ds = _dataset(s.dataset, s.data_root)
         model = build_model(self.arch, ds.in_channels, ds.num_classes, ds.image_size, self.seed)
         train_cfg = s.protocol.train_config(self.arch, self.seed, iterations=s.iterations,
                                             eval_every=s.eval_every, device=s.device)
@@ -83,6 +126,19 @@ class Cell:
                       num_classes=ds.num_classes, seed=self.seed, protocol=s.protocol.describe(),
                       train=dataclasses.asdict(train_cfg))
         return ds, model, train_cfg, config
+
+
+    def train(self, model, dataset, masks, config, run_dir, progress=False, desc="train", *,
+              snapshot_iterations=()):
+        """What cells train with: :func:`mcwt_ext.train.train`, or, when the scheduler packs,
+        the pack that trains this training together with others (same result files)."""
+        packer = _PACKERS.get(threading.get_ident())
+        if packer is None:
+            from ..train import train
+            return train(model, dataset, masks, config, run_dir, progress, desc,
+                         snapshot_iterations=snapshot_iterations)
+        from ..lockstep import PackNet
+        return packer.request(self, PackNet(model, masks, config, run_dir, snapshot_iterations), dataset)
 
 
 def run_cell(cell: Cell) -> tuple:
@@ -95,42 +151,257 @@ def run_cell(cell: Cell) -> tuple:
 
 # --- the scheduler -----------------------------------------------------------------------------
 
-def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True) -> None:
-    """Run every unfinished cell of ``cells``, each after the cells it needs (same arch and seed),
-    in ``cells``' order where there is a choice; ``jobs > 1``: in that many worker processes."""
+class CellLock:
+    """A claim on a cell's directory by one process (see the module doc)."""
+
+    def __init__(self, rd: RunDir, timeout: float):
+        self.path, self.timeout = rd.file(RunDir.LOCK), timeout
+        self.me = dict(pid=os.getpid(), host=socket.gethostname())
+
+    def _stale(self) -> bool:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            holder = json.loads(self.path.read_text() or "{}")
+        except (FileNotFoundError, ValueError):
+            return True  # gone, or half written by a process that died creating it
+        if holder.get("host") == self.me["host"] and holder.get("pid") != self.me["pid"]:
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, TypeError, KeyError):
+                pass
+        return age > self.timeout
+
+    def acquire(self) -> bool:
+        """Claim the cell: True when this process holds it now."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    return False
+                stale = self.path.with_name(f"{self.path.name}.stale.{self.me['pid']}")
+                try:  # take it over: move the stale lock aside (one taker wins), then create ours
+                    os.replace(self.path, stale)
+                    stale.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(self.me, time=time.time()), f)
+            return True
+        return False
+
+    def refresh(self) -> None:
+        try:
+            os.utime(self.path)
+        except FileNotFoundError:
+            pass
+
+    def release(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            if (holder.get("pid"), holder.get("host")) == (self.me["pid"], self.me["host"]):
+                self.path.unlink()
+        except (FileNotFoundError, ValueError):
+            pass
+
+
+_PACKERS: dict[int, "_Packer"] = {}  # cell thread -> the packer its Cell.train asks
+
+
+class _Packer:
+    """Runs cells in threads, one at a time, and trains what they ask for in packs."""
+
+    def __init__(self, size: int | None, progress: bool):
+        self.size, self.progress = size, progress
+        self.turn = threading.Event()      # set by a cell thread when it blocks or ends
+        self.requests: dict[tuple, tuple] = {}  # cell key -> (cell, PackNet, dataset, Event, [result])
+        self.threads: dict[tuple, threading.Thread] = {}
+        self.ended: dict[tuple, BaseException | None] = {}
+
+    # -- in a cell thread
+    def request(self, cell: Cell, net, dataset):
+        box = [None]
+        go = threading.Event()
+        self.requests[cell.key] = (cell, net, dataset, go, box)
+        self.turn.set()
+        go.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def _body(self, cell: Cell) -> None:
+        _PACKERS[threading.get_ident()] = self
+        error = None
+        try:
+            run_cell(cell)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            error = e
+        finally:
+            _PACKERS.pop(threading.get_ident(), None)
+            self.ended[cell.key] = error
+            self.turn.set()
+
+    def _wait_turn(self) -> None:
+        self.turn.wait()
+        self.turn.clear()
+
+    # -- in the scheduler's thread
+    def start(self, cell: Cell) -> None:
+        t = threading.Thread(target=self._body, args=(cell,), daemon=True, name="/".join(map(str, cell.key)))
+        self.threads[cell.key] = t
+        self.turn.clear()
+        t.start()
+        self._wait_turn()
+
+    def running(self) -> bool:
+        return bool(self.threads)
+
+    def collect(self) -> list[tuple]:
+        """Cells that ended since the last call: (key, error or None)."""
+        out = list(self.ended.items())
+        for key, _ in out:
+            self.ended.pop(key)
+            self.threads.pop(key, None)
+        return out
+
+    def train_requests(self) -> None:
+        """Train every training asked for, in packs, then let each cell go on until it asks again
+        or ends (one at a time)."""
+        from ..lockstep import PackOptions, train_pack
+
+        groups: dict[tuple, list] = {}
+        for key, req in sorted(self.requests.items()):
+            cfg = req[1].config
+            groups.setdefault((req[0].arch, cfg.iterations, cfg.lr, cfg.batch_size, cfg.device), []).append(req)
+        self.requests = {}
+        for (arch, iterations, *_), reqs in groups.items():
+            size = self.size or len(reqs)
+            for i in range(0, len(reqs), size):
+                chunk = reqs[i:i + size]
+                device = torch.device(chunk[0][1].config.device)
+                results = train_pack([r[1] for r in chunk], chunk[0][2],
+                                     PackOptions(cuda_graph=device.type == "cuda"), self.progress,
+                                     desc=f"{arch} pack of {len(chunk)}, {iterations} iterations")
+                for (_, _, _, go, box), result in zip(chunk, results):
+                    box[0] = result
+        for reqs in groups.values():
+            for _, _, _, go, _ in reqs:
+                self.turn.clear()
+                go.set()
+                self._wait_turn()
+
+
+def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: int | None = 1,
+             shard: tuple[int, int] | None = None, lock_timeout: float = 600.0,
+             poll: float = 2.0) -> None:
+    """Run every unfinished cell of ``cells`` (or, with ``shard=(i, n)``, of this shard's share),
+    each once the cells it needs (same arch and seed) are done, in ``cells``' order where there
+    is a choice: one at a time (``jobs=1``, ``pack=1``), in ``jobs`` worker processes, or with
+    the trainings of the ready cells in packs of up to ``pack`` nets (None: no limit)."""
     from ..progress import Progress
 
-    pending = {c.key: c for c in cells if not c.done()}
-    finished = {c.key for c in cells if c.done()}
-    bar = Progress(len(cells), "reproduce", unit="cell", noun="cell", initial=len(finished),
+    if jobs > 1 and pack != 1:
+        raise ValueError("jobs: packs train in one process; use --jobs 1 with --pack")
+    mine = cells if shard is None else [c for i, c in enumerate(cells) if i % shard[1] == shard[0] - 1]
+    pending = {c.key: c for c in mine if not c.done()}
+    bar = Progress(len(mine), "reproduce", unit="cell", noun="cell", initial=len(mine) - len(pending),
                    enabled=progress)
+    locks: dict[tuple, CellLock] = {}
+    stop = threading.Event()
+
+    def refresher():
+        while not stop.wait(max(0.05, lock_timeout / 4)):
+            for lock in list(locks.values()):
+                lock.refresh()
 
     def ready():
-        return [c for c in pending.values()
-                if all((c.arch, c.seed, d) in finished for d in CELLS[c.kind].needs)]
+        """Pending cells whose needs are done on disk and that this process may run (locked)."""
+        out = []
+        for c in list(pending.values()):
+            if c.done():  # finished by another process
+                finish(c.key)
+            elif all(c.dir(d).done() for d in CELLS[c.kind].needs) and claim(c):
+                out.append(c)
+        return out
+
+    def claim(c):
+        if shard is None or c.key in locks:
+            return True
+        lock = CellLock(c.dir(), lock_timeout)
+        if not lock.acquire():
+            return False
+        locks[c.key] = lock
+        return True
+
+    def began(c):
+        if shard is not None:
+            print(f"shard {shard[0]}/{shard[1]}: running {' '.join(map(str, c.key))}", file=sys.stderr, flush=True)
 
     def finish(key):
-        pending.pop(key)
-        finished.add(key)
+        if pending.pop(key, None) is None:  # already seen done on disk
+            return
+        if key in locks:
+            locks.pop(key).release()
         bar.set(last="/".join(map(str, key)))
         bar.update(1)
 
+    def idle():
+        if shard is None:
+            raise RuntimeError(f"cells {sorted(pending)} wait for cells that are not in the grid")
+        time.sleep(poll)
+
+    if shard is not None:
+        threading.Thread(target=refresher, daemon=True).start()
     try:
+        if pack != 1:
+            packer = _Packer(pack, progress)
+            while pending:
+                for cell in ready():
+                    if cell.key not in packer.threads:
+                        began(cell)
+                        packer.start(cell)
+                if packer.requests:
+                    packer.train_requests()
+                ended = packer.collect()
+                for key, error in ended:
+                    if error is not None:
+                        raise error
+                    finish(key)
+                if not ended and not packer.requests and pending and \
+                        not any(k in packer.threads for k in pending):
+                    idle()
+            return
         if jobs == 1:
             while pending:
-                finish(run_cell(ready()[0]))
+                batch = ready()
+                if batch:
+                    began(batch[0])
+                    finish(run_cell(batch[0]))
+                elif pending:
+                    idle()
             return
         with cf.ProcessPoolExecutor(jobs) as pool:
             running: dict[cf.Future, tuple] = {}
             while pending:
                 for cell in ready():
                     if cell.key not in running.values():
+                        began(cell)
                         running[pool.submit(run_cell, cell)] = cell.key
-                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                if not running:
+                    idle()
+                    continue
+                done, _ = cf.wait(running, timeout=poll if shard else None, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
                     running.pop(fut)
                     finish(fut.result())
     finally:
+        stop.set()
+        for lock in locks.values():
+            lock.release()
         bar.close()
 
 
@@ -151,6 +422,10 @@ class Grid:
     eval_every: int | None = None   # overrides the protocol's iterations between evaluations
     device: str = "cpu"
     progress: bool = True
+    pack: str | int = "auto"        # nets per pack; auto: all ready ones on CUDA, 1 (no packs) on CPU
+    shard: tuple[int, int] | None = None  # (i, n): run the i-th of n shares of the cells
+    lock_timeout: float = 600.0     # seconds after which a shard's unrefreshed cell lock is stale
+    poll: float = 2.0               # seconds between looks at cells other shards are running
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self):
@@ -166,6 +441,13 @@ class Grid:
             raise ValueError(f"protocol: must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
         if not isinstance(self.jobs, int) or self.jobs < 1:
             raise ValueError(f"jobs: must be a positive int, got {self.jobs!r}")
+        self.pack = parse_pack(self.pack)
+        if self.shard is not None:
+            self.shard = parse_shard("/".join(map(str, self.shard)))
+        if not self.lock_timeout > 0:
+            raise ValueError(f"lock_timeout: must be positive seconds, got {self.lock_timeout!r}")
+        if self.jobs > 1 and self.pack not in ("auto", 1):
+            raise ValueError("pack: packs train in one process; use jobs=1 with pack > 1")
         self.out = Path(self.out)
         threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else 0
         shared = CellSettings(self.dataset, self.data_root, PROTOCOLS[self.protocol], str(self.out),
@@ -186,7 +468,17 @@ class Grid:
                                           seeds=self.seeds, data_root=self.data_root),
                            mutable=RUNTIME_KEYS | {"archs", "seeds"})
 
+    def pack_size(self) -> int | None:
+        """Nets per pack: 1 (every cell trains on its own), an int, or None (all ready ones)."""
+        if self.pack == "auto":
+            return None if torch.device(self.device).type == "cuda" and self.jobs == 1 else 1
+        return self.pack
+
+    def done(self) -> bool:
+        return all(c.done() for c in self.cells)
+
     def run(self) -> None:
-        """Run every unfinished cell, each after the cells it needs."""
+        """Run every unfinished cell (of this shard), each after the cells it needs."""
         self.open()
-        schedule(self.cells, self.jobs, self.progress)
+        schedule(self.cells, self.jobs, self.progress, pack=self.pack_size(), shard=self.shard,
+                 lock_timeout=self.lock_timeout, poll=self.poll)

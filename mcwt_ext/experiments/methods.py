@@ -92,20 +92,20 @@ def run_imp_cell(cell) -> None:
     ds, model, train_cfg, config = cell.context()
     imp_cfg = cell.settings.protocol.imp_config(cell.arch, train_cfg,
                                                 sparsity=_sparsity(cell, ds, model))
-    run_imp(model, ds, imp_cfg, RunDir.open(cell.dir().path, config), progress=cell.progress)
+    run_imp(model, ds, imp_cfg, RunDir.open(cell.dir().path, config), progress=cell.progress,
+            trainer=cell.train)
 
 
 @register_cell("random")
 def run_random_cell(cell) -> None:
     from ..masks import random_masks
-    from ..train import train
 
     ds, model, train_cfg, config = cell.context()
     rd = RunDir.open(cell.dir().path, config)
     masks = random_masks(model, _sparsity(cell, ds, model), cell.seed)
     rd.save_tensors(RunDir.INIT, model.state_dict())
     rd.save_tensors(RunDir.MASKS, masks)
-    train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
+    cell.train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
 
 
 @register_cell("fit", needs=("imp",))
@@ -126,7 +126,6 @@ def run_fit_cell(cell) -> None:
 
 def _run_mcwt_cell(cell, use_connectivity: bool) -> None:
     from ..sample import sample_record, sample_ticket
-    from ..train import train
 
     ds, model, train_cfg, config = cell.context()
     rd = RunDir.open(cell.dir().path, dict(config, use_connectivity=use_connectivity))
@@ -143,7 +142,7 @@ def _run_mcwt_cell(cell, use_connectivity: bool) -> None:
         rd.save_json(RunDir.SAMPLE, sample_record(draws, wall))
         rd.save_tensors(RunDir.INIT, model.state_dict())
         rd.save_tensors(RunDir.MASKS, masks)
-    train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
+    cell.train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
 
 
 register_cell("mcwt_magnitude", needs=("fit",))(lambda cell: _run_mcwt_cell(cell, False))

@@ -17,6 +17,7 @@ __all__ = ["METRICS", "method_run", "collect", "write_table_csv", "read_table_cs
 
 METRICS = {
     "val_acc_early_stop": "Validation accuracy at early stop (min. validation loss)",
+    "val_acc_max": "Maximum validation accuracy over training",
     "val_acc_final": "Validation accuracy at the end of training",
     "test_acc_early_stop": "Test accuracy at early stop",
 }

@@ -1,0 +1,290 @@
+"""The reproduce scheduler's packs, shards and state bundles (issue 10 item 3, issue 13 item 5)."""
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mcwt_ext.experiments.grid as grid_mod
+import mcwt_ext.lockstep as lockstep_mod
+from mcwt_ext.cli import main
+from mcwt_ext.experiments import Grid, report
+from mcwt_ext.experiments.grid import CellLock
+from mcwt_ext.experiments.protocol import PROTOCOLS, Protocol
+from mcwt_ext.experiments.report import read_table_csv
+from mcwt_ext.runs import RunDir, grid_cell
+from mcwt_ext.state import export_state, import_state
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="synthetic", iterations=6, eval_every=3, progress=False)
+TRAINED = ("random", "mcwt_magnitude", "mcwt_connectivity")
+
+
+def _grid(out, **kw):
+    return Grid(archs=["conv2"], seeds=[0, 1], out=out, **{**TINY, **kw})
+
+
+def _summary(out, seed, *parts):
+    return json.loads((Path(out) / "conv2" / f"seed_{seed}" / Path(*parts) / "summary.json").read_text())
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_at(monkeypatch, step):
+    """The pack dies when it starts its ``step``-th step (counted over the whole grid)."""
+    real, seen = lockstep_mod._Pack.step, []
+
+    def dying(self, idx):
+        seen.append(1)
+        if len(seen) == step:
+            raise _Killed
+        return real(self, idx)
+    monkeypatch.setattr(lockstep_mod._Pack, "step", dying)
+
+
+def _checkpoint_every(monkeypatch, n):
+    real = Protocol.train_config
+
+    def cfg(self, *a, **kw):
+        return dataclasses.replace(real(self, *a, **kw), checkpoint_every=n)
+    monkeypatch.setattr(Protocol, "train_config", cfg)
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    g = _grid(tmp_path_factory.mktemp("packed"), pack=8)
+    g.run()
+    report(g)
+    return g
+
+
+def test_packs_advance_imp_rounds_together_and_pack_the_trained_cells(packed):
+    imp = grid_cell(packed.out, "conv2", 0, "imp")
+    rounds = imp.ticket_round()
+    assert rounds >= 1
+    for r in range(rounds + 1):
+        sizes = {_summary(packed.out, s, "imp", f"round_{r:02d}")["lockstep"]["pack_size"] for s in (0, 1)}
+        # round 0 trains with the random cells (ready at the start), the last with nothing else
+        assert sizes == {4 if r == 0 else 2}
+    for kind in TRAINED[1:]:
+        assert {_summary(packed.out, s, kind)["lockstep"]["pack_size"] for s in (0, 1)} == {4}
+
+
+def test_pack_grid_matches_the_per_cell_grid(packed, tmp_path):
+    single = _grid(tmp_path / "single", pack=1)
+    single.run()
+    assert "lockstep" not in _summary(single.out, 0, "random")
+    for s in (0, 1):  # same masks (pruned from weights equal up to float rounding)
+        for kind in ("imp", *TRAINED):
+            a = RunDir(single.out / "conv2" / f"seed_{s}" / kind).load_tensors(RunDir.MASKS)
+            b = RunDir(packed.out / "conv2" / f"seed_{s}" / kind).load_tensors(RunDir.MASKS)
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        for kind in TRAINED:
+            assert _summary(single.out, s, kind)["val_acc_early_stop"] == \
+                pytest.approx(_summary(packed.out, s, kind)["val_acc_early_stop"], abs=0.02)
+
+
+def test_table_reports_the_maximum_validation_accuracy(packed):
+    rows = [r for r in read_table_csv(packed.out / "table.csv") if r["metric"] == "val_acc_max"]
+    assert {r["method"] for r in rows} >= {"dense", "wt", *TRAINED}
+    for r in rows:
+        method = r["method"]
+        kind = {"dense": "imp/round_00", "wt": None}.get(method, method)
+        if kind is None:
+            kind = f"imp/round_{grid_cell(packed.out, 'conv2', 0, 'imp').ticket_round():02d}"
+        vals = [100 * _summary(packed.out, s, *kind.split("/"))["val_acc_max"] for s in (0, 1)]
+        assert r["mean"] == pytest.approx(sum(vals) / 2, abs=1e-3)
+    assert "Maximum validation accuracy" in (packed.out / "table.md").read_text()
+    rounds = RunDir(packed.out / "conv2" / "seed_0" / "imp").load_csv(RunDir.ROUNDS)
+    assert all(float(r["val_acc_max"]) >= float(r["val_acc_early_stop"]) for r in rounds)
+
+
+def test_killed_pack_grid_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    _checkpoint_every(monkeypatch, 2)
+    whole = _grid(tmp_path / "whole", pack=8)
+    whole.run()
+    _kill_at(monkeypatch, 10)  # round 1 of IMP, after its checkpoint at step 2
+    with pytest.raises(_Killed):
+        _grid(tmp_path / "killed", pack=8).run()
+    ckpt = tmp_path / "killed" / "conv2" / "seed_0" / "imp" / "round_01" / RunDir.CHECKPOINT
+    assert torch.load(ckpt, weights_only=True)["iteration"] == 2
+    monkeypatch.setattr(lockstep_mod._Pack, "step", _REAL_STEP)
+    _grid(tmp_path / "killed", pack=8).run()
+    for s in (0, 1):
+        for rel in ("imp/rounds.csv", "random/metrics.csv", "mcwt_connectivity/metrics.csv"):
+            part = Path("conv2") / f"seed_{s}" / rel
+            assert (tmp_path / "killed" / part).read_text() == (tmp_path / "whole" / part).read_text()
+
+
+_REAL_STEP = lockstep_mod._Pack.step
+
+
+@pytest.mark.parametrize("pack", [1, 8])
+def test_bundle_of_a_grid_stopped_in_imp_finishes_elsewhere_without_redoing(tmp_path, monkeypatch, pack):
+    """Stopped in IMP round 1 (round 0 finished), exported, imported in a fresh directory: the
+    finished round is not trained again (its trained weights did not travel), the rest is."""
+    whole = _grid(tmp_path / "whole", pack=pack)
+    whole.run()
+    real_train = lockstep_mod.train_pack if pack > 1 else None
+    from mcwt_ext import train as train_mod
+
+    def stop_at_round_1(run_dir):
+        if Path(run_dir).name == "round_01":
+            raise _Killed
+    if pack > 1:
+        def dying_pack(nets, *a, **kw):
+            for n in nets:
+                stop_at_round_1(n.run_dir)
+            return real_train(nets, *a, **kw)
+        monkeypatch.setattr(lockstep_mod, "train_pack", dying_pack)
+    else:
+        real = train_mod.train
+
+        def dying(model, ds, masks, cfg, run_dir, *a, **kw):
+            stop_at_round_1(run_dir)
+            return real(model, ds, masks, cfg, run_dir, *a, **kw)
+        monkeypatch.setattr(train_mod, "train", dying)
+    with pytest.raises(_Killed):
+        _grid(tmp_path / "a", pack=pack).run()
+    monkeypatch.undo()
+    export_state(tmp_path / "a", tmp_path / "state.zip")
+    import_state(tmp_path / "state.zip", tmp_path / "b")
+    r0 = tmp_path / "b" / "conv2" / "seed_0" / "imp" / "round_00"
+    assert (r0 / "summary.json").exists() and not (r0 / "final.safetensors").exists()
+    before = (r0 / "summary.json").read_text()
+    _grid(tmp_path / "b", pack=pack).run()
+    assert (r0 / "summary.json").read_text() == before and not (r0 / "final.safetensors").exists()
+    for s in (0, 1):
+        for rel in ("imp/rounds.csv", "imp/round_01/metrics.csv", "random/metrics.csv"):
+            part = Path("conv2") / f"seed_{s}" / rel
+            assert (tmp_path / "b" / part).read_text() == (tmp_path / "whole" / part).read_text()
+
+
+def test_paper_protocol_trains_the_table_runs_longer(tmp_path):
+    paper = PROTOCOLS["paper"]
+    cfg = paper.train_config("conv2", 0)
+    imp = paper.imp_config("conv2", cfg)
+    assert cfg.iterations == 225_000 and imp.table_iterations == 225_000
+    assert imp.train.iterations == 20_000 and imp.rates == PROTOCOLS["full"].imp_config(
+        "conv2", PROTOCOLS["full"].train_config("conv2", 0)).rates
+    # A tiny paper-like protocol: rounds of 4 iterations, the dense round and the ticket 8.
+    tiny = dataclasses.replace(paper, iterations={"conv2": 4}, rates={"conv": 0.6, "linear": 0.6, "output": 0.6},
+                               eval_every=2, connectivity_samples=50, table_iterations=8)
+    monkey = dict(PROTOCOLS)
+    try:
+        PROTOCOLS["tiny_paper"] = tiny
+        g = Grid(archs=["conv2"], seeds=[0], out=tmp_path / "g", dataset="synthetic", protocol="tiny_paper",
+                 progress=False, pack=1)
+        g.run()
+    finally:
+        PROTOCOLS.clear()
+        PROTOCOLS.update(monkey)
+    imp = grid_cell(g.out, "conv2", 0, "imp")
+    last = imp.ticket_round()
+    its = [imp.round(r).load_json(RunDir.SUMMARY)["iterations"] for r in range(last + 1)]
+    assert its[0] == its[-1] == 8 and all(i == 4 for i in its[1:-1])
+    assert imp.round(0).exists("weights_000004.safetensors")  # round 1 pruned from iteration 4
+    for kind in TRAINED:
+        assert _summary(g.out, 0, kind)["iterations"] == 8
+
+
+# --- shards ---------------------------------------------------------------------------------------
+
+def test_cell_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
+    rd = RunDir(tmp_path / "cell")
+    mine = CellLock(rd, timeout=0.5)
+    assert mine.acquire()
+    other = CellLock(rd, timeout=0.5)
+    other.me = dict(pid=other.me["pid"], host="elsewhere")  # another task, on another host
+    assert not other.acquire()
+    mine.refresh()
+    time.sleep(0.7)  # not refreshed: stale
+    assert other.acquire()
+    assert json.loads(rd.file(RunDir.LOCK).read_text())["host"] == "elsewhere"
+    mine.release()  # not ours any more: left alone
+    assert rd.exists(RunDir.LOCK)
+    # a dead process on this host: taken over at once
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    rd.file(RunDir.LOCK).write_text(json.dumps(dict(pid=dead.pid, host=socket.gethostname(), time=0)))
+    assert CellLock(rd, timeout=1e6).acquire()
+
+
+def _cli(*argv, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-m", "mcwt_ext.cli", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+SHARD_GRID = ["reproduce", "--dataset", "digits", "--arch", "conv2", "--seeds", "1", "--iterations", "6",
+              "--eval-every", "3", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_two_shards_complete_the_grid_once_each(tmp_path):
+    """Shard 1 runs imp, fit and MCWT with connectivity; shard 2 random and MCWT without
+    connectivity, which waits for shard 1's fit."""
+    single = _cli(*SHARD_GRID, "--out", str(tmp_path / "single"))
+    shards = [_cli(*SHARD_GRID, "--out", str(tmp_path / "sharded"), "--shard", f"{i}/2", "--lock-timeout", "30")
+              for i in (1, 2)]
+    outs = [p.communicate(timeout=1200) for p in [single, *shards]]
+    assert all(p.returncode == 0 for p in [single, *shards]), [o[1][-2000:] for o in outs]
+    ran = [line.split("running ", 1)[1] for _, err in outs[1:] for line in err.splitlines() if "running " in line]
+    assert sorted(ran) == sorted(f"conv2 0 {k}" for k in grid_mod.CELLS)
+    a = read_table_csv(tmp_path / "single" / "table.csv")
+    b = read_table_csv(tmp_path / "sharded" / "table.csv")
+    assert a == b
+    assert not list((tmp_path / "sharded").rglob(RunDir.LOCK))
+
+
+@pytest.mark.slow
+def test_sigterm_exports_the_state_so_far(tmp_path):
+    bundle = tmp_path / "state.zip"
+    p = _cli(*SHARD_GRID[:-5], "--iterations", "3000", "--eval-every", "100", "--no-progress",
+             "--out", str(tmp_path / "g"), "--export-state", str(bundle))
+    metrics = tmp_path / "g" / "conv2" / "seed_0" / "imp" / "round_00" / "metrics.csv"
+    deadline = time.time() + 120
+    while not metrics.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    p.terminate()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "exported" in err and bundle.is_file()
+    import_state(bundle, tmp_path / "h")
+    assert (tmp_path / "h" / "conv2" / "seed_0" / "imp" / "round_00" / "masks.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shard", "3/2"], "--shard"), (["--shard", "0/0"], "--shard"), (["--shard", "a/b"], "--shard"),
+    (["--shard", "1"], "--shard"), (["--pack", "0"], "--pack"), (["--pack", "many"], "--pack"),
+    (["--pack", "4", "--jobs", "2"], "pack"),
+    (["--import-state", "/nonexistent/state.zip"], "--import-state"),
+])
+def test_bad_reproduce_flags(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--out", str(tmp_path / "g"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "g").exists()
+
+
+def test_bundle_rederives_random_and_mcwt_without_connectivity(packed, tmp_path):
+    manifest = export_state(packed.out, tmp_path / "state.zip")
+    derived = {Path(e["path"]).parent.name: e["derived"]["kind"] for e in manifest["masks"] if "derived" in e}
+    assert derived == {"random": "random", "mcwt_magnitude": "mcwt_magnitude"}
+    assert sum("derived" in e for e in manifest["masks"]) == 4  # both seeds
+    import_state(tmp_path / "state.zip", tmp_path / "b")
+    for s in (0, 1):
+        for kind in ("random", "mcwt_magnitude", "mcwt_connectivity"):
+            a = RunDir(packed.out / "conv2" / f"seed_{s}" / kind).load_tensors(RunDir.MASKS)
+            b = RunDir(tmp_path / "b" / "conv2" / f"seed_{s}" / kind).load_tensors(RunDir.MASKS)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
