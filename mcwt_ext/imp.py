@@ -214,7 +214,7 @@ class ImpRun:
 
 
 def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunDir | str,
-            progress: bool = True, trainer=train) -> dict[str, torch.Tensor]:
+            progress: bool = True, trainer=None) -> dict[str, torch.Tensor]:
     """Run IMP from ``model``'s current (initial) weights; return the WT masks.
 
     Resumes a run directory that was stopped: finished rounds are read back, the round in
@@ -222,6 +222,7 @@ def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunD
     weights (where they are on disk). ``trainer``: ``train()`` or a stand-in with its signature
     (the reproduce scheduler's, which trains IMP rounds of several seeds as one pack).
     """
+    trainer = trainer or train  # looked up at call time, so a patched train() is the one used
     imp = ImpRun(model, dataset, config, run_dir)
     while (net := imp.pending()) is not None:
         r = round_index(net.run_dir.path.name)
