@@ -302,6 +302,16 @@ def arch_list(text: str) -> list[str]:
     return archs
 
 
+def methods_spec(text: str) -> str | list[str]:
+    from .experiments.methods import select_methods
+
+    try:
+        select_methods(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("methods: ")) from None
+    return text
+
+
 def add_reproduce_parser(subparsers) -> None:
     from .experiments import PROTOCOLS
 
@@ -334,6 +344,10 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="cells run in parallel processes, each with cores/jobs threads (default 1)")
     p.add_argument("--device", type=device_spec, default="cpu", help="torch device (default cpu)")
+    p.add_argument("--methods", type=methods_spec, default="paper",
+                   help="rows: paper (the paper's five, default), all (adds pruning at init, WT "
+                        "ablations, fit variants, fit transfer, exact count) or a comma list of "
+                        "method keys")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", type=Path, required=True, help="grid directory; rerun to resume")
 

@@ -221,7 +221,7 @@ def reproduce_cmd(args) -> int:
     grid = Grid(archs=args.arch, seeds=list(range(args.seeds)), dataset=args.dataset, out=args.out,
                 data_root=_resolved(args.data_root), protocol=args.protocol, jobs=args.jobs,
                 iterations=args.iterations, eval_every=args.eval_every, device=args.device,
-                progress=not args.no_progress)
+                progress=not args.no_progress, methods=args.methods)
     grid.run()
     paths = report(grid)
     print(paths["table_md"].read_text())

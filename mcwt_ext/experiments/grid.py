@@ -21,7 +21,7 @@ import torch
 from ..models import arch_spec
 from ..runs import RUNTIME_KEYS, RunDir, grid_cell
 from ..validate import check_seed
-from .methods import CELLS
+from .methods import CELLS, cells_for, select_methods
 from .protocol import PROTOCOLS, Protocol
 
 __all__ = ["CellSettings", "Cell", "Grid", "run_cell", "schedule"]
@@ -105,7 +105,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True) -> None:
 
     def ready():
         return [c for c in pending.values()
-                if all((c.arch, c.seed, d) in finished for d in CELLS[c.kind].needs)]
+                if all(k in finished for k in CELLS[c.kind].need_keys(c.arch, c.seed))]
 
     def finish(key):
         pending.pop(key)
@@ -149,6 +149,7 @@ class Grid:
     eval_every: int | None = None   # overrides the protocol's iterations between evaluations
     device: str = "cpu"
     progress: bool = True
+    methods: str | list[str] = "paper"  # rows of the table: paper, all, or method keys
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self):
@@ -164,13 +165,19 @@ class Grid:
             raise ValueError(f"protocol: must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
         if not isinstance(self.jobs, int) or self.jobs < 1:
             raise ValueError(f"jobs: must be a positive int, got {self.jobs!r}")
+        self.methods = select_methods(self.methods)
+        kinds = cells_for(self.methods)
+        if any(CELLS[k].needs_seed0 for k in kinds) and 0 not in self.seeds:
+            raise ValueError(f"seeds: the methods {self.methods} need seed 0's cells (fit transfer); "
+                             f"got seeds {self.seeds}")
         self.out = Path(self.out)
         threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else 0
         shared = CellSettings(self.dataset, self.data_root, PROTOCOLS[self.protocol], str(self.out),
                               self.iterations, self.eval_every, self.device, threads,
                               self.progress and self.jobs == 1)
         self.cells = [Cell(kind, arch, seed, shared)
-                      for arch in self.archs for seed in self.seeds for kind in CELLS]
+                      for arch in self.archs for seed in self.seeds for kind in kinds
+                      if CELLS[kind].applies(seed)]
 
     def settings(self) -> dict:
         """The grid's identity: cells made under other settings do not mix."""
@@ -181,8 +188,8 @@ class Grid:
         """The grid directory, its config written, or checked against the grid's there (more
         archs or seeds may join an existing grid; other settings may not)."""
         return RunDir.open(self.out, dict(settings=self.settings(), archs=self.archs,
-                                          seeds=self.seeds, data_root=self.data_root),
-                           mutable=RUNTIME_KEYS | {"archs", "seeds"})
+                                          seeds=self.seeds, data_root=self.data_root, methods=self.methods),
+                           mutable=RUNTIME_KEYS | {"archs", "seeds", "methods"})
 
     def run(self) -> None:
         """Run every unfinished cell, each after the cells it needs."""
