@@ -21,7 +21,8 @@ from .models import build_model
 from .runs import RunDir, load_masks, load_ticket, load_weights
 from .train import TrainConfig, train
 
-__all__ = ["train_cmd", "imp_cmd", "random_cmd", "fit_cmd", "sample_cmd", "plot_cmd", "reproduce_cmd",
+__all__ = ["train_cmd", "imp_cmd", "random_cmd", "prune_cmd", "ablate_cmd", "fit_cmd", "sample_cmd",
+           "plot_cmd", "reproduce_cmd",
            "load_data", "train_config", "run_config"]
 
 
@@ -148,13 +149,70 @@ def random_cmd(args) -> int:
     return _train_and_report(args, ds, model, masks, cfg, rd, "random")
 
 
+def _save_construction(rd: RunDir, wall: float) -> None:
+    """The first construction's wall time (a resumed run re-makes the same masks; keep the first)."""
+    if not rd.exists(RunDir.CONSTRUCTION):
+        rd.save_json(RunDir.CONSTRUCTION, dict(wall_time_s=wall))
+
+
+def prune_cmd(args) -> int:
+    from .prune_at_init import prune_at_init
+
+    ds, model = data_and_model(args)
+    cfg = train_config(args)
+    start = time.perf_counter()
+    masks = prune_at_init(model, args.method, ds.train.tensors, args.sparsity, seed=args.seed,
+                          allocation=args.allocation, progress=not args.no_progress and sys.stderr.isatty())
+    wall = time.perf_counter() - start
+    rd = RunDir.open(args.out, run_config(args, ds, prune_method=args.method, sparsity=args.sparsity,
+                                          allocation=args.allocation,
+                                          train=None if args.no_train else dataclasses.asdict(cfg)))
+    save_starts(rd, model, masks)
+    _save_construction(rd, wall)
+    print(f"{args.method}: masks in {wall:.1f} s")
+    if args.no_train:
+        print(f"wrote {rd.masks_path} and {rd.init_path}")
+        return 0
+    return _train_and_report(args, ds, model, masks, cfg, rd, f"prune {args.method}")
+
+
+def ablate_cmd(args) -> int:
+    from .ablate import ablate
+    from .experiments.methods import ablation_seed
+    from .models import build_model
+
+    ticket = load_ticket(args.ticket)
+    config = ticket.config
+    ds = _ticket_data(ticket, args.data_root)
+    args.arch = config["arch"]  # train_config reads the protocol of the ticket's arch
+    seed = ablation_seed(args.kind, config["seed"]) if args.ablation_seed is None else args.ablation_seed
+    build = (lambda s: build_model(config["arch"], ds.in_channels, ds.num_classes, ds.image_size, s)) \
+        if args.kind == "reinit" else None
+    start = time.perf_counter()
+    init, masks = ablate(ticket.model, ticket.masks, args.kind, seed, build=build)
+    wall = time.perf_counter() - start
+    ticket.model.load_state_dict(init)
+    args.seed = config["seed"]  # trains with the ticket's batch order
+    cfg = train_config(args)
+    keys = ("arch", "dataset", "split_seed", "val_size", "in_channels", "image_size", "num_classes", "seed")
+    identity = dict({k: config.get(k) for k in keys}, command=args.command,
+                    data_root=_resolved(args.data_root) or config.get("data_root"),
+                    ticket=str(args.ticket.resolve()), kind=args.kind, ablation_seed=seed,
+                    train=dataclasses.asdict(cfg))
+    rd = RunDir.open(args.out, identity)
+    save_starts(rd, ticket.model, masks)
+    _save_construction(rd, wall)
+    return _train_and_report(args, ds, ticket.model, masks, cfg, rd, f"ablate {args.kind}")
+
+
 def fit_cmd(args) -> int:
     from .fit import fit_ticket
 
     ticket = load_ticket(args.ticket)
     ds = _ticket_data(ticket, args.data_root)
     fit = fit_ticket(ticket.model, ticket.masks, ds.train.tensors[0], max_samples=args.max_samples,
-                     max_weights_per_layer=args.max_weights, seed=ticket.config["seed"])
+                     max_weights_per_layer=args.max_weights, seed=ticket.config["seed"],
+                     device=args.device, granularity=args.granularity)
     fit.source = dict(ticket=str(args.ticket.resolve()), arch=ticket.config["arch"],
                       dataset=ticket.config["dataset"])
     fit.save(args.out)
