@@ -140,9 +140,10 @@ def accuracy_vs_cost(points: Mapping[str, Mapping[str, float]], out: str | Path,
     over seeds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, p in points.items():
-        ax.errorbar(p["cost_s"], p["val_acc"], xerr=p["cost_s_std"], yerr=p["val_acc_std"], fmt="o",
-                    capsize=3, label=label)
+    markers = "osD^v<>Pp*hX"
+    for i, (label, p) in enumerate(points.items()):  # 20 colours x 12 markers: no two points alike
+        ax.errorbar(p["cost_s"], p["val_acc"], xerr=p["cost_s_std"], yerr=p["val_acc_std"],
+                    fmt=markers[i % len(markers)], color=plt.cm.tab20(i % 20), capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("construction cost of one mask (s, log scale)")
     ax.set_ylabel("validation accuracy at early stop (%)")
