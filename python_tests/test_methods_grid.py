@@ -71,7 +71,8 @@ def test_overlap_csv_has_every_layer(grid):
     rows = _csv(grid.out / GRID_FILES["overlap_csv"])
     wt = [r for r in rows if r["method"] == "wt"]
     assert len(wt) == 2 * 5 and all(float(r["overlap"]) == 1.0 for r in wt)
-    assert set(METHODS) - {"dense"} <= {r["method"] for r in rows}
+    assert {r["method"] for r in rows} == set(METHODS) - {"dense"}
+    assert math.isnan(float({r["method"]: r for r in _csv(grid.out / GRID_FILES["methods_csv"])}["dense"]["overlap_mean"]))
 
 
 @pytest.mark.slow
