@@ -15,6 +15,7 @@ import torch
 
 from . import commands
 from .data import DATASETS
+from .fit import GRANULARITIES
 from .imp import KINDS
 from .models import ARCHS
 from .train import TrainConfig
@@ -242,6 +243,49 @@ def add_random_parser(subparsers) -> None:
     add_out_arg(p)
 
 
+# --- prune (pruning at initialisation) ------------------------------------------------------------
+
+def add_prune_parser(subparsers) -> None:
+    from .prune_at_init import ALLOCATIONS, METHODS
+
+    p = _command(subparsers, commands.prune_cmd, "prune", model_data=True, train=True,
+                 help="pruning-at-initialisation baselines (magnitude, SNIP, GraSP, SynFlow)",
+                 description="Score every weight of the untrained net (--seed) by --method, keep the "
+                             "best to --sparsity (exactly each layer's share, or the same total over "
+                             "all layers with --allocation global) and train like `mcwt random`. "
+                             "construction.json records how long the masks took.")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--method", choices=METHODS, required=True,
+                   help="magnitude: top |w|; snip: |w * dL/dw|; grasp: -w * Hg; synflow: iterative, "
+                        "data-free, 100 rounds")
+    g.add_argument("--sparsity", type=sparsity, default=0.8,
+                   help="share of every layer's weights pruned (default 0.8)")
+    g.add_argument("--allocation", choices=ALLOCATIONS, default="layer",
+                   help="layer: each layer keeps exactly its share (default); global: best scores "
+                        "over all layers, same total")
+    g.add_argument("--no-train", action="store_true", help="only write masks.safetensors and init.safetensors")
+    add_out_arg(p)
+
+
+# --- ablate (winning-ticket ablations) -------------------------------------------------------------
+
+def add_ablate_parser(subparsers) -> None:
+    from .ablate import KINDS as ABLATIONS
+
+    p = _command(subparsers, commands.ablate_cmd, "ablate", train=True,
+                 help="winning-ticket ablations: shuffled mask, fresh weights, shuffled kept values",
+                 description="Change one thing of a winning ticket and train it like any ticket: "
+                             "shuffle-mask permutes each layer's mask; reinit keeps the mask with fresh "
+                             "initial weights; shuffle-values permutes the kept initial values among "
+                             "the kept positions of each layer. Trains with the ticket's seed.")
+    add_ticket_args(p)
+    p.add_argument("--kind", choices=ABLATIONS, required=True, help="which ablation")
+    p.add_argument("--ablation-seed", type=seed,
+                   help="seed of the permutation or of the fresh weights (default: the ticket's seed; "
+                        "reinit: 10000 + the ticket's seed)")
+    add_out_arg(p)
+
+
 # --- fit -----------------------------------------------------------------------------------------
 
 def add_fit_parser(subparsers) -> None:
@@ -256,6 +300,11 @@ def add_fit_parser(subparsers) -> None:
                    help="measure connectivity on this many training images (default: all)")
     p.add_argument("--max-weights", type=positive_int, default=200_000,
                    help="weights per layer the regression sees, a seeded subsample (default 200000)")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="kind",
+                   help="kind: one model per layer kind on normalised features (the paper's, default); "
+                        "layer: one model per layer; pooled-raw: raw |w| pooled per kind")
+    p.add_argument("--device", type=device_spec,
+                   help="torch device connectivity is measured on (default cpu)")
     p.add_argument("--out", type=Path, required=True, help="the fit's JSON file")
 
 
@@ -324,6 +373,16 @@ def _library_type(parse):
     return convert
 
 
+def methods_spec(text: str) -> str | list[str]:
+    from .experiments.methods import select_methods
+
+    try:
+        select_methods(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("methods: ")) from None
+    return text
+
+
 def add_reproduce_parser(subparsers) -> None:
     from .experiments import PROTOCOLS
     from .experiments.grid import parse_pack, parse_shard
@@ -375,12 +434,17 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--export-state", type=Path, metavar="FILE",
                    help="after the grid (also when stopped by Ctrl-C, SIGTERM or a timeout) write --out's "
                         "state (masks as bits, metrics, summaries) to the bundle FILE, to resume elsewhere")
+    p.add_argument("--methods", type=methods_spec, default="paper",
+                   help="rows: paper (the paper's five, default), all (adds pruning at init, WT "
+                        "ablations, fit variants, fit transfer, exact count) or a comma list of "
+                        "method keys")
     p.add_argument("--out", type=Path, required=True, help="grid directory; rerun to resume")
 
 
 # --- entry point ---------------------------------------------------------------------------------
 
-COMMANDS = [add_train_parser, add_imp_parser, add_random_parser, add_fit_parser, add_sample_parser,
+COMMANDS = [add_train_parser, add_imp_parser, add_random_parser, add_prune_parser, add_ablate_parser,
+            add_fit_parser, add_sample_parser,
             add_plot_parser, add_reproduce_parser]
 
 

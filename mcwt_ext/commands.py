@@ -28,7 +28,8 @@ from .models import ARCHS, arch_sparsity, build_model
 from .runs import RunDir, load_masks, load_ticket, load_tensors, load_weights
 from .train import TrainConfig, train
 
-__all__ = ["train_cmd", "imp_cmd", "random_cmd", "fit_cmd", "sample_cmd", "plot_cmd", "reproduce_cmd",
+__all__ = ["train_cmd", "imp_cmd", "random_cmd", "prune_cmd", "ablate_cmd", "fit_cmd", "sample_cmd",
+           "plot_cmd", "reproduce_cmd",
            "load_data", "train_config", "run_config"]
 
 
@@ -61,7 +62,7 @@ def _named(name: str, path, error: Exception) -> str:
 
 
 #: The files a run writes before any work: a run holding only these has lost nothing.
-START_FILES = frozenset({RunDir.CONFIG, RunDir.INIT, RunDir.MASKS, RunDir.IMP})
+START_FILES = frozenset({RunDir.CONFIG, RunDir.INIT, RunDir.MASKS, RunDir.IMP, RunDir.CONSTRUCTION})
 
 
 def _is_fresh(path: Path) -> bool:
@@ -286,13 +287,71 @@ def random_cmd(args) -> int:
         return _train_and_report(args, ds, model, masks, cfg, rd, "random")
 
 
+def _save_construction(rd: RunDir, wall: float) -> None:
+    """The first construction's wall time (a resumed run re-makes the same masks; keep the first)."""
+    if not rd.exists(RunDir.CONSTRUCTION):
+        rd.save_json(RunDir.CONSTRUCTION, dict(wall_time_s=wall))
+
+
+def prune_cmd(args) -> int:
+    from .prune_at_init import prune_at_init
+
+    check_out(args.out)
+    ds, model = data_and_model(args)
+    cfg = train_config(args)
+    start = time.perf_counter()
+    masks = prune_at_init(model, args.method, ds.train.tensors, args.sparsity, seed=args.seed,
+                          allocation=args.allocation, progress=not args.no_progress and sys.stderr.isatty())
+    wall = time.perf_counter() - start
+    with opened(args.out, run_config(args, ds, prune_method=args.method, sparsity=args.sparsity,
+                                     allocation=args.allocation,
+                                     train=None if args.no_train else dataclasses.asdict(cfg))) as rd:
+        save_starts(rd, model, masks)
+        _save_construction(rd, wall)
+        print(f"{args.method}: masks in {wall:.1f} s")
+        if args.no_train:
+            print(f"wrote {rd.masks_path} and {rd.init_path}")
+            return 0
+        return _train_and_report(args, ds, model, masks, cfg, rd, f"prune {args.method}")
+
+
+def ablate_cmd(args) -> int:
+    from .ablate import ablate
+    from .experiments.methods import ablation_seed
+    from .models import build_model
+
+    check_out(args.out)
+    ticket, ds = _ticket_and_data(args)
+    config = ticket.config
+    args.arch = config["arch"]  # train_config reads the protocol of the ticket's arch
+    seed = ablation_seed(args.kind, config["seed"]) if args.ablation_seed is None else args.ablation_seed
+    build = (lambda s: build_model(config["arch"], ds.in_channels, ds.num_classes, ds.image_size, s)) \
+        if args.kind == "reinit" else None
+    start = time.perf_counter()
+    init, masks = ablate(ticket.model, ticket.masks, args.kind, seed, build=build)
+    wall = time.perf_counter() - start
+    ticket.model.load_state_dict(init)
+    args.seed = config["seed"]  # trains with the ticket's batch order
+    cfg = train_config(args)
+    keys = ("arch", "dataset", "split_seed", "val_size", "in_channels", "image_size", "num_classes", "seed")
+    identity = dict({k: config.get(k) for k in keys}, command=args.command,
+                    data_root=_resolved(args.data_root) or config.get("data_root"),
+                    ticket=str(args.ticket.resolve()), kind=args.kind, ablation_seed=seed,
+                    train=dataclasses.asdict(cfg))
+    with opened(args.out, identity) as rd:
+        save_starts(rd, ticket.model, masks)
+        _save_construction(rd, wall)
+        return _train_and_report(args, ds, ticket.model, masks, cfg, rd, f"ablate {args.kind}")
+
+
 def fit_cmd(args) -> int:
     from .fit import fit_ticket
 
     check_out(args.out, kind="file")
     ticket, ds = _ticket_and_data(args)
     fit = fit_ticket(ticket.model, ticket.masks, ds.train.tensors[0], max_samples=args.max_samples,
-                     max_weights_per_layer=args.max_weights, seed=ticket.config["seed"])
+                     max_weights_per_layer=args.max_weights, seed=ticket.config["seed"],
+                     device=args.device, granularity=args.granularity)
     fit.source = dict(ticket=str(args.ticket.resolve()), arch=ticket.config["arch"],
                       dataset=ticket.config["dataset"])
     fit.save(args.out)
@@ -399,7 +458,7 @@ def reproduce_cmd(args) -> int:
                 iterations=args.iterations or defaults.get("iterations"),
                 eval_every=args.eval_every or defaults.get("eval_every"), device=args.device,
                 progress=not args.no_progress, pack=args.pack, shard=args.shard,
-                lock_timeout=args.lock_timeout)
+                lock_timeout=args.lock_timeout, methods=args.methods)
     if args.import_state is not None:
         manifest = import_state(args.import_state, args.out)
         print(f"imported {args.import_state}: {len(manifest['files'])} files, "

@@ -134,6 +134,25 @@ def accuracy_curves(histories: Mapping[str, list[Mapping]], out: str | Path, tit
     return _save(fig, numbers, Path(out))
 
 
+def accuracy_vs_cost(points: Mapping[str, Mapping[str, float]], out: str | Path, title: str = "") -> Path:
+    """Accuracy against the seconds one mask took to construct (log scale), one point per method
+    (``points[label]``: ``cost_s``, ``cost_s_std``, ``val_acc``, ``val_acc_std`` in %), error bars
+    over seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "osD^v<>Pp*hX"
+    for i, (label, p) in enumerate(points.items()):  # 20 colours x 12 markers: no two points alike
+        ax.errorbar(p["cost_s"], p["val_acc"], xerr=p["cost_s_std"], yerr=p["val_acc_std"],
+                    fmt=markers[i % len(markers)], color=plt.cm.tab20(i % 20), capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("construction cost of one mask (s, log scale)")
+    ax.set_ylabel("validation accuracy at early stop (%)")
+    ax.set_title(title or "accuracy against construction cost")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return _save(fig, {"xlabel": "construction cost (s)", "points": dict(points)}, Path(out))
+
+
 def ticket_figures(model, masks: Mapping[str, Mapping[str, torch.Tensor]], data, out_dir: str | Path,
                    max_samples: int | None = 2000) -> list[Path]:
     """Fig. 1 and Fig. 2b for one net (``model`` holding its initial weights).

@@ -54,11 +54,13 @@ ADDED_KEYS = {"optimizer": "adam", "momentum": 0.0, "weight_decay": 0.0, "warmup
 
 #: The files a reproduce grid writes at its top level.
 GRID_FILES = dict(table_md="table.md", table_csv="table.csv", cost_md="cost.md", cost_csv="cost.csv",
+                  methods_csv="methods.csv", overlap_csv="overlap.csv",
                   figures="figures")
 
 #: The figures (PNG, with their numbers beside them as JSON of the same stem) in a figure folder.
 FIGURE_FILES = dict(fig1="fig1_initial_weights.png", fig2b="fig2b_connectivity.png",
-                    curves="val_accuracy.png")
+                    curves="val_accuracy.png",
+                    cost="accuracy_vs_cost.png")
 
 
 def snapshot_name(iteration: int) -> str:
@@ -156,6 +158,7 @@ class RunDir:
     CHECKPOINTS = "checkpoints"
     CHECKPOINT = "checkpoints/last.pt"
     SAMPLE = "sample.json"
+    CONSTRUCTION = "construction.json"  # wall time of making a mask (pruning at init, ablation)
     FIT = "fit.json"
     IMP = "imp.json"
     REWIND = "rewind.safetensors"

@@ -40,7 +40,7 @@ import torch
 from ..models import arch_spec
 from ..runs import RUNTIME_KEYS, RunDir, grid_cell
 from ..validate import check_seed
-from .methods import CELLS
+from .methods import CELLS, cells_for, select_methods
 from .protocol import PROTOCOLS, Protocol
 
 __all__ = ["CellSettings", "Cell", "Grid", "run_cell", "schedule", "CellLock", "parse_shard", "parse_pack"]
@@ -324,7 +324,8 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
         for c in list(pending.values()):
             if c.done():  # finished by another process
                 finish(c.key)
-            elif all(c.dir(d).done() for d in CELLS[c.kind].needs) and claim(c):
+            elif all(grid_cell(c.settings.root, *k).done() for k in CELLS[c.kind].need_keys(c.arch, c.seed)) \
+                    and claim(c):
                 out.append(c)
         return out
 
@@ -426,6 +427,7 @@ class Grid:
     shard: tuple[int, int] | None = None  # (i, n): run the i-th of n shares of the cells
     lock_timeout: float = 600.0     # seconds after which a shard's unrefreshed cell lock is stale
     poll: float = 2.0               # seconds between looks at cells other shards are running
+    methods: str | list[str] = "paper"  # rows of the table: paper, all, or method keys
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self):
@@ -448,13 +450,19 @@ class Grid:
             raise ValueError(f"lock_timeout: must be positive seconds, got {self.lock_timeout!r}")
         if self.jobs > 1 and self.pack not in ("auto", 1):
             raise ValueError("pack: packs train in one process; use jobs=1 with pack > 1")
+        self.methods = select_methods(self.methods)
+        kinds = cells_for(self.methods)
+        if any(CELLS[k].needs_seed0 for k in kinds) and 0 not in self.seeds:
+            raise ValueError(f"seeds: the methods {self.methods} need seed 0's cells (fit transfer); "
+                             f"got seeds {self.seeds}")
         self.out = Path(self.out)
         threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else 0
         shared = CellSettings(self.dataset, self.data_root, PROTOCOLS[self.protocol], str(self.out),
                               self.iterations, self.eval_every, self.device, threads,
                               self.progress and self.jobs == 1)
         self.cells = [Cell(kind, arch, seed, shared)
-                      for arch in self.archs for seed in self.seeds for kind in CELLS]
+                      for arch in self.archs for seed in self.seeds for kind in kinds
+                      if CELLS[kind].applies(seed)]
 
     def settings(self) -> dict:
         """The grid's identity: cells made under other settings do not mix."""
@@ -465,8 +473,8 @@ class Grid:
         """The grid directory, its config written, or checked against the grid's there (more
         archs or seeds may join an existing grid; other settings may not)."""
         return RunDir.open(self.out, dict(settings=self.settings(), archs=self.archs,
-                                          seeds=self.seeds, data_root=self.data_root),
-                           mutable=RUNTIME_KEYS | {"archs", "seeds"})
+                                          seeds=self.seeds, data_root=self.data_root, methods=self.methods),
+                           mutable=RUNTIME_KEYS | {"archs", "seeds", "methods"})
 
     def pack_size(self) -> int | None:
         """Nets per pack: 1 (every cell trains on its own), an int, or None (all ready ones)."""

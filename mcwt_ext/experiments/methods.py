@@ -16,6 +16,22 @@ same per-layer sparsity::
     fit                 the four logistic models fitted on the IMP ticket
     mcwt_magnitude      MCWT w/o connectivity: sampled from the fit, trained
     mcwt_connectivity   MCWT with connectivity: sampled greedily, trained
+
+and, for ``reproduce --methods all`` (issue 12; group in brackets)::
+
+    prune_<m>           [baseline] pruning at init by magnitude, snip, grasp or synflow
+                        (layer allocation), trained
+    ablate_<k>          [ablation] the WT with its mask shuffled, its weights re-initialised
+                        (seed 10000 + seed) or its kept values shuffled, trained
+    fit_layer,          [fit] the fit with one model per layer / raw |w| pooled per kind, and
+    fit_pooled_raw      MCWT (with connectivity) sampled from each: mcwt_fit_layer,
+                        mcwt_fit_pooled_raw
+    mcwt_transfer       [transfer] MCWT for seeds 1..N-1 sampled from the fit of seed 0's
+                        ticket (no cell at seed 0)
+    mcwt_exact          [fit] MCWT with connectivity, exactly the target count per layer
+
+A method's ``cost`` is what constructing one of its masks took (seconds, one arch and seed):
+the IMP rounds before the ticket for the WT and its ablations, the fit plus sampling for MCWT.
 """
 from __future__ import annotations
 
@@ -23,9 +39,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from ..runs import RunDir, load_ticket
+from ..runs import RunDir, grid_cell, load_ticket
 
-__all__ = ["CellKind", "Method", "CELLS", "METHODS", "register_cell", "register_method"]
+__all__ = ["CellKind", "Method", "CELLS", "METHODS", "GROUPS", "register_cell", "register_method",
+           "select_methods", "cells_for"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +51,13 @@ class CellKind:
 
     name: str
     run: Callable
-    needs: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()       # cells of the same arch and seed
+    needs_seed0: tuple[str, ...] = ()  # cells of the same arch at seed 0 (fit transfer)
+    applies: Callable[[int], bool] = lambda seed: True  # the seeds that have this cell
+
+    def need_keys(self, arch: str, seed: int) -> list[tuple[str, int, str]]:
+        """The grid keys (arch, seed, cell) this cell waits for."""
+        return [(arch, seed, d) for d in self.needs] + [(arch, 0, d) for d in self.needs_seed0]
 
 
 @dataclass(frozen=True)
@@ -47,21 +70,56 @@ class Method:
     cell: str
     paper: Mapping[str, float] = field(default_factory=dict)  # arch -> the paper's accuracy (%)
     trained: Callable[[RunDir], RunDir] = lambda rd: rd
+    group: str = "paper"   # one of GROUPS; `reproduce --methods paper` runs the "paper" ones
+    #: seconds to construct one mask: ``cost(cell_dir, seeds)`` with ``cell_dir(cell, seed)`` the
+    #: run directory of a cell of this arch (``seed`` None: this seed); None: not measured / no mask
+    cost: Callable | None = None
 
 
 CELLS: dict[str, CellKind] = {}
 METHODS: dict[str, Method] = {}
 
 
-def register_cell(name: str, needs: tuple[str, ...] = ()):
+GROUPS = ("paper", "baseline", "ablation", "fit", "transfer")
+
+
+def register_cell(name: str, needs: tuple[str, ...] = (), *, needs_seed0: tuple[str, ...] = (),
+                  applies: Callable[[int], bool] | None = None):
     """Decorator: register ``run(cell)`` as the cell kind ``name``."""
     def register(run):
-        unknown = [n for n in needs if n not in CELLS]
+        unknown = [n for n in (*needs, *needs_seed0) if n not in CELLS]
         if name in CELLS or unknown:
             raise ValueError(f"cell {name!r}: already registered, or needs unregistered {unknown}")
-        CELLS[name] = CellKind(name, run, tuple(needs))
+        CELLS[name] = CellKind(name, run, tuple(needs), tuple(needs_seed0),
+                               applies or (lambda seed: True))
         return run
     return register
+
+
+def select_methods(spec: str | list[str]) -> list[str]:
+    """``paper`` (the paper's five rows), ``all``, or a comma list / list of method keys, in
+    table order; the WT row is always included (every row is compared with it)."""
+    if isinstance(spec, str):
+        if spec == "paper":
+            return [k for k, m in METHODS.items() if m.group == "paper"]
+        if spec == "all":
+            return list(METHODS)
+        spec = [k.strip() for k in spec.split(",") if k.strip()]
+    unknown = [k for k in spec if k not in METHODS]
+    if unknown or not spec:
+        raise ValueError(f"methods: must be paper, all or a comma list of {', '.join(METHODS)}; "
+                         f"got {unknown or spec}")
+    return [k for k in METHODS if k in spec or k == "wt"]
+
+
+def cells_for(methods: list[str]) -> list[str]:
+    """The cells the rows ``methods`` need, with everything they wait for, in registration order."""
+    wanted = {METHODS[m].cell for m in methods}
+    while True:
+        more = {d for c in wanted for d in (*CELLS[c].needs, *CELLS[c].needs_seed0)} - wanted
+        if not more:
+            return [c for c in CELLS if c in wanted]
+        wanted |= more
 
 
 def register_method(method: Method) -> Method:
@@ -96,47 +154,69 @@ def run_imp_cell(cell) -> None:
             trainer=cell.train)
 
 
+def _timed_masks(rd: RunDir, make) -> dict:
+    """``make()``'s masks, timed into ``construction.json``; those of a run killed after making
+    them are reused (the same masks, and their measured time is kept)."""
+    if rd.exists(RunDir.MASKS) and rd.exists(RunDir.CONSTRUCTION):
+        return rd.load_tensors(RunDir.MASKS)
+    start = time.perf_counter()
+    masks = make()
+    rd.save_json(RunDir.CONSTRUCTION, dict(wall_time_s=time.perf_counter() - start))
+    rd.save_tensors(RunDir.MASKS, masks)
+    return masks
+
+
 @register_cell("random")
 def run_random_cell(cell) -> None:
     from ..masks import random_masks
 
     ds, model, train_cfg, config = cell.context()
     rd = RunDir.open(cell.dir().path, config)
-    masks = random_masks(model, _sparsity(cell, ds, model), cell.seed)
     rd.save_tensors(RunDir.INIT, model.state_dict())
-    rd.save_tensors(RunDir.MASKS, masks)
+    masks = _timed_masks(rd, lambda: random_masks(model, _sparsity(cell, ds, model), cell.seed))
     cell.train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
 
 
-@register_cell("fit", needs=("imp",))
-def run_fit_cell(cell) -> None:
+def _run_fit_cell(cell, granularity: str) -> None:
     from ..fit import fit_ticket
 
     ds, _, _, _ = cell.context()
     ticket = load_ticket(cell.dir("imp").path)
     start = time.perf_counter()
     fit = fit_ticket(ticket.model, ticket.masks, ds.train.tensors[0],
-                     max_samples=cell.settings.protocol.connectivity_samples, seed=cell.seed)
+                     max_samples=cell.settings.protocol.connectivity_samples, seed=cell.seed,
+                     device=cell.settings.device, granularity=granularity)
     fit.source = dict(ticket=str(ticket.run.path), arch=cell.arch, dataset=cell.settings.dataset)
     wall = time.perf_counter() - start
     rd = cell.dir()
     fit.save(rd.file(RunDir.FIT))
-    rd.save_json(RunDir.SUMMARY, dict(wall_time_s=wall, models=fit.to_json()["models"]))
+    rd.save_json(RunDir.SUMMARY, dict(wall_time_s=wall, granularity=granularity,
+                                      models=fit.to_json()["models"]))
 
 
-def _run_mcwt_cell(cell, use_connectivity: bool) -> None:
+register_cell("fit", needs=("imp",))(lambda cell: _run_fit_cell(cell, "kind"))
+
+
+def _run_mcwt_cell(cell, use_connectivity: bool, fit: str = "fit", *, exact: bool = False,
+                   fit_seed: int | None = None) -> None:
+    """MCWT sampled from the fit in cell ``fit`` (of seed ``fit_seed``; None: this seed)."""
     from ..sample import sample_record, sample_ticket
 
     ds, model, train_cfg, config = cell.context()
-    rd = RunDir.open(cell.dir().path, dict(config, use_connectivity=use_connectivity))
+    fit_dir = cell.dir(fit) if fit_seed is None else grid_cell(cell.settings.root, cell.arch, fit_seed, fit)
+    identity = dict(config, use_connectivity=use_connectivity)
+    if fit != "fit" or exact or fit_seed is not None:  # the paper's cells keep their identity
+        identity.update(fit=fit, exact=exact, fit_seed=cell.seed if fit_seed is None else fit_seed)
+    rd = RunDir.open(cell.dir().path, identity)
     if rd.exists(RunDir.MASKS):  # sampled before a kill: train what was sampled
         masks = rd.load_tensors(RunDir.MASKS)
     else:
         protocol = cell.settings.protocol
         start = time.perf_counter()
-        masks, draws = sample_ticket(model, cell.dir("fit").file(RunDir.FIT), ds.train.tensors[0],
+        masks, draws = sample_ticket(model, fit_dir.file(RunDir.FIT), ds.train.tensors[0],
                                      sparsity=_sparsity(cell, ds, model), use_connectivity=use_connectivity,
-                                     seed=cell.seed, max_samples=protocol.connectivity_samples,
+                                     exact=exact, seed=cell.seed,
+                                     max_samples=protocol.connectivity_samples,
                                      progress=cell.progress)
         wall = time.perf_counter() - start
         rd.save_json(RunDir.SAMPLE, sample_record(draws, wall))
@@ -149,17 +229,145 @@ register_cell("mcwt_magnitude", needs=("fit",))(lambda cell: _run_mcwt_cell(cell
 register_cell("mcwt_connectivity", needs=("fit",))(lambda cell: _run_mcwt_cell(cell, True))
 
 
+# --- issue 12: pruning at init, WT ablations, fit variants, fit transfer, exact count -------------
+
+#: the seed ``reinit`` draws fresh weights from: one no cell of any seed < 10000 uses
+REINIT_SEED_OFFSET = 10_000
+
+
+def _run_prune_cell(cell, method: str) -> None:
+    from ..prune_at_init import prune_at_init
+    from ..train import train
+
+    ds, model, train_cfg, config = cell.context()
+    rd = RunDir.open(cell.dir().path, dict(config, prune_method=method, allocation="layer"))
+    rd.save_tensors(RunDir.INIT, model.state_dict())
+    masks = _timed_masks(rd, lambda: prune_at_init(model, method, ds.train.tensors,
+                                                   cell.settings.protocol.sparsity, seed=cell.seed))
+    cell.train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
+
+
+def ablation_seed(kind: str, seed: int) -> int:
+    """The seed of an ablation of seed ``seed``'s ticket (reinit: a fresh init no cell shares)."""
+    return REINIT_SEED_OFFSET + seed if kind == "reinit" else seed
+
+
+def _run_ablate_cell(cell, kind: str) -> None:
+    from ..ablate import ablate
+    from ..models import build_model
+    from ..train import train
+
+    ds, model, train_cfg, config = cell.context()
+    ticket = load_ticket(cell.dir("imp").path)
+    rd = RunDir.open(cell.dir().path, dict(config, ablation=kind, ablation_seed=ablation_seed(kind, cell.seed)))
+    build = (lambda s: build_model(cell.arch, ds.in_channels, ds.num_classes, ds.image_size, s)) \
+        if kind == "reinit" else None
+    state = {}
+
+    def make():
+        init, masks = ablate(ticket.model, ticket.masks, kind, ablation_seed(kind, cell.seed), build=build)
+        state.update(init)
+        rd.save_tensors(RunDir.INIT, init)
+        return masks
+
+    masks = _timed_masks(rd, make)
+    model.load_state_dict(state or rd.load_tensors(RunDir.INIT))
+    cell.train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
+
+
+PRUNE_METHODS = ("magnitude", "snip", "grasp", "synflow")
+ABLATIONS = ("shuffle-mask", "reinit", "shuffle-values")
+FIT_VARIANTS = ("layer", "pooled-raw")
+
+
+def _key(text: str) -> str:
+    return text.replace("-", "_")
+
+
+for _m in PRUNE_METHODS:
+    register_cell(f"prune_{_m}")(lambda cell, m=_m: _run_prune_cell(cell, m))
+for _k in ABLATIONS:
+    register_cell(f"ablate_{_key(_k)}", needs=("imp",))(lambda cell, k=_k: _run_ablate_cell(cell, k))
+for _g in FIT_VARIANTS:
+    register_cell(f"fit_{_key(_g)}", needs=("imp",))(lambda cell, g=_g: _run_fit_cell(cell, g))
+    register_cell(f"mcwt_fit_{_key(_g)}", needs=(f"fit_{_key(_g)}",))(
+        lambda cell, g=_g: _run_mcwt_cell(cell, True, f"fit_{_key(g)}"))
+register_cell("mcwt_transfer", needs_seed0=("fit",), applies=lambda seed: seed != 0)(
+    lambda cell: _run_mcwt_cell(cell, True, "fit", fit_seed=0))
+register_cell("mcwt_exact", needs=("fit",))(lambda cell: _run_mcwt_cell(cell, True, exact=True))
+
+
+# --- what constructing one mask costs (seconds) ---------------------------------------------------
+
+def _json(rd: RunDir, name: str, key: str = "wall_time_s") -> float | None:
+    return rd.load_json(name)[key] if rd.exists(name) else None
+
+
+def _sum(*parts):
+    return None if any(p is None for p in parts) else sum(parts)
+
+
+def imp_cost(cell_dir, seed=None) -> float | None:
+    """IMP's rounds before the ticket (the last round trains the finished ticket: evaluation)."""
+    imp = cell_dir("imp", seed)
+    if not imp.done():
+        return None
+    return sum(imp.round(r).load_json(RunDir.SUMMARY)["wall_time_s"] for r in range(imp.ticket_round()))
+
+
+def fit_cost(cell_dir, fit: str = "fit", seed=None) -> float | None:
+    return _json(cell_dir(fit, seed), RunDir.SUMMARY)
+
+
+def _construction(cell: str):
+    return lambda cell_dir, seeds: _json(cell_dir(cell, None), RunDir.CONSTRUCTION)
+
+
+def _mcwt(cell: str, fit: str = "fit"):
+    return lambda cell_dir, seeds: _sum(fit_cost(cell_dir, fit), _json(cell_dir(cell, None), RunDir.SAMPLE))
+
+
+def _ablation(cell: str):
+    return lambda cell_dir, seeds: _sum(imp_cost(cell_dir), _json(cell_dir(cell, None), RunDir.CONSTRUCTION))
+
+
+def _transfer(cell_dir, seeds) -> float | None:
+    """One IMP and one fit (of seed 0) shared by the transfer samples (seeds other than 0),
+    plus this sample's own sampling time."""
+    shared = _sum(imp_cost(cell_dir, 0), fit_cost(cell_dir, "fit", 0))
+    n = max(1, len([s for s in seeds if s != 0]))
+    return _sum(None if shared is None else shared / n, _json(cell_dir("mcwt_transfer", None), RunDir.SAMPLE))
+
+
 # --- the rows of Table 1 (paper: validation accuracy, %, CIFAR-10, 80% pruned per layer) ---------
 
 register_method(Method("dense", "Unpruned network", "imp",
                        {"conv2": 67.20, "conv4": 74.62, "conv6": 77.40},
                        trained=lambda imp: imp.round(0)))
 register_method(Method("random", "Randomly pruned network", "random",
-                       {"conv2": 66.90, "conv4": 73.20, "conv6": 73.14}))
+                       {"conv2": 66.90, "conv4": 73.20, "conv6": 73.14}, cost=_construction("random")))
 register_method(Method("wt", "Original Winning Ticket (IMP)", "imp",
                        {"conv2": 70.42, "conv4": 74.92, "conv6": 78.04},
-                       trained=lambda imp: imp.round(imp.ticket_round())))
+                       trained=lambda imp: imp.round(imp.ticket_round()),
+                       cost=lambda cell_dir, seeds: imp_cost(cell_dir)))
 register_method(Method("mcwt_magnitude", "MCWT w/o connectivity", "mcwt_magnitude",
-                       {"conv2": 69.47, "conv4": 76.39, "conv6": 78.10}))
+                       {"conv2": 69.47, "conv4": 76.39, "conv6": 78.10}, cost=_mcwt("mcwt_magnitude")))
 register_method(Method("mcwt_connectivity", "MCWT with connectivity", "mcwt_connectivity",
-                       {"conv2": 68.40, "conv4": 76.21, "conv6": 78.17}))
+                       {"conv2": 68.40, "conv4": 76.21, "conv6": 78.17}, cost=_mcwt("mcwt_connectivity")))
+
+# --- the rows issue 12 adds (`reproduce --methods all`) ------------------------------------------
+
+for _m, _label in zip(PRUNE_METHODS, ("Magnitude at init", "SNIP", "GraSP", "SynFlow")):
+    register_method(Method(f"prune_{_m}", f"{_label} (pruning at init)", f"prune_{_m}", group="baseline",
+                           cost=_construction(f"prune_{_m}")))
+for _k, _label in zip(ABLATIONS, ("WT, mask shuffled per layer", "WT mask, re-initialised weights",
+                                  "WT, kept values shuffled per layer")):
+    register_method(Method(f"ablate_{_key(_k)}", _label, f"ablate_{_key(_k)}", group="ablation",
+                           cost=_ablation(f"ablate_{_key(_k)}")))
+for _g, _label in zip(FIT_VARIANTS, ("MCWT, one fit per layer", "MCWT, raw |w| pooled per kind")):
+    register_method(Method(f"mcwt_fit_{_key(_g)}", _label, f"mcwt_fit_{_key(_g)}", group="fit",
+                           cost=_mcwt(f"mcwt_fit_{_key(_g)}", f"fit_{_key(_g)}")))
+register_method(Method("mcwt_transfer", "MCWT from seed 0's fit (transfer)", "mcwt_transfer",
+                       group="transfer", cost=_transfer))
+register_method(Method("mcwt_exact", "MCWT with connectivity, exact count", "mcwt_exact", group="fit",
+                       cost=_mcwt("mcwt_exact")))

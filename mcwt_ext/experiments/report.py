@@ -8,11 +8,14 @@ import math
 import statistics
 from pathlib import Path
 
+from ..compare import overlap_with_ticket, total_overlap
+from ..masks import densities
 from ..runs import FIGURE_FILES, GRID_FILES, RunDir, atomic_write, grid_cell
 from .grid import Grid
 from .methods import METHODS
 
-__all__ = ["METRICS", "method_run", "collect", "write_table_csv", "read_table_csv", "table_markdown",
+__all__ = ["METRICS", "method_run", "method_masks", "compare_methods", "comparison_markdown",
+           "extra_cost_rows", "method_run", "collect", "write_table_csv", "read_table_csv", "table_markdown",
            "cost_rows", "cost_markdown", "figures", "report"]
 
 METRICS = {
@@ -40,7 +43,8 @@ def collect(grid: Grid) -> list[dict]:
     """One row per (metric, method, arch): mean and std (in %) over seeds, the paper's number."""
     rows = []
     for metric in METRICS:
-        for method, m in METHODS.items():
+        for method in grid.methods:
+            m = METHODS[method]
             for arch in grid.archs:
                 vals = [100 * s[metric] for seed in grid.seeds
                         if (s := _summary(grid.out, arch, seed, method)) is not None]
@@ -79,7 +83,8 @@ def table_markdown(rows: list[dict], archs: list[str], header: str) -> str:
         cols = [f"{a.capitalize()}" + (" (paper, CIFAR-10)" if paper else "") for a in archs]
         lines += [f"### {title}", "", "| Method | " + " | ".join(cols) + " |",
                   "|---|" + "---|" * len(archs)]
-        for method, m in METHODS.items():
+        for method in dict.fromkeys(r["method"] for r in rows):
+            m = METHODS[method]
             cells = []
             for arch in archs:
                 r = index[(metric, method, arch)]
@@ -132,6 +137,120 @@ def cost_rows(grid: Grid) -> list[dict]:
     return rows
 
 
+def method_masks(grid_out: Path, arch: str, seed: int, method: str) -> dict | None:
+    """The masks behind a finished row (the WT's: the IMP ticket's); None for the dense net or
+    while the row is unfinished."""
+    rd = method_run(grid_out, arch, seed, method)
+    if rd is None or method == "dense":  # IMP's round 0 stores all-True masks: no pruning to compare
+        return None
+    if method == "wt":
+        rd = grid_cell(grid_out, arch, seed, "imp")
+    return rd.load_tensors(RunDir.MASKS) if rd.exists(RunDir.MASKS) else None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+COMPARISON_FIELDS = ["arch", "method", "label", "group", "n", "val_acc_mean", "val_acc_std", "gap_to_wt",
+                     "overlap_mean", "overlap_std", "cost_s_mean", "cost_s_std", "cost_n"]
+
+
+def compare_methods(grid: Grid, metric: str = "val_acc_early_stop") -> tuple[list[dict], list[dict]]:
+    """Every row of the grid against the winning ticket, per arch: accuracy (%, mean ± std over
+    seeds), its gap to the WT's mean (points), the share of the WT's kept weights its mask also
+    keeps (total over layers; per layer in the second list) and what one mask cost to construct
+    (seconds, :attr:`Method.cost`)."""
+    rows, per_layer = [], []
+    for arch in grid.archs:
+        wt_masks = {seed: method_masks(grid.out, arch, seed, "wt") for seed in grid.seeds}
+        accs = {}
+        for method in grid.methods:
+            m = METHODS[method]
+            acc, overlap, cost = [], [], []
+            for seed in grid.seeds:
+                summary = _summary(grid.out, arch, seed, method)
+                if summary is None:
+                    continue
+                acc.append(100 * summary[metric])
+                masks, ticket = method_masks(grid.out, arch, seed, method), wt_masks[seed]
+                if masks is not None and ticket is not None:
+                    overlap.append(total_overlap(masks, ticket))
+                    density = densities(masks)
+                    for layer, share in overlap_with_ticket(masks, ticket).items():
+                        per_layer.append(dict(arch=arch, method=method, seed=seed, layer=layer,
+                                              overlap=share, density=density.get(layer, 1.0)))
+                if m.cost is not None:
+                    c = m.cost(lambda cell, s=None, seed=seed: grid_cell(grid.out, arch, seed if s is None else s,
+                                                                        cell), grid.seeds)
+                    if c is not None:
+                        cost.append(c)
+            accs[method] = acc
+            (am, asd), (om, osd), (cm, csd) = _mean_std(acc), _mean_std(overlap), _mean_std(cost)
+            rows.append(dict(arch=arch, method=method, label=m.label, group=m.group, n=len(acc),
+                             val_acc_mean=am, val_acc_std=asd, gap_to_wt=math.nan,
+                             overlap_mean=om, overlap_std=osd, cost_s_mean=cm, cost_s_std=csd,
+                             cost_n=len(cost)))
+        wt = _mean_std(accs.get("wt", []))[0]
+        for r in rows:
+            if r["arch"] == arch:
+                r["gap_to_wt"] = r["val_acc_mean"] - wt
+    return rows, per_layer
+
+
+def _fmt(mean: float, std: float, digits: int = 2) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    lines = ["### Against the winning ticket", "",
+             "| Arch | Method | Val. acc. at early stop (%) | Gap to WT (points) | Overlap with WT mask "
+             "| Construction (s) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = "n/a" if math.isnan(r["gap_to_wt"]) else f"{r['gap_to_wt']:+.2f}"
+        lines.append(f"| {r['arch']} | {r['label']} | {_fmt(r['val_acc_mean'], r['val_acc_std'])} | {gap} | "
+                     f"{_fmt(r['overlap_mean'], r['overlap_std'], 3)} | {_fmt(r['cost_s_mean'], r['cost_s_std'], 1)} |")
+    lines += ["", "Overlap: the share of the WT's kept weights that the row's mask also keeps, over all "
+                  "layers (a random mask at 80% sparsity overlaps about 0.2; per layer in "
+                  f"`{GRID_FILES['overlap_csv']}`). Construction: seconds to make one mask on this "
+                  "machine (IMP: the rounds before the ticket; MCWT: fit + sampling; ablations: IMP + "
+                  "the ablation; transfer: seed 0's IMP and fit shared by the transfer seeds, plus "
+                  "sampling); the dense net has none."]
+    return "\n".join(lines) + "\n"
+
+
+def extra_cost_rows(comparison: list[dict], imp_rows: list[dict]) -> list[dict]:
+    """Cost-table rows for the methods beyond the paper's (their numbers are the comparison's)."""
+    imp = {r["arch"]: r for r in imp_rows if r["ratio_to_imp"] == 1.0}
+    out = []
+    for r in comparison:
+        if r["group"] == "paper":
+            continue
+        base = imp.get(r["arch"], {})
+        iterations = base.get("train_iterations", math.nan) if r["group"] == "ablation" else 0
+        out.append(dict(arch=r["arch"], method=r["label"], wall_time_s=r["cost_s_mean"],
+                        train_iterations=iterations,
+                        ratio_to_imp=r["cost_s_mean"] / base.get("wall_time_s", math.nan)))
+    return out
+
+
+def cost_figure(grid: Grid, comparison: list[dict]) -> list[Path]:
+    """Accuracy against construction cost, one point per method (error bars over seeds), per arch."""
+    from ..plots import accuracy_vs_cost
+
+    out = []
+    for arch in grid.archs:
+        points = {r["label"]: dict(method=r["method"], cost_s=r["cost_s_mean"], cost_s_std=r["cost_s_std"],
+                                   val_acc=r["val_acc_mean"], val_acc_std=r["val_acc_std"], n=r["n"])
+                  for r in comparison if r["arch"] == arch and r["n"] and not math.isnan(r["cost_s_mean"])}
+        if points:
+            out.append(accuracy_vs_cost(points, grid.out / GRID_FILES["figures"] / arch / FIGURE_FILES["cost"],
+                                        f"{arch} on {grid.dataset}: accuracy against construction cost"))
+    return out
+
+
 def cost_markdown(rows: list[dict], header: str = "") -> str:
     lines = ([header, ""] if header else []) + ["### Cost to construct one mask", "",
              "| Arch | Method | Wall time (s) | Training iterations | Share of IMP's time |",
@@ -162,8 +281,8 @@ def figures(grid: Grid, seed: int | None = None, samples: int = 2000) -> list[Pa
         masks = {m: rd.load_tensors(RunDir.MASKS) for m, rd in cells.items()}
         fig_dir = grid.out / GRID_FILES["figures"] / arch
         out += ticket_figures(ticket.model, masks, ds.train.tensors[0], fig_dir, samples)
-        histories = {m.label: method_run(grid.out, arch, seed, key).load_csv(RunDir.METRICS)
-                     for key, m in METHODS.items()}
+        histories = {METHODS[key].label: rd.load_csv(RunDir.METRICS) for key in grid.methods
+                     if (rd := method_run(grid.out, arch, seed, key)) is not None}
         out.append(accuracy_curves(histories, fig_dir / FIGURE_FILES["curves"],
                                    f"{arch} on {grid.dataset} (seed {seed})"))
     return out
@@ -178,10 +297,16 @@ def report(grid: Grid) -> dict[str, Path]:
     what = f"{grid.dataset}: {', '.join(grid.archs)}, seeds {grid.seeds}, {proto.name} protocol"
     protocol = f"Protocol: `{json.dumps(grid.settings())}`"
     paths = {k: grid.out / name for k, name in GRID_FILES.items()}
-    atomic_write(paths["table_md"], table_markdown(rows, grid.archs, f"## Table 1 on {what}\n\n{protocol}"))
+    comparison, overlaps = compare_methods(grid)
+    atomic_write(paths["table_md"], table_markdown(rows, grid.archs, f"## Table 1 on {what}\n\n{protocol}")
+                 + "\n" + comparison_markdown(comparison))
     write_table_csv(rows, paths["table_csv"])
+    _save_csv(paths["methods_csv"], comparison, COMPARISON_FIELDS)
+    _save_csv(paths["overlap_csv"], overlaps, ["arch", "method", "seed", "layer", "overlap", "density"])
     costs = cost_rows(grid)
+    costs += extra_cost_rows(comparison, costs)
     atomic_write(paths["cost_md"], cost_markdown(costs, f"## Cost on {what}\n\n{protocol}"))
     _save_csv(paths["cost_csv"], costs)
     figures(grid)
+    cost_figure(grid, comparison)
     return paths

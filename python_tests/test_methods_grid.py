@@ -1,0 +1,103 @@
+"""`reproduce --methods`: the paper's rows by default; `all` adds issue 12's rows, each with its gap
+to the WT, its overlap with the WT mask and its construction cost, and the accuracy-vs-cost figure."""
+import csv
+import json
+import math
+
+import pytest
+
+from mcwt_ext.cli import main
+from mcwt_ext.experiments import CELLS, METHODS, Grid, report
+from mcwt_ext.experiments.methods import cells_for, select_methods
+from mcwt_ext.runs import FIGURE_FILES, GRID_FILES, RunDir, grid_cell
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_paper_is_the_default_and_has_the_five_rows(tmp_path):
+    g = Grid(archs=["conv2"], seeds=[0, 1], dataset="synthetic", out=tmp_path)
+    assert g.methods == ["dense", "random", "wt", "mcwt_magnitude", "mcwt_connectivity"]
+    assert {c.kind for c in g.cells} == {"imp", "random", "fit", "mcwt_magnitude", "mcwt_connectivity"}
+
+
+def test_method_lists():
+    assert select_methods("all") == list(METHODS)
+    assert select_methods("prune_snip") == ["wt", "prune_snip"]  # the WT is every row's reference
+    assert cells_for(["mcwt_transfer"]) == ["imp", "fit", "mcwt_transfer"]
+    with pytest.raises(ValueError, match="methods"):
+        select_methods("nope")
+
+
+def test_transfer_needs_seed_0(tmp_path):
+    with pytest.raises(ValueError, match="seed 0"):
+        Grid(archs=["conv2"], seeds=[1, 2], dataset="synthetic", out=tmp_path, methods="mcwt_transfer")
+
+
+def test_cli_refuses_unknown_methods(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--methods", "wt,nope", "--out", str(tmp_path / "g")])
+    assert e.value.code == 2 and "nope" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    g = Grid(archs=["conv2"], seeds=[0, 1], dataset="synthetic", iterations=4, eval_every=2,
+             out=tmp_path_factory.mktemp("all"), progress=False, methods="all")
+    g.run()
+    report(g)
+    return g
+
+
+@pytest.mark.slow
+def test_all_gives_every_row(grid):
+    rows = {r["method"]: r for r in _csv(grid.out / GRID_FILES["methods_csv"])}
+    assert list(rows) == list(METHODS)
+    for key, r in rows.items():
+        assert int(r["n"]) == (1 if key == "mcwt_transfer" else 2), key  # no transfer cell at seed 0
+        assert not math.isnan(float(r["val_acc_mean"])) and not math.isnan(float(r["gap_to_wt"]))
+    assert float(rows["wt"]["overlap_mean"]) == 1.0 and float(rows["wt"]["gap_to_wt"]) == 0.0
+    for key in ("ablate_reinit", "ablate_shuffle_values"):  # the WT's mask itself
+        assert float(rows[key]["overlap_mean"]) == 1.0
+    assert float(rows["ablate_shuffle_mask"]["overlap_mean"]) < 0.5
+    table = (grid.out / GRID_FILES["table_md"]).read_text()
+    assert all(m.label in table for m in METHODS.values()) and "Gap to WT" in table
+
+
+@pytest.mark.slow
+def test_overlap_csv_has_every_layer(grid):
+    rows = _csv(grid.out / GRID_FILES["overlap_csv"])
+    wt = [r for r in rows if r["method"] == "wt"]
+    assert len(wt) == 2 * 5 and all(float(r["overlap"]) == 1.0 for r in wt)
+    assert {r["method"] for r in rows} == set(METHODS) - {"dense"}
+    assert math.isnan(float({r["method"]: r for r in _csv(grid.out / GRID_FILES["methods_csv"])}["dense"]["overlap_mean"]))
+
+
+@pytest.mark.slow
+def test_transfer_samples_from_seed_0s_fit(grid):
+    cell = grid_cell(grid.out, "conv2", 1, "mcwt_transfer")
+    config = cell.load_json(RunDir.CONFIG)
+    assert config["fit_seed"] == 0 and config["seed"] == 1
+    assert not grid_cell(grid.out, "conv2", 0, "mcwt_transfer").path.exists()
+    ablation = grid_cell(grid.out, "conv2", 1, "ablate_reinit").load_json(RunDir.CONFIG)
+    assert ablation["ablation_seed"] == 10_001
+
+
+@pytest.mark.slow
+def test_cost_figure_matches_the_tables(grid):
+    numbers = json.loads((grid.out / GRID_FILES["figures"] / "conv2" / FIGURE_FILES["cost"])
+                         .with_suffix(".json").read_text())["points"]
+    assert (grid.out / GRID_FILES["figures"] / "conv2" / FIGURE_FILES["cost"]).stat().st_size > 1000
+    methods = {r["label"]: r for r in _csv(grid.out / GRID_FILES["methods_csv"])}
+    costs = {r["method"]: float(r["wall_time_s"]) for r in _csv(grid.out / GRID_FILES["cost_csv"])}
+    assert set(numbers) == {m.label for k, m in METHODS.items() if k != "dense"}
+    for label, p in numbers.items():
+        assert p["cost_s"] == pytest.approx(float(methods[label]["cost_s_mean"]))
+        assert p["val_acc"] == pytest.approx(float(methods[label]["val_acc_mean"]))
+        if METHODS[p["method"]].group != "paper":
+            assert p["cost_s"] == pytest.approx(costs[label])
+    assert numbers[METHODS["wt"].label]["cost_s"] == pytest.approx(costs["IMP (all rounds before the ticket)"])
+    assert numbers[METHODS["mcwt_connectivity"].label]["cost_s"] == pytest.approx(
+        costs["MCWT with connectivity: fit + sampling"])
