@@ -364,7 +364,7 @@ for _k, _label in zip(ABLATIONS, ("WT, mask shuffled per layer", "WT mask, re-in
                                   "WT, kept values shuffled per layer")):
     register_method(Method(f"ablate_{_key(_k)}", _label, f"ablate_{_key(_k)}", group="ablation",
                            cost=_ablation(f"ablate_{_key(_k)}")))
-for _g, _label in zip(FIT_VARIANTS, ("MCWT, one fit per layer", "MCWT, raw |w| pooled per kind")):
+for _g, _label in zip(FIT_VARIANTS, ("MCWT, one fit per layer", "MCWT, raw magnitude pooled per kind")):
     register_method(Method(f"mcwt_fit_{_key(_g)}", _label, f"mcwt_fit_{_key(_g)}", group="fit",
                            cost=_mcwt(f"mcwt_fit_{_key(_g)}", f"fit_{_key(_g)}")))
 register_method(Method("mcwt_transfer", "MCWT from seed 0's fit (transfer)", "mcwt_transfer",
