@@ -248,10 +248,12 @@ def imp_cmd(args) -> int:
                              sparsity=arch_sparsity(args.arch, model, ds.example_input(), args.sparsity), rewind_iteration=args.rewind_iteration,
                              max_rounds=args.max_rounds)
     check_batch_size(cfg.train, ds)
-    kinds = set(masks_lib.layer_kind(model, ds.example_input()).values())
-    stuck = [k for k in sorted(kinds) if cfg.rates[k] == 0.0]
-    if stuck and cfg.sparsity > 0:
-        raise ValueError(f"--rates: a rate of 0 for {', '.join(stuck)} never reaches --sparsity {cfg.sparsity}")
+    kinds = masks_lib.layer_kind(model, ds.example_input())
+    # per layer: an architecture may keep some layers dense (resnet20's output layer)
+    targets = cfg.sparsity if isinstance(cfg.sparsity, dict) else dict.fromkeys(kinds, cfg.sparsity)
+    stuck = sorted({kinds[n] for n, s in targets.items() if s > 0 and cfg.rates[kinds[n]] == 0.0})
+    if stuck:
+        raise ValueError(f"--rates: a rate of 0 for {', '.join(stuck)} never reaches --sparsity {args.sparsity}")
     with opened(args.out, run_config(args, ds, train=dataclasses.asdict(cfg.train),
                                      imp=dict(rates=cfg.rates, sparsity=cfg.sparsity,
                                               rewind_iteration=cfg.rewind_iteration))) as rd:
@@ -323,7 +325,7 @@ def ablate_cmd(args) -> int:
     check_out(args.out)
     ticket, ds = _ticket_and_data(args)
     config = ticket.config
-    args.arch = config["arch"]  # train_config reads the protocol of the ticket's arch
+    args.arch, args.dataset = config["arch"], config["dataset"]  # train_config reads their protocol
     seed = ablation_seed(args.kind, config["seed"]) if args.ablation_seed is None else args.ablation_seed
     build = (lambda s: build_model(config["arch"], ds.in_channels, ds.num_classes, ds.image_size, s)) \
         if args.kind == "reinit" else None
@@ -360,14 +362,15 @@ def fit_cmd(args) -> int:
     return 0
 
 
-def _check_fit_covers(fit, model, ds: Dataset, use_connectivity: bool, path: Path) -> None:
+def _check_fit_covers(fit, model, ds: Dataset, use_connectivity: bool, sparsity, path: Path) -> None:
     """Fail before any work when the fit lacks a model one of the net's layers needs."""
+    from .sample import _target_densities, check_fit_covers
+
     layers = masks_lib.prunable_layers(model, ds.example_input().to(next(model.parameters()).device))
-    kinds = masks_lib.layer_kind(model, layers=layers)
     names = [f"{n}.weight" for n, _ in layers]
     with flag("--fit", path):
-        for name in names:
-            fit.model_for(name, kinds[name], use_connectivity and name != names[0])
+        check_fit_covers(fit, names, masks_lib.layer_kind(model, layers=layers),
+                         _target_densities(sparsity, names), use_connectivity)
 
 
 def sample_cmd(args) -> int:
@@ -379,12 +382,12 @@ def sample_cmd(args) -> int:
         fit = load_fit(args.fit)
     ds, model = data_and_model(args, args.init)
     model.to(args.device)
-    _check_fit_covers(fit, model, ds, args.use_connectivity, args.fit)
+    sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)
+    _check_fit_covers(fit, model, ds, args.use_connectivity, sparsity, args.fit)
     with opened(args.out, run_config(args, ds, fit=str(args.fit.resolve()), sparsity=args.sparsity,
                                      use_connectivity=args.use_connectivity, exact=args.exact,
                                      max_samples=args.max_samples)) as rd:
         start = time.perf_counter()
-        sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)
         masks, draws = sample_ticket(model, fit, ds.train.tensors[0], sparsity=sparsity,
                                      use_connectivity=args.use_connectivity, exact=args.exact,
                                      seed=args.seed, max_samples=args.max_samples,

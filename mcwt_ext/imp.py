@@ -138,10 +138,9 @@ class ImpRun:
         self.init = {k: v.detach().to("cpu").clone() for k, v in dense_state_dict(model).items()}
         RunDir.open(rd.path, config.identity(), name=RunDir.IMP)
         rd.save_or_check_tensors(RunDir.INIT, self.init, "initial weights")
-        self.masks: dict[str, torch.Tensor] = self._start_masks()
-
-    def _start_masks(self) -> dict[str, torch.Tensor]:
-        return {**dense_masks(self.model), **from_torch_prune(self.model)}
+        # round 0's masks: read once, since the model's own torch masks change with the rounds
+        self.start_masks = {**dense_masks(model), **from_torch_prune(model)}
+        self.masks: dict[str, torch.Tensor] = self.start_masks
 
     def _load(self, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
         if self.torch_pruned:
@@ -173,7 +172,7 @@ class ImpRun:
         from .lockstep import PackNet
 
         rd, cfg, k = self.rd, self.config, self.config.rewind_iteration
-        masks, rewind, rounds = self._start_masks(), self.init, []
+        masks, rewind, rounds = self.start_masks, self.init, []
         for r in itertools.count():
             round_dir = rd.round(r)
             round_dir.save_or_check_tensors(RunDir.MASKS, masks, "masks")

@@ -92,6 +92,15 @@ def _target_densities(sparsity, names: list[str]) -> dict[str, float]:
     return {n: 1.0 - check_sparsity(s, f"sparsity of {n!r}") for n, s in per_layer.items()}
 
 
+def check_fit_covers(fit: LogisticFit, names: list[str], kinds: dict[str, str],
+                     targets: dict[str, float], use_connectivity: bool) -> None:
+    """Raise if ``fit`` lacks a model one of the layers ``names`` (in forward order) needs; a
+    layer kept dense (target density 1) needs none, the first layer no connectivity model."""
+    for name in names:
+        if targets[name] < 1.0:
+            fit.model_for(name, kinds[name], use_connectivity and name != names[0])
+
+
 def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, use_connectivity: bool = True,
                   exact: bool = False, seed: int = 0, max_samples: int | None = None,
                   batch_size: int = 500, cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -121,9 +130,7 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, use_connect
     kinds = layer_kind(model, layers=layers)
     names = [f"{n}.weight" for n, _ in layers]
     targets = _target_densities(sparsity, names)
-    for name in names:  # fail before any work if the fit lacks a model this net needs
-        if targets[name] < 1.0:  # a layer kept dense needs none
-            fit.model_for(name, kinds[name], use_connectivity and name != names[0])
+    check_fit_covers(fit, names, kinds, targets, use_connectivity)  # before any work
 
     masks: dict[str, torch.Tensor] = {}
     draws: list[LayerDraw] = []

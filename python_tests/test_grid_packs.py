@@ -238,7 +238,8 @@ def test_two_shards_complete_the_grid_once_each(tmp_path):
     outs = [p.communicate(timeout=1200) for p in [single, *shards]]
     assert all(p.returncode == 0 for p in [single, *shards]), [o[1][-2000:] for o in outs]
     ran = [line.split("running ", 1)[1] for _, err in outs[1:] for line in err.splitlines() if "running " in line]
-    assert sorted(ran) == sorted(f"conv2 0 {k}" for k in grid_mod.CELLS)
+    from mcwt_ext.experiments.methods import cells_for, select_methods
+    assert sorted(ran) == sorted(f"conv2 0 {k}" for k in cells_for(select_methods("paper")))
     a = read_table_csv(tmp_path / "single" / "table.csv")
     b = read_table_csv(tmp_path / "sharded" / "table.csv")
     assert a == b

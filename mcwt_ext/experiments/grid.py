@@ -308,6 +308,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
         raise ValueError("jobs: packs train in one process; use --jobs 1 with --pack")
     mine = cells if shard is None else [c for i, c in enumerate(cells) if i % shard[1] == shard[0] - 1]
     pending = {c.key: c for c in mine if not c.done()}
+    finished: set[tuple] = set()  # run by this process (a need may also be done on disk)
     bar = Progress(len(mine), "reproduce", unit="cell", noun="cell", initial=len(mine) - len(pending),
                    enabled=progress)
     locks: dict[tuple, CellLock] = {}
@@ -324,8 +325,8 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
         for c in list(pending.values()):
             if c.done():  # finished by another process
                 finish(c.key)
-            elif all(grid_cell(c.settings.root, *k).done() for k in CELLS[c.kind].need_keys(c.arch, c.seed)) \
-                    and claim(c):
+            elif all(k in finished or grid_cell(c.settings.root, *k).done()
+                     for k in CELLS[c.kind].need_keys(c.arch, c.seed)) and claim(c):
                 out.append(c)
         return out
 
@@ -343,6 +344,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
             print(f"shard {shard[0]}/{shard[1]}: running {' '.join(map(str, c.key))}", file=sys.stderr, flush=True)
 
     def finish(key):
+        finished.add(key)
         if pending.pop(key, None) is None:  # already seen done on disk
             return
         if key in locks:
