@@ -428,7 +428,9 @@ def add_reproduce_parser(subparsers) -> None:
                    help="run the I-th of N deterministic shares of the cells (a job array over a shared "
                         "--out): cells wait for the cells they need, a lock file keeps two tasks off one cell")
     p.add_argument("--lock-timeout", type=positive_int, default=600, metavar="SECONDS",
-                   help="with --shard: a cell lock not refreshed for this long is taken over (default 600)")
+                   help="with --shard: a cell lock not refreshed for this long is taken over, and a cell "
+                        "of another shard that this one needs, left with no lock this long, is adopted "
+                        "(default 600)")
     p.add_argument("--import-state", type=Path, metavar="FILE",
                    help="before the grid, restore the state bundle FILE (from --export-state) into --out")
     p.add_argument("--export-state", type=Path, metavar="FILE",

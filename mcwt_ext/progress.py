@@ -72,6 +72,13 @@ class Progress:
         elif self._log and time.monotonic() - self._last >= self.interval:
             self._line()
 
+    def add_total(self, n: int) -> None:
+        """``n`` more steps of work than first counted."""
+        self.total += n
+        if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.refresh()
+
     def set(self, **values) -> None:
         self.values.update({k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in values.items()})
         if self._bar is not None:

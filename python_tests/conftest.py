@@ -1,11 +1,25 @@
 """Shared test configuration: the device list, the CUDA auto-skip and the slow marker."""
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+#: The directory the mcwt_ext under test was imported from: the checkout (in-place build) or
+#: site-packages (`pip install .`, as in CI). A child Python must import the same package, not an
+#: unbuilt source tree, so it runs with this first on its path and as its working directory
+#: (``python -m`` puts the working directory first).
+IMPORT_ROOT = str(Path(importlib.util.find_spec("mcwt_ext").origin).parents[1])
+
+
+def child_env(**extra) -> dict:
+    """The environment of a child Python that imports the mcwt_ext under test."""
+    return {**os.environ, "PYTHONPATH": IMPORT_ROOT, **extra}
+
 
 #: Every device-parametrised test runs on these; CUDA only where a GPU is visible.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import synthetic_model
+from conftest import child_env, synthetic_model
 from mcwt_ext import distributed
 from mcwt_ext.connectivity import measure_connectivity
 from mcwt_ext.data import load_dataset
@@ -94,8 +94,7 @@ def test_readme_torchrun_command_runs(tmp_path):
     command = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
     command = command.replace("torchrun", f"{sys.executable} -m torch.distributed.run", 1)
     command = re.sub(r"--master-port \d+", f"--master-port {_free_port()}", command)
-    env = dict(os.environ, PYTHONPATH=str(root))
-    done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+    done = subprocess.run(command, shell=True, cwd=tmp_path, env=child_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = __import__("json").loads((tmp_path / "runs" / "ddp-digits" / "summary.json").read_text())

@@ -1,7 +1,6 @@
 """The reproduce scheduler's packs, shards and state bundles (issue 10 item 3, issue 13 item 5)."""
 import dataclasses
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import IMPORT_ROOT, child_env
 
 import mcwt_ext.experiments.grid as grid_mod
 import mcwt_ext.lockstep as lockstep_mod
@@ -21,7 +21,6 @@ from mcwt_ext.experiments.report import read_table_csv
 from mcwt_ext.runs import RunDir, grid_cell
 from mcwt_ext.state import export_state, import_state
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="synthetic", iterations=6, eval_every=3, progress=False)
 TRAINED = ("random", "mcwt_magnitude", "mcwt_connectivity")
 
@@ -219,32 +218,79 @@ def test_cell_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
 
 
 def _cli(*argv, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "mcwt_ext.cli", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    kw = dict(dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE), **kw)
+    return subprocess.Popen([sys.executable, "-m", "mcwt_ext.cli", *argv], cwd=IMPORT_ROOT, env=child_env(),
+                            text=True, **kw)
 
 
 SHARD_GRID = ["reproduce", "--dataset", "digits", "--arch", "conv2", "--seeds", "1", "--iterations", "6",
               "--eval-every", "3", "--no-progress"]
 
 
+def _run_all(tmp_path, runs: dict, timeout: float = 900) -> dict:
+    """Start every ``name: argv`` CLI run at once (output to files, so no pipe can fill) and wait
+    for all; on timeout kill them and fail showing each one's stderr (a hung shard shows why)."""
+    procs = {}
+    for name, argv in runs.items():
+        out, err = open(tmp_path / f"{name}.out", "w"), open(tmp_path / f"{name}.err", "w")
+        procs[name] = _cli(*argv, stdout=out, stderr=err)
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs.values()) and time.time() < deadline:
+        time.sleep(0.5)
+    hung = [n for n, p in procs.items() if p.poll() is None]
+    for n in hung:
+        procs[n].kill()
+        procs[n].wait()
+    logs = {n: (tmp_path / f"{n}.err").read_text() for n in procs}
+    assert not hung, f"{hung} still running after {timeout} s; stderr: {logs}"
+    failed = {n: logs[n][-3000:] for n, p in procs.items() if p.returncode != 0}
+    assert not failed, failed
+    return logs
+
+
+def _ran(err: str) -> list[str]:
+    return [line.split("running ", 1)[1] for line in err.splitlines() if ": running " in line]
+
+
 @pytest.mark.slow
-@pytest.mark.skip(reason="hung in a fresh-clone CI run on 2026-11-26: shard 1 left the fit cell empty and exited, shard 2 waited for it; under investigation (issue 13)")
 def test_two_shards_complete_the_grid_once_each(tmp_path):
     """Shard 1 runs imp, fit and MCWT with connectivity; shard 2 random and MCWT without
-    connectivity, which waits for shard 1's fit."""
-    single = _cli(*SHARD_GRID, "--out", str(tmp_path / "single"))
-    shards = [_cli(*SHARD_GRID, "--out", str(tmp_path / "sharded"), "--shard", f"{i}/2", "--lock-timeout", "30")
-              for i in (1, 2)]
-    outs = [p.communicate(timeout=1200) for p in [single, *shards]]
-    assert all(p.returncode == 0 for p in [single, *shards]), [o[1][-2000:] for o in outs]
-    ran = [line.split("running ", 1)[1] for _, err in outs[1:] for line in err.splitlines() if "running " in line]
+    connectivity, which waits for shard 1's fit. The table equals a single process's."""
+    runs = {"single": [*SHARD_GRID, "--out", str(tmp_path / "single")]}
+    runs.update({f"shard{i}": [*SHARD_GRID, "--out", str(tmp_path / "sharded"), "--shard", f"{i}/2",
+                               "--lock-timeout", "120"] for i in (1, 2)})
+    logs = _run_all(tmp_path, runs)
+    ran = _ran(logs["shard1"]) + _ran(logs["shard2"])
     from mcwt_ext.experiments.methods import cells_for, select_methods
     assert sorted(ran) == sorted(f"conv2 0 {k}" for k in cells_for(select_methods("paper")))
+    assert not any("adopting" in log for log in logs.values())  # both healthy: no takeover
     a = read_table_csv(tmp_path / "single" / "table.csv")
     b = read_table_csv(tmp_path / "sharded" / "table.csv")
     assert a == b
     assert not list((tmp_path / "sharded").rglob(RunDir.LOCK))
+
+
+@pytest.mark.slow
+def test_a_shard_adopts_the_cells_it_needs_from_a_dead_shard(tmp_path):
+    """Shard 1 never runs (its task died holding imp's lock): shard 2 takes imp over at once
+    (the holder's pid is dead), fit after --lock-timeout unclaimed, and finishes its own cells;
+    shard 1's MCWT with connectivity, which shard 2 does not need, stays undone."""
+    out = tmp_path / "g"
+    Grid(archs=["conv2"], seeds=[0], dataset="digits", out=out, iterations=6, eval_every=3).open()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    imp = grid_cell(out, "conv2", 0, "imp")
+    imp.path.mkdir(parents=True)
+    imp.file(RunDir.LOCK).write_text(json.dumps(dict(pid=dead.pid, host=socket.gethostname(), time=0)))
+    logs = _run_all(tmp_path, {"shard2": [*SHARD_GRID, "--out", str(out), "--shard", "2/2",
+                                          "--lock-timeout", "2"]})
+    err = logs["shard2"]
+    assert "adopting conv2 0 imp (its lock is stale)" in err, err
+    assert "adopting conv2 0 fit (unclaimed for 2 s)" in err, err
+    assert sorted(_ran(err)) == ["conv2 0 fit", "conv2 0 imp", "conv2 0 mcwt_magnitude", "conv2 0 random"]
+    assert all(grid_cell(out, "conv2", 0, k).done() for k in ("imp", "fit", "random", "mcwt_magnitude"))
+    assert not grid_cell(out, "conv2", 0, "mcwt_connectivity").done()
+    assert "other shards' cells remain" in err and not (out / "table.csv").exists()
 
 
 @pytest.mark.slow

@@ -19,7 +19,10 @@ Shards (``shard=(i, n)``): this process runs the cells whose index in the grid i
 each once its needs are done on disk (polled; they may belong to other shards, over a shared
 directory). A lock file in a cell's directory (created atomically, holding pid, host and time,
 refreshed while the cell runs) keeps two processes off one cell; a lock not refreshed for
-``lock_timeout`` seconds, or held by a dead process on this host, is taken over.
+``lock_timeout`` seconds, or held by a dead process on this host, is taken over. A shard also
+adopts a cell of another shard that its own cells need, when that cell is neither done nor held
+(its lock stale, or no lock for ``lock_timeout`` seconds): the other shard's task failed, was
+killed, or has not started, and waiting for it could be forever.
 """
 from __future__ import annotations
 
@@ -158,7 +161,9 @@ class CellLock:
         self.path, self.timeout = rd.file(RunDir.LOCK), timeout
         self.me = dict(pid=os.getpid(), host=socket.gethostname())
 
-    def _stale(self) -> bool:
+    def stale(self) -> bool:
+        """The lock file is absent, half written, not refreshed for ``timeout`` seconds, or held
+        by a dead process on this host."""
         try:
             age = time.time() - self.path.stat().st_mtime
             holder = json.loads(self.path.read_text() or "{}")
@@ -180,7 +185,7 @@ class CellLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if not self._stale():
+                if not self.stale():
                     return False
                 stale = self.path.with_name(f"{self.path.name}.stale.{self.me['pid']}")
                 try:  # take it over: move the stale lock aside (one taker wins), then create ours
@@ -308,6 +313,8 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
         raise ValueError("jobs: packs train in one process; use --jobs 1 with --pack")
     mine = cells if shard is None else [c for i, c in enumerate(cells) if i % shard[1] == shard[0] - 1]
     pending = {c.key: c for c in mine if not c.done()}
+    grid = {c.key: c for c in cells}
+    unclaimed_since: dict[tuple, float] = {}  # another shard's cell we need -> first seen unheld
     finished: set[tuple] = set()  # run by this process (a need may also be done on disk)
     bar = Progress(len(mine), "reproduce", unit="cell", noun="cell", initial=len(mine) - len(pending),
                    enabled=progress)
@@ -352,9 +359,32 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
         bar.set(last="/".join(map(str, key)))
         bar.update(1)
 
+    def adopt():
+        """Take over the cells of other shards that ours need and that nobody holds: a stale
+        lock at once, no lock after ``lock_timeout`` seconds (time for their task to start)."""
+        needed = {k for c in pending.values() for k in CELLS[c.kind].need_keys(c.arch, c.seed)}
+        for key in sorted(needed - pending.keys() - finished):
+            c = grid.get(key)
+            if c is None or c.done():
+                unclaimed_since.pop(key, None)
+                continue
+            locked = c.dir().exists(RunDir.LOCK)
+            if locked and not CellLock(c.dir(), lock_timeout).stale():
+                unclaimed_since.pop(key, None)
+                continue
+            first = unclaimed_since.setdefault(key, time.time())
+            if locked or time.time() - first >= lock_timeout:
+                why = "its lock is stale" if locked else f"unclaimed for {lock_timeout:g} s"
+                print(f"shard {shard[0]}/{shard[1]}: adopting {' '.join(map(str, key))} ({why})",
+                      file=sys.stderr, flush=True)
+                pending[key] = c
+                bar.add_total(1)
+                unclaimed_since.pop(key)
+
     def idle():
         if shard is None:
             raise RuntimeError(f"cells {sorted(pending)} wait for cells that are not in the grid")
+        adopt()
         time.sleep(poll)
 
     if shard is not None:
