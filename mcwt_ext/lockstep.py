@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +30,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from .data import Dataset
 from .masks import apply_masks, check_masks
+from .progress import Progress
 from .runs import RunDir, atomic_write, snapshot_name
 from .train import (METRICS_FIELDS, BatchOrder, TrainConfig, TrainResult, _check_same_run,
                     _masks_digest, _read_history, _summary)
@@ -457,8 +456,8 @@ def train_pack(nets: Sequence[PackNet], dataset: Dataset, options: PackOptions |
                  cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
                  matmul_precision=torch.get_float32_matmul_precision(), pack_wall_time_s=0.0)
     todo = [st for st in states if st.result is None]
-    bar = tqdm(total=iterations * len(todo), initial=sum(st.iteration for st in todo), desc=desc,
-               unit="net-step", dynamic_ncols=True, disable=not (progress and sys.stderr.isatty()))
+    bar = Progress(iterations * len(todo), desc, unit="net-step", noun="net-step",
+                   initial=sum(st.iteration for st in todo), enabled=progress)
     try:
         while todo:
             start = min(st.iteration for st in todo)

@@ -33,17 +33,16 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from .models import eval_mode
 from .masks import kept_count, per_layer, prunable_layers
+from .progress import Progress
 
 __all__ = ["METHODS", "ALLOCATIONS", "prune_at_init", "magnitude_scores", "snip_scores",
            "grasp_scores", "synflow_scores", "synflow_masks", "synflow_schedule", "allocate",
@@ -264,8 +263,9 @@ def synflow_masks(model: nn.Module, densities: Mapping[str, float], *, allocatio
     layer_schedule = {n: synflow_schedule(d, rounds) for n, d in densities.items()}
     global_schedule = synflow_schedule(final / total if total else 1.0, rounds)
     masks = None
-    for r in tqdm(range(rounds), desc="synflow", unit="round", leave=False,
-                  disable=not (progress and sys.stderr.isatty())):
+    bar = Progress(rounds, "synflow", unit="round", noun="round", leave=False, enabled=progress)
+    for r in range(rounds):
+        bar.update(1)
         scores = {n: s for n, s in net.scores(masks).items() if n in densities}
         if r == 0:  # masking only lowers the flow: finite on the dense net, finite after
             _check_finite(scores, "synflow")
@@ -277,6 +277,7 @@ def synflow_masks(model: nn.Module, densities: Mapping[str, float], *, allocatio
             counts = {n: kept_count(sizes[n], densities[n] if last else layer_schedule[n][r])
                       for n in scores}
             masks = allocate(scores, densities, "layer", keep=masks, layer_counts=counts)
+    bar.close()
     return masks
 
 

@@ -96,7 +96,7 @@ def test_readme_torchrun_command_runs(tmp_path):
     command = re.sub(r"--master-port \d+", f"--master-port {_free_port()}", command)
     done = subprocess.run(command, shell=True, cwd=tmp_path, env=child_env(), capture_output=True, text=True,
                           timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, f"rc {done.returncode}; stdout: {done.stdout[-1500:]}; stderr: {done.stderr[-3000:]}"
     summary = __import__("json").loads((tmp_path / "runs" / "ddp-digits" / "summary.json").read_text())
     assert summary["iterations"] == 200 and summary["val_acc_final"] > 0.9
     assert done.stdout.count("val_acc_final") == 1  # one report, rank 0's
