@@ -263,21 +263,20 @@ def synflow_masks(model: nn.Module, densities: Mapping[str, float], *, allocatio
     layer_schedule = {n: synflow_schedule(d, rounds) for n, d in densities.items()}
     global_schedule = synflow_schedule(final / total if total else 1.0, rounds)
     masks = None
-    bar = Progress(rounds, "synflow", unit="round", noun="round", leave=False, enabled=progress)
-    for r in range(rounds):
-        bar.update(1)
-        scores = {n: s for n, s in net.scores(masks).items() if n in densities}
-        if r == 0:  # masking only lowers the flow: finite on the dense net, finite after
-            _check_finite(scores, "synflow")
-        last = r == rounds - 1
-        if allocation == "global":
-            count = final if last else int(round(total * global_schedule[r]))
-            masks = allocate(scores, densities, "global", keep=masks, global_count=count)
-        else:
-            counts = {n: kept_count(sizes[n], densities[n] if last else layer_schedule[n][r])
-                      for n in scores}
-            masks = allocate(scores, densities, "layer", keep=masks, layer_counts=counts)
-    bar.close()
+    with Progress(rounds, "synflow", unit="round", noun="round", leave=False, enabled=progress) as bar:
+        for r in range(rounds):
+            scores = {n: s for n, s in net.scores(masks).items() if n in densities}
+            if r == 0:  # masking only lowers the flow: finite on the dense net, finite after
+                _check_finite(scores, "synflow")
+            last = r == rounds - 1
+            if allocation == "global":
+                count = final if last else int(round(total * global_schedule[r]))
+                masks = allocate(scores, densities, "global", keep=masks, global_count=count)
+            else:
+                counts = {n: kept_count(sizes[n], densities[n] if last else layer_schedule[n][r])
+                          for n in scores}
+                masks = allocate(scores, densities, "layer", keep=masks, layer_counts=counts)
+            bar.update(1)
     return masks
 
 
