@@ -373,6 +373,13 @@ def _library_type(parse):
     return convert
 
 
+def _methods_help() -> str:
+    """Every registered Table 1 row as ``key (label)``, so --help lists what the registry holds."""
+    from .experiments.methods import METHODS
+
+    return "; ".join(f"{k} ({m.label})" for k, m in METHODS.items())
+
+
 def methods_spec(text: str) -> str | list[str]:
     from .experiments.methods import select_methods
 
@@ -404,7 +411,7 @@ def add_reproduce_parser(subparsers) -> None:
                     "rounds to 80%), "
                     "connectivity on 10,000 images")
     p.add_argument("--arch", type=arch_list, default=["conv2"],
-                   help="comma list of conv2, conv4, conv6 (default conv2)")
+                   help=f"comma list of {', '.join(ARCHS)} (default conv2)")
     p.add_argument("--dataset", choices=list(DATASETS), default="digits",
                    help=f"default digits; {_dataset_help()}")
     p.add_argument("--data-root", type=Path, help="folder holding cifar-10-batches-py/")
@@ -439,7 +446,7 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--methods", type=methods_spec, default="paper",
                    help="rows: paper (the paper's five, default), all (adds pruning at init, WT "
                         "ablations, fit variants, fit transfer, exact count) or a comma list of "
-                        "method keys")
+                        f"method keys: {_methods_help()}")
     p.add_argument("--out", type=Path, required=True, help="grid directory; rerun to resume")
 
 

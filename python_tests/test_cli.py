@@ -114,3 +114,28 @@ def test_rerun_resumes_and_other_settings_are_refused(tmp_path, capsys):
 def test_init_from_another_architecture_is_refused(imp_dir, tmp_path, capsys):
     _fails(capsys, ["train", *BASE[:1], "conv4", *BASE[2:], "--init", str(imp_dir.init_path),
                     "--out", str(tmp_path / "x")], "holds the weights of a conv2 on synthetic, not of a conv4")
+
+
+def test_help_names_everything_the_registries_hold():
+    """--help of every command lists every architecture, dataset and method it accepts, taken from
+    the registries (a new registry entry shows up without editing a help string)."""
+    from mcwt_ext.ablate import KINDS as ABLATIONS
+    from mcwt_ext.cli import build_parser
+    from mcwt_ext.data import DATASETS
+    from mcwt_ext.experiments.methods import METHODS
+    from mcwt_ext.fit import GRANULARITIES
+    from mcwt_ext.models import ARCHS
+    from mcwt_ext.prune_at_init import METHODS as PRUNE_METHODS
+
+    wanted = {"--arch": ARCHS, "--dataset": DATASETS, "--methods": METHODS, "--method": PRUNE_METHODS,
+              "--kind": ABLATIONS, "--granularity": GRANULARITIES}
+    checked = set()
+    for name, sub in build_parser().commands.items():
+        text = " ".join(sub.format_help().split())
+        for flag, registry in wanted.items():
+            if any(flag in a.option_strings for a in sub._actions):
+                missing = [k for k in registry if k not in text]
+                assert not missing, f"mcwt {name} --help: {flag} does not name {missing}"
+                checked.add((name, flag))
+    assert {("reproduce", "--arch"), ("reproduce", "--methods"), ("train", "--dataset"),
+            ("prune", "--method")} <= checked
