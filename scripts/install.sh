@@ -7,6 +7,12 @@
 #
 #   bash scripts/install.sh          # venv + torch + mcwt_ext (console script .venv/bin/mcwt)
 #   bash scripts/install.sh --test   # the same, plus pytest
+#   bash scripts/install.sh --check  # only say whether the build is this checkout's (exit 0) or not (1)
+#
+# The build is skipped when the installed mcwt_ext was built from these very sources (a hash of
+# setup.py, pyproject.toml and every file under csrc/ and mcwt_ext/, recorded in .venv after each
+# build), the test tools are there if --test asks for them, and the kernels asked for by
+# MCWT_FORCE_CUDA / MCWT_FORCE_CPU are the ones built; so rerunning it is quick.
 #
 # Environment: PYTHON (default python3), TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"),
 # MCWT_FORCE_CPU=1 / MCWT_FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST are passed on to setup.py.
@@ -15,8 +21,36 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
-extra=""
-[[ "${1:-}" == "--test" ]] && extra="[test]"
+extra="" check=""
+case "${1:-}" in
+  --test) extra="[test]" ;;
+  --check) check=1 ;;
+  "") ;;
+  *) echo "install.sh: unknown option ${1} (use --test or --check)" >&2; exit 2 ;;
+esac
+RECORD=.venv/.mcwt_build  # the sources hash of the last build
+sources_hash() {
+  find -L setup.py pyproject.toml csrc mcwt_ext -type f ! -name '*.so' ! -name '*.pyc' \
+    ! -path '*/__pycache__/*' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
+}
+gpu_visible() { .venv/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; }
+# Up to date: the recorded build is of these sources, has the test tools if asked, imports, and
+# has the kernels a forcing variable asks for.
+up_to_date() {
+  [[ -f $RECORD && -x .venv/bin/python ]] || return 1
+  [[ $(cat "$RECORD") == "$(sources_hash)" ]] || return 1
+  [[ -z $extra ]] || .venv/bin/python -c "import pytest, xdist" 2>/dev/null || return 1
+  local cuda
+  cuda=$(cd / && "$OLDPWD/.venv/bin/python" -c "from mcwt_ext import _extension as e; print(e.BUILT_CUDA_VERSION or '')" 2>/dev/null) || return 1
+  if [[ -n "${MCWT_FORCE_CPU:-}" ]]; then [[ -z $cuda ]]; return; fi
+  [[ -n $cuda ]] && return 0  # CUDA kernels built: nothing more to want
+  [[ -z "${MCWT_FORCE_CUDA:-}" ]] || return 1
+  ! gpu_visible  # without a GPU the C++ kernels are what a build would make
+}
+if [[ -n $check ]]; then
+  if up_to_date; then echo "install.sh: .venv holds the build of this checkout"; exit 0; fi
+  echo "install.sh: .venv does not hold the build of this checkout"; exit 1
+fi
 # On a terminal pip draws its progress bars; elsewhere they would be megabytes of noise.
 QUIET=""
 [[ -t 1 ]] || QUIET="-q"
@@ -38,11 +72,17 @@ fi
 kernels="C++ kernels"
 if [[ -n "${MCWT_FORCE_CUDA:-}" && -z "${MCWT_FORCE_CPU:-}" ]]; then
   kernels="C++ and CUDA kernels (MCWT_FORCE_CUDA), ~1 min per .cu file"
-elif [[ -z "${MCWT_FORCE_CPU:-}" ]] && .venv/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+elif [[ -z "${MCWT_FORCE_CPU:-}" ]] && gpu_visible; then
   kernels="C++ and CUDA kernels (GPU visible), ~1 min per .cu file"
 fi
-stage "build: mcwt_ext$extra from source, $kernels"
-$PIP install $QUIET --no-build-isolation ".$extra"
+if up_to_date; then
+  stage "build: skipped, .venv already holds mcwt_ext$extra built from these sources"
+else
+  stage "build: mcwt_ext$extra from source, $kernels"
+  rm -f "$RECORD"
+  $PIP install $QUIET --no-build-isolation ".$extra"
+  sources_hash >"$RECORD"
+fi
 # Import from outside the checkout, so the installed package (not the source tree) is checked.
 (cd / && "$OLDPWD/.venv/bin/python" -c "from mcwt_ext import _extension as e; \
 print(f'[install] done: mcwt_ext built against torch {e.BUILT_TORCH_VERSION}, CUDA kernels: {e.BUILT_CUDA_VERSION or \"none\"}')")
