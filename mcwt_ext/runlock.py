@@ -171,8 +171,9 @@ def check_free(run_dir: str | os.PathLike, name: str, timeout: float = DEFAULT_T
 def holding(run_dir: str | os.PathLike, name: str, what: str | None = None,
             timeout: float = DEFAULT_TIMEOUT_S):
     """Hold the lock of ``run_dir`` (``name`` in the error, e.g. ``--out D``) for the block,
-    refreshed, released however the block ends; :class:`RunBusy` if a live process holds it."""
-    lock = RunLock(run_dir, timeout, what)
+    refreshed, released however the block ends; :class:`RunBusy` if a live process holds it. A
+    directory the lock created goes again if the block left it empty (nothing was written)."""
+    lock, made = RunLock(run_dir, timeout, what), not Path(run_dir).exists()
     for _ in range(3):  # a holder that ends between our try and our look is not "busy"
         if lock.acquire():
             break
@@ -184,6 +185,9 @@ def holding(run_dir: str | os.PathLike, name: str, what: str | None = None,
         yield lock
     finally:
         lock.release()
+        if made:
+            with contextlib.suppress(OSError):  # not empty (or gone): the run's files stay
+                Path(run_dir).rmdir()
 
 
 @contextlib.contextmanager

@@ -178,3 +178,14 @@ def test_two_trainings_on_one_run_then_a_kill_and_a_resume_by_the_clock(tmp_path
     a, b = load_tensors(out / RunDir.FINAL), load_tensors(tmp_path / "whole" / RunDir.FINAL)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (out / RunDir.LOCK).exists()
+
+
+def test_a_command_that_writes_nothing_leaves_no_directory(tmp_path, capsys):
+    """A bad state bundle fails while reproduce holds its --out: the lock's directory goes again."""
+    bundle = tmp_path / "state.zip"
+    bundle.write_bytes(b"not a zip")
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--dataset", "synthetic", "--seeds", "1", "--import-state", str(bundle),
+              "--out", str(tmp_path / "g")])
+    assert e.value.code == 2 and "not a state bundle" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
