@@ -3,10 +3,11 @@
 Every command first builds and checks everything it needs (data, model, masks, settings, where
 it writes), and only then opens its run directory (:func:`opened`: a new run, or the same one
 resumed), holding its lock (:mod:`mcwt_ext.runlock`: a second command on it is refused while
-this one lives; released however the command ends, SIGTERM included). What can only fail later (e.g. a fit that lacks a layer's model) fails in a directory
-that :func:`opened` removes again when the failed command made it and it holds nothing but the
-run's starting files, so the corrected command starts afresh. Errors in the user's input are
-ValueErrors (or FileNotFoundErrors) naming the flag or the file; ``cli.main`` prints them as one line.
+this one lives; released however the command ends, SIGTERM included). What can only fail later
+(e.g. a fit that lacks a layer's model) fails in a directory that :func:`opened` removes again
+when the failed command made it and it holds nothing but the run's starting files, so the
+corrected command starts afresh. Errors in the user's input are ValueErrors (or
+FileNotFoundErrors) naming the flag or the file; ``cli.main`` prints them as one line.
 """
 from __future__ import annotations
 
@@ -78,8 +79,8 @@ def _holds_only_starts(path: Path) -> bool:
 def locked(path: Path, what: str | None, lock: bool = True):
     """Hold ``path``'s run lock (process 0 under torchrun: it alone writes) with SIGTERM taken as
     Ctrl-C, so the lock is released however the command ends."""
-    hold = holding(path, f"--out {path}", what) if lock and distributed.is_main() else contextlib.nullcontext()
-    with sigterm_as_interrupt(), hold:
+    hold = holding(path, f"--out {path}", what) if lock and distributed.is_main() else None
+    with sigterm_as_interrupt(), hold or contextlib.nullcontext():
         yield
 
 

@@ -103,8 +103,8 @@ class RunLock:
     def release(self) -> None:
         """Give the lock up, if this process still holds it (a taken-over lock is left alone)."""
         _refresher.discard(self)
-        holder = self.holder()
-        if holder is not None and (holder.get("pid"), holder.get("host")) == (self.me["pid"], self.me["host"]):
+        holder = self.holder() or {}
+        if (holder.get("pid"), holder.get("host")) == (self.me["pid"], self.me["host"]):
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 

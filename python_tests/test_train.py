@@ -153,8 +153,9 @@ def test_checkpoints_come_by_iterations_or_minutes_whichever_first():
     cfg = _cfg(checkpoint_every=4, checkpoint_minutes=0.5)
     assert cfg.checkpoint_due(4, 0.0) and cfg.checkpoint_due(3, 30.0) and not cfg.checkpoint_due(3, 29.9)
     assert not cfg.checkpoint_due(12, 1e9)  # the end: the final weights are saved instead
-    assert _cfg(checkpoint_minutes=0).checkpoint_due(8, 0.0) and not _cfg(checkpoint_minutes=0).checkpoint_due(7, 1e9)
-    assert not _cfg(checkpoint_every=0).checkpoint_due(8, 299.0) and _cfg(checkpoint_every=0).checkpoint_due(8, 300.0)
+    steps_only, minutes_only = _cfg(checkpoint_minutes=0), _cfg(checkpoint_every=0)  # 0: that rule off
+    assert steps_only.checkpoint_due(8, 0.0) and not steps_only.checkpoint_due(7, 1e9)
+    assert not minutes_only.checkpoint_due(8, 299.0) and minutes_only.checkpoint_due(7, 300.0)  # default 5
     assert "checkpoint_minutes" not in cfg.identity()  # a runtime setting: not the run's identity
 
 
@@ -176,7 +177,8 @@ def test_a_checkpoint_by_the_clock_resumes_bit_identical(synthetic, tmp_path, mo
     monkeypatch.undo()
 
     resumed = synthetic_model()
-    result = train(resumed, synthetic, masks, _cfg(checkpoint_every=0, checkpoint_minutes=5), rd, progress=False)
+    result = train(resumed, synthetic, masks, _cfg(checkpoint_every=0, checkpoint_minutes=5), rd,
+                   progress=False)
     assert _same_weights(whole, resumed)
     assert repr(result.history) == repr(expected.history)
 
