@@ -2,10 +2,12 @@
 
 Every command first builds and checks everything it needs (data, model, masks, settings, where
 it writes), and only then opens its run directory (:func:`opened`: a new run, or the same one
-resumed). What can only fail later (e.g. a fit that lacks a layer's model) fails in a directory
-that :func:`opened` removes again when the failed command made it and it holds nothing but the
-run's starting files, so the corrected command starts afresh. Errors in the user's input are
-ValueErrors (or FileNotFoundErrors) naming the flag or the file; ``cli.main`` prints them as one line.
+resumed), holding its lock (:mod:`mcwt_ext.runlock`: a second command on it is refused while
+this one lives; released however the command ends, SIGTERM included). What can only fail later
+(e.g. a fit that lacks a layer's model) fails in a directory that :func:`opened` removes again
+when the failed command made it and it holds nothing but the run's starting files, so the
+corrected command starts afresh. Errors in the user's input are ValueErrors (or
+FileNotFoundErrors) naming the flag or the file; ``cli.main`` prints them as one line.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from . import masks as masks_lib
 from .data import DATASETS, Dataset, load_dataset
 from .imp import ImpConfig, run_imp
 from .models import ARCHS, arch_sparsity, build_model
+from .runlock import check_free, holding, sigterm_as_interrupt
 from .runs import RunDir, load_masks, load_ticket, load_tensors, load_weights
 from .train import TrainConfig, train
 
@@ -66,25 +68,35 @@ START_FILES = frozenset({RunDir.CONFIG, RunDir.INIT, RunDir.MASKS, RunDir.IMP, R
 
 
 def _is_fresh(path: Path) -> bool:
-    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    return not path.exists() or (path.is_dir() and all(p.name == RunDir.LOCK for p in path.iterdir()))
 
 
 def _holds_only_starts(path: Path) -> bool:
-    return all(p.is_dir() or p.name in START_FILES for p in path.rglob("*"))
+    return all(p.is_dir() or p.name in START_FILES or p.name == RunDir.LOCK for p in path.rglob("*"))
 
 
 @contextlib.contextmanager
-def opened(path: Path, identity: dict | None = None, **kwargs):
-    """The run directory ``path`` opened with ``identity`` (None: the caller opens it). If the
-    command fails in a directory it made and nothing but starting files are there, the directory
-    goes again, so the retry is not refused as "another run"."""
-    fresh = _is_fresh(path)
-    try:
-        yield RunDir.open(path, identity, **kwargs) if identity is not None else RunDir(path)
-    except BaseException:
-        if fresh and path.is_dir() and _holds_only_starts(path):
-            shutil.rmtree(path)
-        raise
+def locked(path: Path, what: str | None, lock: bool = True):
+    """Hold ``path``'s run lock (process 0 under torchrun: it alone writes) with SIGTERM taken as
+    Ctrl-C, so the lock is released however the command ends."""
+    hold = holding(path, f"--out {path}", what) if lock and distributed.is_main() else None
+    with sigterm_as_interrupt(), hold or contextlib.nullcontext():
+        yield
+
+
+@contextlib.contextmanager
+def opened(path: Path, identity: dict | None = None, *, lock: bool = True, **kwargs):
+    """The run directory ``path``, locked (unless not ``lock``), opened with ``identity`` (None:
+    the caller opens it). If the command fails in a directory it made and nothing but starting
+    files are there, the directory goes again, so the retry is not refused as "another run"."""
+    with locked(path, f"mcwt {identity['command']}" if identity and "command" in identity else None, lock):
+        fresh = _is_fresh(path)
+        try:
+            yield RunDir.open(path, identity, **kwargs) if identity is not None else RunDir(path)
+        except BaseException:
+            if fresh and path.is_dir() and _holds_only_starts(path):
+                shutil.rmtree(path)
+            raise
 
 
 def check_out(path: Path, name: str = "--out", *, kind: str = "run") -> None:
@@ -98,9 +110,11 @@ def check_out(path: Path, name: str = "--out", *, kind: str = "run") -> None:
         return
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {path} is a file, not a {'run directory' if kind == 'run' else 'folder'}")
-    if kind == "run" and path.is_dir() and any(path.iterdir()) and not (path / RunDir.CONFIG).is_file():
+    if kind == "run" and not _is_fresh(path) and not (path / RunDir.CONFIG).is_file():
         raise ValueError(f"{name} {path} holds files but no {RunDir.CONFIG}: not a run "
                          f"directory; give a new or empty directory")
+    if kind == "run" and distributed.is_main():
+        check_free(path, f"{name} {path}")  # refused now, before the slow preparations
 
 
 def load_data(args) -> Dataset:
@@ -462,24 +476,25 @@ def reproduce_cmd(args) -> int:
                 eval_every=args.eval_every or defaults.get("eval_every"), device=args.device,
                 progress=not args.no_progress, pack=args.pack, shard=args.shard,
                 lock_timeout=args.lock_timeout, methods=args.methods)
-    if args.import_state is not None:
-        manifest = import_state(args.import_state, args.out)
-        print(f"imported {args.import_state}: {len(manifest['files'])} files, "
-              f"{len(manifest['masks'])} mask sets", file=sys.stderr)
-    try:
-        with opened(args.out), _sigterm_as_interrupt():
-            grid.run()
-    finally:  # a run cut short (Ctrl-C, SIGTERM, timeout) still leaves its state
-        if args.export_state is not None and Path(args.out).is_dir():
-            manifest = export_state(args.out, args.export_state)
-            print(f"exported the state of {args.out} to {args.export_state} "
-                  f"({Path(args.export_state).stat().st_size:,} bytes, {len(manifest['masks'])} mask sets)",
+    with locked(args.out, "mcwt reproduce", lock=grid.shard is None):  # shards lock their cells
+        if args.import_state is not None:
+            manifest = import_state(args.import_state, args.out)
+            print(f"imported {args.import_state}: {len(manifest['files'])} files, "
+                  f"{len(manifest['masks'])} mask sets", file=sys.stderr)
+        try:
+            with opened(args.out, lock=False):
+                grid.run()
+        finally:  # a run cut short (Ctrl-C, SIGTERM, timeout) still leaves its state
+            if args.export_state is not None and Path(args.out).is_dir():
+                manifest = export_state(args.out, args.export_state)
+                print(f"exported the state of {args.out} to {args.export_state} "
+                      f"({Path(args.export_state).stat().st_size:,} bytes, {len(manifest['masks'])} mask sets)",
+                      file=sys.stderr)
+        if grid.shard is not None and not grid.done():
+            print(f"shard {grid.shard[0]}/{grid.shard[1]} done; other shards' cells remain, so no table yet",
                   file=sys.stderr)
-    if grid.shard is not None and not grid.done():
-        print(f"shard {grid.shard[0]}/{grid.shard[1]} done; other shards' cells remain, so no table yet",
-              file=sys.stderr)
-        return 0
-    paths = report(grid)  # every rank: the figures measure connectivity together; rank 0 writes
+            return 0
+        paths = report(grid)  # every rank: the figures measure connectivity together; rank 0 writes
     if not distributed.is_main():
         return 0
     print(paths["table_md"].read_text())
@@ -497,19 +512,3 @@ def split_note(ds: Dataset) -> str:
     return (f"Splits of {ds.name}: {n_train:,} training, {n_val:,} validation, {n_test:,} test images; "
             f"one image is {100 / n_val:.2f} points of validation accuracy, {100 / n_test:.2f} of test "
             f"accuracy.")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler's time limit, ``timeout``) raises KeyboardInterrupt, so cleanup runs."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

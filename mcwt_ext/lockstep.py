@@ -504,8 +504,10 @@ def _train_stage(stage: list[_NetState], dataset: Dataset, options: PackOptions,
                 st.rd.save_tensors(snapshot_name(it), pack.net_weights(j))
 
     if start == 0:
-        record(0, list(range(len(stage))))
+        with bar.aside("evaluating"):
+            record(0, list(range(len(stage))))
         snapshot(0)
+    checkpointed = [time.monotonic()] * len(stage)  # per net: when its last checkpoint was written
     # Batch indices go to the device one evaluation interval (at most) ahead: no host work per step.
     ahead = min(st.net.config.eval_every for st in stage)
     idx, idx_from = None, start
@@ -520,14 +522,17 @@ def _train_stage(stage: list[_NetState], dataset: Dataset, options: PackOptions,
         snapshot(it)
         due = [j for j, st in enumerate(stage) if it % st.net.config.eval_every == 0 or it == iterations]
         if due:
-            record(it, due)
-        ckpt = [st for st in stage if st.rd is not None and st.net.config.checkpoint_every
-                and it % st.net.config.checkpoint_every == 0 and it < iterations]
+            with bar.aside("evaluating"):
+                record(it, due)
+        now = time.monotonic()
+        ckpt = [j for j, st in enumerate(stage)
+                if st.rd is not None and st.net.config.checkpoint_due(it, now - checkpointed[j])]
         if ckpt or it == stop:
             share_time()
             pack.sync_states(it)
-            for st in ckpt:
-                _checkpoint(st, options)
+            for j in ckpt:
+                _checkpoint(stage[j], options)
+                checkpointed[j] = now
     if stop == iterations:
         for st in stage:
             _finish(st, options, dict(extra))

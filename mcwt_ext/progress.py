@@ -1,23 +1,31 @@
 """Progress of long work that shows on a terminal and in logs.
 
 On a terminal: a tqdm bar. When stderr is not a terminal (``| tee``, CI, a batch job), where a bar
-would print nothing useful: one plain line at most every ``MCWT_PROGRESS_INTERVAL`` seconds
+would print nothing useful: plain lines, at least one every ``MCWT_PROGRESS_INTERVAL`` seconds
 (default 30) and one at the end, e.g.::
 
     train conv2: iteration 120/300, val_acc 0.9133, elapsed 41s, eta 1m02s
 
+A step that ends ``interval`` seconds after the last line prints one; between steps (a long
+evaluation, a checkpoint, a slow batch) a heartbeat thread prints the innermost open bar's line
+once the log has been silent for ``interval`` seconds, naming the work under way (``Progress.aside``:
+``..., evaluating``). The ETA counts step time alone: time spent aside is left out of the rate.
 ``enabled=False`` (the commands' ``--quiet``) silences both.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 
 __all__ = ["Progress", "note", "INTERVAL_ENV", "DEFAULT_INTERVAL_S"]
 
 INTERVAL_ENV = "MCWT_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL_S = 30.0
+
+_now = time.monotonic  # the clock of the lines (a test may replace it)
 
 
 def _interval() -> float:
@@ -40,12 +48,66 @@ def note(message: str, enabled: bool = True) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+class _Log:
+    """The open log-line bars of this process (innermost last), when any of them last printed,
+    and the heartbeat thread that prints the innermost one's line when the log falls silent."""
+
+    def __init__(self):
+        self.cond = threading.Condition(threading.RLock())
+        self.bars: list[Progress] = []
+        self.last = -float("inf")
+        self.thread: threading.Thread | None = None
+
+    def open(self, bar: "Progress") -> None:
+        with self.cond:
+            self.bars.append(bar)
+            if self.thread is None and bar.interval > 0:
+                self.thread = threading.Thread(target=self._beat, daemon=True, name="mcwt-progress")
+                self.thread.start()
+            self.cond.notify()
+
+    def close(self, bar: "Progress") -> None:
+        with self.cond:
+            if bar in self.bars:
+                self.bars.remove(bar)
+            self.cond.notify()
+
+    def _beat(self) -> None:
+        with self.cond:
+            while self.bars:
+                bar = self.bars[-1]
+                if bar.interval <= 0:  # a line per step: nothing to fill in
+                    self.cond.wait()
+                    continue
+                wait = max(self.last, bar._start) + bar.interval - _now()
+                if wait > 0:
+                    self.cond.wait(wait)
+                    continue
+                try:
+                    bar._line()
+                except (OSError, ValueError):  # its stream is gone: stop beating for it
+                    self.bars.remove(bar)
+            self.thread = None
+
+
+_log = _Log()
+
+
+def _reset_after_fork() -> None:  # a forked child has neither the thread nor the parent's bars
+    global _log
+    _log = _Log()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class Progress:
     """``total`` steps of work named ``desc``, ``initial`` of them already done (a resumed run).
 
     ``update(n)`` counts steps, ``set(**values)`` shows the latest values (e.g. ``val_acc``),
-    ``close()`` ends it (also as a context manager). ``interval``: seconds between log lines
-    (default: ``$MCWT_PROGRESS_INTERVAL`` or 30)."""
+    ``aside(what)`` wraps work that is not a step (an evaluation), ``close()`` ends it (also as a
+    context manager). ``interval``: seconds between log lines (default:
+    ``$MCWT_PROGRESS_INTERVAL`` or 30)."""
 
     def __init__(self, total: int, desc: str, *, unit: str = "it", noun: str = "iteration",
                  initial: int = 0, enabled: bool = True, leave: bool = True,
@@ -53,6 +115,7 @@ class Progress:
         self.total, self.desc, self.noun, self.n = total, desc, noun, initial
         self.stream = stream if stream is not None else sys.stderr
         self.values: dict[str, str] = {}
+        self.doing: str | None = None  # the work aside under way, named in heartbeat lines
         self._bar = None
         self._log = False
         if enabled and self.stream.isatty():
@@ -62,15 +125,19 @@ class Progress:
         elif enabled:
             self._log = True
             self.interval = _interval() if interval is None else interval
-            self._start = self._last = time.monotonic()
+            self._start = self._last = _now()
             self._initial = initial
+            self._aside_s = 0.0        # seconds spent aside (not steps), finished asides
+            self._aside_from = None    # when the aside under way began
+            self._printed = None       # (n, values, doing) of the last line
+            _log.open(self)
 
     def update(self, n: int = 1) -> None:
         self.n += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self._log and time.monotonic() - self._last >= self.interval:
-            self._line()
+        elif self._log and self.n < self.total and _now() - self._last >= self.interval:
+            self._line()  # the last step's line is close()'s, with the final values
 
     def add_total(self, n: int) -> None:
         """``n`` more steps of work than first counted."""
@@ -80,31 +147,59 @@ class Progress:
             self._bar.refresh()
 
     def set(self, **values) -> None:
-        self.values.update({k: f"{v:.4f}" if isinstance(v, float) else str(v) for k, v in values.items()})
+        # a new dict, swapped in whole: the heartbeat thread may be reading the old one
+        self.values = {**self.values, **{k: f"{v:.4f}" if isinstance(v, float) else str(v)
+                                         for k, v in values.items()}}
         if self._bar is not None:
             self._bar.set_postfix(self.values, refresh=False)
 
+    @contextlib.contextmanager
+    def aside(self, what: str):
+        """Work between steps (``what``: e.g. "evaluating"): left out of the ETA's rate, and
+        named by the heartbeat lines printed while it lasts."""
+        if not self._log:
+            yield
+            return
+        self.doing, self._aside_from = what, _now()
+        try:
+            yield
+        finally:
+            self._aside_s += _now() - self._aside_from
+            self.doing = self._aside_from = None
+
     def line(self) -> str:
         """The log line for the current state."""
-        elapsed = time.monotonic() - self._start
+        now = _now()
+        elapsed = now - self._start
         parts = [f"{self.noun} {self.n}/{self.total}"]
         parts += [f"{k} {v}" for k, v in self.values.items()]
         parts.append(f"elapsed {_duration(elapsed)}")
         done = self.n - self._initial
         if 0 < done and self.n < self.total:
-            parts.append(f"eta {_duration(elapsed / done * (self.total - self.n))}")
+            aside_from = self._aside_from
+            stepping = elapsed - self._aside_s - (now - aside_from if aside_from is not None else 0.0)
+            parts.append(f"eta {_duration(max(0.0, stepping) / done * (self.total - self.n))}")
+        if self.doing:
+            parts.append(self.doing)
         return f"{self.desc}: " + ", ".join(parts)
 
     def _line(self) -> None:
-        print(self.line(), file=self.stream, flush=True)
-        self._last = time.monotonic()
+        with _log.cond:  # one writer at a time: the heartbeat thread prints too
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
+            self._printed = (self.n, self.values, self.doing)
+            self._last = _log.last = _now()
+            _log.cond.notify()
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         elif self._log:
-            self._line()
+            _log.close(self)
+            with _log.cond:
+                if self._printed != (self.n, self.values, None):  # not the line just printed again
+                    self._line()
             self._log = False
 
     def __enter__(self) -> "Progress":

@@ -17,6 +17,7 @@ This is the only module that spells a file name; everything else asks it (like o
     rewind.safetensors    IMP: the weights after rewind_iteration steps (only when > 0)
     rounds.csv            IMP: one row per round
     round_XX/             IMP: each round a run directory of its own
+    .lock                 the process writing the run now (pid, host, since; mcwt_ext.runlock)
 
 A reproduce grid keeps ``<arch>/seed_<s>/<cell>/`` run directories (the fit cell's model in
 ``fit.json``), ``table.{md,csv}``, ``cost.{md,csv}`` and ``figures/``.
@@ -44,8 +45,9 @@ __all__ = ["RunDir", "atomic_write", "load_tensors", "load_masks", "load_weights
            "GRID_FILES", "FIGURE_FILES"]
 
 #: Config keys that may change between a run and its resumption (where the data lives, which
-#: device trains, how batches are assembled); at any depth of the identity.
-RUNTIME_KEYS = frozenset({"data_root", "device", "num_workers"})
+#: device trains, how batches are assembled, how often by the clock it checkpoints); at any depth
+#: of the identity.
+RUNTIME_KEYS = frozenset({"data_root", "device", "num_workers", "checkpoint_minutes"})
 
 #: Settings added after runs were made, with the value those older runs used: a stored identity
 #: that lacks one of these keys is read as having this value (so old runs still resume).
@@ -163,7 +165,7 @@ class RunDir:
     IMP = "imp.json"
     REWIND = "rewind.safetensors"
     ROUNDS = "rounds.csv"
-    LOCK = ".lock"  # a sharded grid's claim on a cell (hidden: state bundles skip it)
+    LOCK = ".lock"  # one process's claim on the run (mcwt_ext.runlock; hidden: state bundles skip it)
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)

@@ -134,32 +134,31 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, use_connect
 
     masks: dict[str, torch.Tensor] = {}
     draws: list[LayerDraw] = []
-    bar = _progress(len(layers), progress)
-    for index, (name, module) in enumerate(layers):
-        param = names[index]
-        weight = dense_weight(module).detach()
-        g = stream.advance(masks[names[index - 1]]) if stream is not None and index > 0 else None
-        density = targets[param]
-        u_mag, u_conn = fit.slopes(param, kinds[param], weight, g) if density < 1.0 else (0.0, 0.0)
-        g_norm = None if g is None else normalised_connectivity(g).to(weight.device, weight.dtype)
-        k = kept_count(weight.numel(), density)
-        if density >= 1.0 or k == weight.numel():
-            mask, bias = torch.ones_like(weight, dtype=torch.bool), math.inf
-        else:
-            bias = calibrate_bias(weight, g_norm, u_mag=u_mag, u_conn=u_conn, density=density)
-            args = dict(u_mag=u_mag, u_conn=u_conn, bias=bias, seed=seed, offset=index)
-            mask = (ops.logistic_topk(weight, g_norm, k=k, **args) if exact
-                    else ops.logistic_bernoulli(weight, g_norm, **args))
-        masks[param] = mask
-        draws.append(LayerDraw(
-            name=param, kind=kinds[param], target_density=density,
-            expected_density=density if math.isinf(bias) else ops.expected_density(
-                weight, g_norm, u_mag=u_mag, u_conn=u_conn, bias=bias),
-            density=float(mask.double().mean()) if mask.numel() else 0.0,
-            u_mag=u_mag, u_conn=u_conn, bias=bias,
-            connectivity=None if g is None else g.cpu().tolist()))
-        bar.update(1)
-    bar.close()
+    with _progress(len(layers), progress) as bar:  # closed on an error too
+        for index, (name, module) in enumerate(layers):
+            param = names[index]
+            weight = dense_weight(module).detach()
+            g = stream.advance(masks[names[index - 1]]) if stream is not None and index > 0 else None
+            density = targets[param]
+            u_mag, u_conn = fit.slopes(param, kinds[param], weight, g) if density < 1.0 else (0.0, 0.0)
+            g_norm = None if g is None else normalised_connectivity(g).to(weight.device, weight.dtype)
+            k = kept_count(weight.numel(), density)
+            if density >= 1.0 or k == weight.numel():
+                mask, bias = torch.ones_like(weight, dtype=torch.bool), math.inf
+            else:
+                bias = calibrate_bias(weight, g_norm, u_mag=u_mag, u_conn=u_conn, density=density)
+                args = dict(u_mag=u_mag, u_conn=u_conn, bias=bias, seed=seed, offset=index)
+                mask = (ops.logistic_topk(weight, g_norm, k=k, **args) if exact
+                        else ops.logistic_bernoulli(weight, g_norm, **args))
+            masks[param] = mask
+            draws.append(LayerDraw(
+                name=param, kind=kinds[param], target_density=density,
+                expected_density=density if math.isinf(bias) else ops.expected_density(
+                    weight, g_norm, u_mag=u_mag, u_conn=u_conn, bias=bias),
+                density=float(mask.double().mean()) if mask.numel() else 0.0,
+                u_mag=u_mag, u_conn=u_conn, bias=bias,
+                connectivity=None if g is None else g.cpu().tolist()))
+            bar.update(1)
     return masks, draws
 
 

@@ -101,6 +101,10 @@ class TrainConfig:
     eval_every: int = _setting(100, help="iterations between evaluations (default 100)", low=1)
     checkpoint_every: int = _setting(1000, help="iterations between checkpoints, 0 for none "
                                                 "(default 1000)", low=0)
+    checkpoint_minutes: float = _setting(5.0, parse=_parse_nonnegative,
+                                         help="also checkpoint when this many minutes have passed "
+                                              "since the last checkpoint (or the start), 0 for "
+                                              "none (default 5); a kill loses at most this much")
     seed: int = _setting(0, help="seed of the batch order", low=0)
     device: str = _setting("cpu", help="torch device, e.g. cpu or cuda:0 (default cpu)")
     num_workers: int = _setting(0, help="DataLoader worker processes assembling batches "
@@ -121,7 +125,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         for name, low, high in (("momentum", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
-                                ("lr_gamma", 0.0, math.inf)):
+                                ("lr_gamma", 0.0, math.inf), ("checkpoint_minutes", 0.0, math.inf)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
                 raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
@@ -176,8 +180,17 @@ class TrainConfig:
         return scheduled_lr(step, lr=self.lr, warmup_iterations=self.warmup_iterations,
                             milestones=tuple(self.lr_milestones), gamma=self.lr_gamma)
 
+    def checkpoint_due(self, iteration: int, seconds: float) -> bool:
+        """Checkpoint after ``iteration`` steps, ``seconds`` after the last checkpoint (or the
+        start): every ``checkpoint_every`` steps or ``checkpoint_minutes``, whichever comes first;
+        never at the end (the final weights are saved then)."""
+        return iteration < self.iterations and (
+            bool(self.checkpoint_every) and iteration % self.checkpoint_every == 0
+            or bool(self.checkpoint_minutes) and seconds >= 60.0 * self.checkpoint_minutes)
+
     def identity(self) -> dict:
-        """The fields that determine the result (all but device and num_workers)."""
+        """The fields that determine the result (all but the runtime ones: device, num_workers,
+        checkpoint_minutes)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_KEYS}
 
 
@@ -382,7 +395,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
 
     Evaluates on the validation and test splits at iteration 0, every ``eval_every`` iterations
     and at the end. With ``run_dir``: ``metrics.csv`` after each evaluation, a checkpoint every
-    ``checkpoint_every`` iterations, then ``final.safetensors`` and ``summary.json``. A run
+    ``checkpoint_every`` iterations or ``checkpoint_minutes``, whichever comes first, then
+    ``final.safetensors`` and ``summary.json``. A run
     directory with a checkpoint resumes from it; one with a summary is finished, and its final
     weights are loaded instead of training again. ``snapshot_iterations``: save the weights after
     those many steps as ``weights_XXXXXX.safetensors`` (IMP's rewind point).
@@ -448,6 +462,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
             rd.save_csv(RunDir.METRICS, history, METRICS_FIELDS)
 
     def checkpoint(iteration):
+        nonlocal checkpointed
+        checkpointed = time.monotonic()
         state = dict(iteration=iteration, model=model.state_dict(), optimizer=optimizer.state_dict(),
                      history=history, loss_sum=loss_sum, loss_count=loss_count,
                      wall_time_s=wall_time + time.perf_counter() - began,
@@ -455,9 +471,11 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         atomic_write(rd.file(RunDir.CHECKPOINT), lambda tmp: torch.save(state, tmp))
 
     if start == 0:
-        record(0)
+        with bar.aside("evaluating"):
+            record(0)
         if 0 in snapshots:
             rd.save_tensors(snapshot_name(0), dense_state_dict(model))
+    checkpointed = time.monotonic()
     model.train()
     try:
         batches = _batches(dataset.train, order, start, config.iterations, config.num_workers, device)
@@ -469,10 +487,11 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
             if it in snapshots:
                 rd.save_tensors(snapshot_name(it), dense_state_dict(model))
             if it % config.eval_every == 0 or it == config.iterations:
-                record(it)
-            if rd is not None and config.checkpoint_every and it % config.checkpoint_every == 0 \
-                    and it < config.iterations:
-                checkpoint(it)
+                with bar.aside("evaluating"):
+                    record(it)
+            if rd is not None and config.checkpoint_due(it, time.monotonic() - checkpointed):
+                with bar.aside("checkpointing"):
+                    checkpoint(it)
     finally:
         bar.close()
 

@@ -2,7 +2,9 @@
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,3 +59,11 @@ def synthetic_model(seed=0):
     from mcwt_ext.models import build_model
 
     return build_model("conv2", 3, 10, 8, seed=seed)
+
+
+def fake_clock(monkeypatch, module, step_s: float) -> None:
+    """``module``'s ``time.monotonic`` (its checkpoint clock) reads ``step_s`` seconds later each
+    time it is read; its ``time.perf_counter`` stays real."""
+    readings = iter(range(10**9))
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=time.perf_counter,
+                                                        monotonic=lambda: next(readings) * step_s))

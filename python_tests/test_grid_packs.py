@@ -15,7 +15,6 @@ import mcwt_ext.experiments.grid as grid_mod
 import mcwt_ext.lockstep as lockstep_mod
 from mcwt_ext.cli import main
 from mcwt_ext.experiments import Grid, report
-from mcwt_ext.experiments.grid import CellLock
 from mcwt_ext.experiments.protocol import PROTOCOLS, Protocol
 from mcwt_ext.experiments.report import read_table_csv
 from mcwt_ext.runs import RunDir, grid_cell
@@ -196,26 +195,6 @@ def test_paper_protocol_trains_the_table_runs_longer(tmp_path):
 
 
 # --- shards ---------------------------------------------------------------------------------------
-
-def test_cell_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
-    rd = RunDir(tmp_path / "cell")
-    mine = CellLock(rd, timeout=0.5)
-    assert mine.acquire()
-    other = CellLock(rd, timeout=0.5)
-    other.me = dict(pid=other.me["pid"], host="elsewhere")  # another task, on another host
-    assert not other.acquire()
-    mine.refresh()
-    time.sleep(0.7)  # not refreshed: stale
-    assert other.acquire()
-    assert json.loads(rd.file(RunDir.LOCK).read_text())["host"] == "elsewhere"
-    mine.release()  # not ours any more: left alone
-    assert rd.exists(RunDir.LOCK)
-    # a dead process on this host: taken over at once
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    rd.file(RunDir.LOCK).write_text(json.dumps(dict(pid=dead.pid, host=socket.gethostname(), time=0)))
-    assert CellLock(rd, timeout=1e6).acquire()
-
 
 def _cli(*argv, **kw):
     kw = dict(dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE), **kw)

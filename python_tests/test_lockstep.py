@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mcwt_ext.lockstep as lockstep_mod
-from conftest import DEVICES, synthetic_model
+from conftest import DEVICES, fake_clock, synthetic_model
 from mcwt_ext.data import load_dataset
 from mcwt_ext.lockstep import PackNet, PackOptions, pack_forward, train_pack
 from mcwt_ext.masks import random_masks
@@ -153,6 +153,23 @@ def test_killed_pack_resumes_bit_identical(synthetic, tmp_path, monkeypatch):
         assert (tmp_path / "killed" / f"net_{s}" / "metrics.csv").read_text() == \
             (tmp_path / "whole" / f"net_{s}" / "metrics.csv").read_text()
         assert not RunDir(tmp_path / "killed" / f"net_{s}").exists(CHECKPOINT)
+
+
+def test_killed_pack_resumes_from_its_checkpoints_by_the_clock(synthetic, tmp_path, monkeypatch):
+    whole = _nets([0, 1], tmp_path / "whole", checkpoint_every=0)
+    train_pack(whole, synthetic, progress=False)
+    fake_clock(monkeypatch, lockstep_mod, 7.0)  # each step 7 s later: 30 s pass by step 5
+    _kill_at(monkeypatch, 7)
+    with pytest.raises(_Killed):
+        train_pack(_nets([0, 1], tmp_path / "killed", checkpoint_every=0, checkpoint_minutes=0.5),
+                   synthetic, progress=False)
+    monkeypatch.undo()
+    for s in range(2):
+        rd = RunDir(tmp_path / "killed" / f"net_{s}")
+        assert 0 < torch.load(rd.file(CHECKPOINT), weights_only=True)["iteration"] < 7
+    resumed = _nets([0, 1], tmp_path / "killed", checkpoint_every=0)
+    train_pack(resumed, synthetic, progress=False)
+    assert all(_same_weights(w.model, r.model) for w, r in zip(whole, resumed))
 
 
 def test_pack_resumes_net_by_net_and_in_stages(synthetic, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import mcwt_ext.train as train_mod
-from conftest import DEVICES, synthetic_model
+from conftest import DEVICES, fake_clock, synthetic_model
 from mcwt_ext.masks import random_masks
 from mcwt_ext.runs import RunDir, snapshot_name
 from mcwt_ext.train import BatchOrder, TrainConfig, train
@@ -48,7 +48,8 @@ def test_config_protocol_defaults_and_overrides():
                                          ("optimizer", "rmsprop"), ("momentum", 1.0),
                                          ("weight_decay", -1e-4), ("warmup_iterations", -1),
                                          ("lr_milestones", [5, 3]), ("lr_milestones", [0]),
-                                         ("lr_gamma", -0.1)])
+                                         ("lr_gamma", -0.1), ("checkpoint_minutes", -1.0),
+                                         ("checkpoint_minutes", float("inf"))])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         _cfg(**{field: value})
@@ -146,6 +147,40 @@ def test_resume_after_a_kill_is_bit_identical(synthetic, tmp_path, monkeypatch):
     assert _same_weights(whole, resumed)
     assert repr(result.history) == repr(expected.history)  # repr: nan == nan
     assert rd.metrics_path.read_text() == RunDir(tmp_path / "whole").metrics_path.read_text()
+
+
+def test_checkpoints_come_by_iterations_or_minutes_whichever_first():
+    cfg = _cfg(checkpoint_every=4, checkpoint_minutes=0.5)
+    assert cfg.checkpoint_due(4, 0.0) and cfg.checkpoint_due(3, 30.0) and not cfg.checkpoint_due(3, 29.9)
+    assert not cfg.checkpoint_due(12, 1e9)  # the end: the final weights are saved instead
+    steps_only, minutes_only = _cfg(checkpoint_minutes=0), _cfg(checkpoint_every=0)  # 0: that rule off
+    assert steps_only.checkpoint_due(8, 0.0) and not steps_only.checkpoint_due(7, 1e9)
+    assert not minutes_only.checkpoint_due(8, 299.0) and minutes_only.checkpoint_due(7, 300.0)  # default 5
+    assert "checkpoint_minutes" not in cfg.identity()  # a runtime setting: not the run's identity
+
+
+def test_a_checkpoint_by_the_clock_resumes_bit_identical(synthetic, tmp_path, monkeypatch):
+    """No checkpoint by iterations; the clock's (30 s, each step 7 s later) is the one a kill
+    resumes from, with other checkpoint minutes (a runtime setting), bit for bit."""
+    masks = random_masks(synthetic_model(), 0.5, seed=0)
+    whole = synthetic_model()
+    expected = train(whole, synthetic, masks, _cfg(checkpoint_every=0), tmp_path / "whole", progress=False)
+
+    fake_clock(monkeypatch, train_mod, 7.0)
+    _kill_at(monkeypatch, 10)
+    with pytest.raises(_Killed):
+        train(synthetic_model(), synthetic, masks, _cfg(checkpoint_every=0, checkpoint_minutes=0.5),
+              tmp_path / "killed", progress=False)
+    rd = RunDir(tmp_path / "killed")
+    at = torch.load(rd.file(CHECKPOINT), weights_only=True)["iteration"]
+    assert at == 10  # the clock read once a step (and once a checkpoint): 35 s at steps 5 and 10
+    monkeypatch.undo()
+
+    resumed = synthetic_model()
+    result = train(resumed, synthetic, masks, _cfg(checkpoint_every=0, checkpoint_minutes=5), rd,
+                   progress=False)
+    assert _same_weights(whole, resumed)
+    assert repr(result.history) == repr(expected.history)
 
 
 def test_finished_run_is_read_back_not_retrained(synthetic, tmp_path, monkeypatch):

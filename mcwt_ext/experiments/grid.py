@@ -17,9 +17,10 @@ from its checkpoints and the reports read the same files.
 
 Shards (``shard=(i, n)``): this process runs the cells whose index in the grid is i-1 modulo n,
 each once its needs are done on disk (polled; they may belong to other shards, over a shared
-directory). A lock file in a cell's directory (created atomically, holding pid, host and time,
-refreshed while the cell runs) keeps two processes off one cell; a lock not refreshed for
-``lock_timeout`` seconds, or held by a dead process on this host, is taken over. A shard also
+directory). A lock file in a cell's directory (:mod:`mcwt_ext.runlock`: created atomically,
+holding pid, host and time, refreshed while the cell runs) keeps two processes off one cell; a
+lock not refreshed for ``lock_timeout`` seconds, or held by a dead process on this host, is
+taken over. A shard also
 adopts a cell of another shard that its own cells need, when that cell is neither done nor held
 (its lock stale, or no lock for ``lock_timeout`` seconds): the other shard's task failed, was
 killed, or has not started, and waiting for it could be forever.
@@ -29,9 +30,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import functools
-import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -41,12 +40,13 @@ from pathlib import Path
 import torch
 
 from ..models import arch_spec
+from ..runlock import RunLock
 from ..runs import RUNTIME_KEYS, RunDir, grid_cell
 from ..validate import check_seed
 from .methods import CELLS, cells_for, select_methods
 from .protocol import PROTOCOLS, Protocol
 
-__all__ = ["CellSettings", "Cell", "Grid", "run_cell", "schedule", "CellLock", "parse_shard", "parse_pack"]
+__all__ = ["CellSettings", "Cell", "Grid", "run_cell", "schedule", "parse_shard", "parse_pack"]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -154,66 +154,6 @@ def run_cell(cell: Cell) -> tuple:
 
 # --- the scheduler -----------------------------------------------------------------------------
 
-class CellLock:
-    """A claim on a cell's directory by one process (see the module doc)."""
-
-    def __init__(self, rd: RunDir, timeout: float):
-        self.path, self.timeout = rd.file(RunDir.LOCK), timeout
-        self.me = dict(pid=os.getpid(), host=socket.gethostname())
-
-    def stale(self) -> bool:
-        """The lock file is absent, half written, not refreshed for ``timeout`` seconds, or held
-        by a dead process on this host."""
-        try:
-            age = time.time() - self.path.stat().st_mtime
-            holder = json.loads(self.path.read_text() or "{}")
-        except (FileNotFoundError, ValueError):
-            return True  # gone, or half written by a process that died creating it
-        if holder.get("host") == self.me["host"] and holder.get("pid") != self.me["pid"]:
-            try:
-                os.kill(holder["pid"], 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, TypeError, KeyError):
-                pass
-        return age > self.timeout
-
-    def acquire(self) -> bool:
-        """Claim the cell: True when this process holds it now."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self.stale():
-                    return False
-                stale = self.path.with_name(f"{self.path.name}.stale.{self.me['pid']}")
-                try:  # take it over: move the stale lock aside (one taker wins), then create ours
-                    os.replace(self.path, stale)
-                    stale.unlink()
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(dict(self.me, time=time.time()), f)
-            return True
-        return False
-
-    def refresh(self) -> None:
-        try:
-            os.utime(self.path)
-        except FileNotFoundError:
-            pass
-
-    def release(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text())
-            if (holder.get("pid"), holder.get("host")) == (self.me["pid"], self.me["host"]):
-                self.path.unlink()
-        except (FileNotFoundError, ValueError):
-            pass
-
-
 _PACKERS: dict[int, "_Packer"] = {}  # cell thread -> the packer its Cell.train asks
 
 
@@ -318,13 +258,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
     finished: set[tuple] = set()  # run by this process (a need may also be done on disk)
     bar = Progress(len(mine), "reproduce", unit="cell", noun="cell", initial=len(mine) - len(pending),
                    enabled=progress)
-    locks: dict[tuple, CellLock] = {}
-    stop = threading.Event()
-
-    def refresher():
-        while not stop.wait(max(0.05, lock_timeout / 4)):
-            for lock in list(locks.values()):
-                lock.refresh()
+    locks: dict[tuple, RunLock] = {}  # refreshed by runlock's thread while held
 
     def ready():
         """Pending cells whose needs are done on disk and that this process may run (locked)."""
@@ -340,7 +274,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
     def claim(c):
         if shard is None or c.key in locks:
             return True
-        lock = CellLock(c.dir(), lock_timeout)
+        lock = RunLock(c.dir(), lock_timeout, f"mcwt reproduce --shard {shard[0]}/{shard[1]}")
         if not lock.acquire():
             return False
         locks[c.key] = lock
@@ -369,7 +303,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
                 unclaimed_since.pop(key, None)
                 continue
             locked = c.dir().exists(RunDir.LOCK)
-            if locked and not CellLock(c.dir(), lock_timeout).stale():
+            if locked and not RunLock(c.dir(), lock_timeout).stale():
                 unclaimed_since.pop(key, None)
                 continue
             first = unclaimed_since.setdefault(key, time.time())
@@ -387,8 +321,6 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
         adopt()
         time.sleep(poll)
 
-    if shard is not None:
-        threading.Thread(target=refresher, daemon=True).start()
     try:
         if pack != 1:
             packer = _Packer(pack, progress)
@@ -432,7 +364,6 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
                     running.pop(fut)
                     finish(fut.result())
     finally:
-        stop.set()
         for lock in locks.values():
             lock.release()
         bar.close()
