@@ -105,6 +105,9 @@ def device_spec(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text}: no CUDA device is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return text
 
 
@@ -471,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from . import distributed
 
-    joined = distributed.init()  # under torchrun: one process group trains one net
+    joined = distributed.init(getattr(args, "device", None))  # under torchrun: one group trains one net
     try:
         return args.func(args)
     except INPUT_ERRORS as e:  # one line, under the command's name
