@@ -439,6 +439,9 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--export-state", type=Path, metavar="FILE",
                    help="after the grid (also when stopped by Ctrl-C, SIGTERM or a timeout) write --out's "
                         "state (masks as bits, metrics, summaries) to the bundle FILE, to resume elsewhere")
+    p.add_argument("--time-budget", type=positive_int, metavar="SECONDS",
+                   help="with packs: start only a pack that can finish (else reach a checkpoint) within "
+                        "SECONDS of the start, conv2 first; when none can, stop, export and exit 0")
     p.add_argument("--methods", type=methods_spec, default="paper",
                    help="rows: paper (the paper's five, default), all (adds pruning at init, WT "
                         "ablations, fit variants, fit transfer, exact count) or a comma list of "
