@@ -96,14 +96,16 @@ print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"GPU\", torch
 $CUDA_HOME/bin/nvcc --version || true; nproc; free -g"
 
 CUDA_FLAG=--cuda; [[ $MODE == rehearse ]] && CUDA_FLAG=""
+t0=$(date +%s)
 WHY=$(build_matches $CUDA_FLAG 2>&1)
-if [[ $? == 0 && $BUILD != force ]]; then
-  skip build "$WHY"
+matches=$? spent=$(( $(date +%s) - t0 ))  # the check is part of the build's time
+if [[ $matches == 0 && $BUILD != force ]]; then
+  record build 0 "$spent" "$(plan_limit build)" "skipped: $WHY"
 elif [[ $MODE == rehearse ]]; then
-  record build 1 0 "$(plan_limit build)" "FAIL: a rehearsal does not install; $WHY"
+  record build 1 "$spent" "$(plan_limit build)" "FAIL: a rehearsal does not install; $WHY"
 else
   say "building: $WHY"
-  step build "${BUILD_CMD[@]}"
+  SPENT=$spent step build "${BUILD_CMD[@]}"
 fi
 step import "$PYTHON" -c "from mcwt_ext import _extension as e; \
 assert e.HAS_CUDA_KERNELS or '$MODE' == 'rehearse', 'no CUDA kernels'; \

@@ -17,8 +17,8 @@
 #     this script then skips), BUDGET_S=240 bash scripts/gpu_table1.sh (timeout_s 270). With the
 #     start that is 2 + 7 + 4.5 = 13.5 minutes. If the machine went back meanwhile, 240 s cannot
 #     hold a build, and the inputs check says so at once.
-#   - otherwise this script alone, BUDGET_S 540 (call timeout_s 570): the grid gets 320 s when it
-#     must build, 440 s when the build is there.
+#   - otherwise this script alone, BUDGET_S 540 (call timeout_s 570): the grid gets 310 s when it
+#     must build, 430 s when the build is there.
 #
 # Data (DATASET cifar10, the default). The call carries a real copy of the JPEG copy of CIFAR-10
 # (cifar10-jpeg.npz and its materialize.py, about 53 MiB of the 64 MiB a call carries) in an
@@ -44,11 +44,11 @@
 # a training in progress restarts on the next machine (checkpoints do not travel).
 #
 # --rehearse runs the same steps on this CPU with the Python in use: digits, conv2, 1 seed, the
-# reduced protocol, packs of 4, 30 iterations, a budget of 120 s; the build only if the
+# reduced protocol, packs of 4, 30 iterations, a budget of 150 s; the build only if the
 # importable build does not match the checkout (and then it fails instead of installing).
 # STOP_AFTER_CELLS=N sends the grid SIGTERM once N cells are finished (a stop half way).
 #
-# Environment [defaults]: BUDGET_S [540; rehearsal 120], OUT [$OUT or ./gpu_out], WORK
+# Environment [defaults]: BUDGET_S [540; rehearsal 150], OUT [$OUT or ./gpu_out], WORK
 # [/tmp/mcwt_table1], DATA_DIR [.device_data], DATASET [cifar10], ARCHS [conv2,conv4,conv6],
 # SEEDS [3], PROTOCOL [full|paper; full], PACK [auto], DEVICE [cuda], ITERATIONS, EVAL_EVERY
 # [the protocol's], STATE_IN [the argument], EXPORT_GRACE_S [30: reproduce's export after
@@ -69,7 +69,7 @@ esac
 source "$REPO/scripts/lease_lib.sh"
 
 if [[ $MODE == rehearse ]]; then
-  : "${BUDGET_S:=120}" "${DATASET:=digits}" "${ARCHS:=conv2}" "${SEEDS:=1}" "${PACK:=4}" "${DEVICE:=cpu}" "${PROTOCOL:=reduced}"
+  : "${BUDGET_S:=150}" "${DATASET:=digits}" "${ARCHS:=conv2}" "${SEEDS:=1}" "${PACK:=4}" "${DEVICE:=cpu}" "${PROTOCOL:=reduced}"
   : "${ITERATIONS:=30}" "${EVAL_EVERY:=10}" "${EXPORT_GRACE_S:=10}" "${STOP_MARGIN_S:=5}"
 fi
 BUDGET_S=${BUDGET_S:-540}
@@ -120,12 +120,12 @@ reproduce_cmd() {  # REPRODUCE=(...) for SECONDS of --time-budget, importing STA
 }
 
 # The plan: fixed limits, and the grid gets the rest of the budget.
-INPUTS_S=5 ENV_S=10 BUILD_S=150 DATA_S=30 IMPORT_S=10 EXPORT_S=30 PACK_S=15
+INPUTS_S=15 ENV_S=10 BUILD_S=150 DATA_S=30 IMPORT_S=10 EXPORT_S=30 PACK_S=15
 (( NEED_BUILD )) || BUILD_S=0
 SEQ_DATA_S=0; (( NEED_DATA && ! NEED_BUILD )) && SEQ_DATA_S=$DATA_S  # beside the build if there is one
 GRID_S=$(( BUDGET_S - INPUTS_S - ENV_S - BUILD_S - SEQ_DATA_S - IMPORT_S - EXPORT_S - PACK_S ))
 reproduce_cmd $(( GRID_S - EXPORT_GRACE_S - STOP_MARGIN_S ))
-plan_add inputs $INPUTS_S "DATA_DIR ($DATA_DIR: a real folder with cifar10-jpeg.npz and materialize.py), STATE_IN, budget"
+plan_add inputs $INPUTS_S "whether the installed build matches (a cold torch import); DATA_DIR ($DATA_DIR: a real folder with cifar10-jpeg.npz and materialize.py), STATE_IN, budget"
 plan_add env $ENV_S "nvidia-smi; python, torch, CUDA versions"
 if (( NEED_BUILD )); then
   plan_add build $BUILD_S "${BUILD_CMD[*]} ($BUILD_WHY)"
@@ -155,8 +155,8 @@ before_pack() {  # lease_end: the results as far as the grid got, beside the log
   return 0
 }
 
-# 1. Inputs, before anything that takes time.
-t0=$(date +%s) problems=()
+# 1. Inputs, before anything that takes time (the build check above counts here).
+problems=()
 if [[ $DATASET == cifar10 && $NEED_DATA == 1 ]]; then
   if [[ -L ${DATA_DIR%/} ]]; then
     problems+=("DATA_DIR $DATA_DIR is a symbolic link: a call carries the link, not its target; copy the files into a real folder (--help)")
@@ -170,13 +170,13 @@ fi
 (( GRID_S - EXPORT_GRACE_S - STOP_MARGIN_S >= 30 )) || problems+=("BUDGET_S $BUDGET_S leaves the grid $GRID_S s, too little (a build takes $BUILD_S s of it: run gpu_check.sh first on this machine, or give more)")
 if (( ${#problems[@]} )); then
   printf '%s\n' "${problems[@]}" | tee "$LOGS/inputs.log" >&2
-  record inputs 2 $(( $(date +%s) - t0 )) "$(plan_limit inputs)"
+  record inputs 2 "$(elapsed)" "$(plan_limit inputs)"
   exit 2
 fi
 if [[ -n $STATE_IN ]]; then  # a copy: OUT/state.zip (maybe STATE_IN itself) is rewritten
   cp "$STATE_IN" "$WORK/state.in.zip" && STATE_IN=$WORK/state.in.zip
 fi
-record inputs 0 $(( $(date +%s) - t0 )) "$(plan_limit inputs)"
+record inputs 0 "$(elapsed)" "$(plan_limit inputs)"
 
 step env bash -c "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo 'no nvidia-smi'; \
 $PYTHON -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, torch.cuda.is_available())'"

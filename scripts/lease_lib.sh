@@ -9,6 +9,7 @@
 # --dry-run) lease_begin. Summary columns: step, exit code, seconds, limit, status.
 
 PLAN_NAMES=() PLAN_LIMITS=() PLAN_WHAT=() PLAN_BESIDE=()
+START=$(date +%s)  # the budget counts from the script's start
 
 # plan_add NAME LIMIT_S WHAT [BESIDE]: a step; BESIDE names the step it runs in parallel with
 # (it shares that step's time, so it does not count again toward the budget).
@@ -53,7 +54,6 @@ plan_check() {  # the sequential limits must add up to the budget exactly
 }
 
 lease_begin() {
-  START=$(date +%s)
   mkdir -p "$OUT" "$LOGS" || exit 2
   SUMMARY=$LOGS/summary.md
   printf '# %s, %s\n\nBudget %s s on %s. Steps (limits add up to the budget; a step beside another shares its time):\n\n| step | exit | seconds | limit | status |\n|---|---|---|---|---|\n' \
@@ -83,13 +83,14 @@ record() {
 
 skip() { record "$1" 0 0 "$(plan_limit "$1")" "skipped: $2"; say "$1 skipped: $2"; }
 
-# step NAME [--int] CMD...: CMD under NAME's limit, output in LOGS/NAME.log; returns its exit code.
-# The signal at the limit is TERM, or with --int SIGINT (pytest then prints its summary), with a
-# grace before KILL inside the limit. A step in the background (&) is recorded when it ends.
+# step NAME [--int] CMD...: CMD under NAME's limit (less SPENT seconds already used for it),
+# output in LOGS/NAME.log; returns its exit code. The signal at the limit is TERM, or with --int
+# SIGINT (pytest then prints its summary), with a grace before KILL inside the limit. A step in
+# the background (&) is recorded when it ends.
 step() {
   local name=$1 sig=TERM grace=5 limit t0 rc; shift
   if [[ $1 == --int ]]; then sig=INT grace=15; shift; fi
-  limit=$(plan_limit "$name") || return 2
+  limit=$(( $(plan_limit "$name") - ${SPENT:-0} )) || return 2
   say "$name (limit $limit s)"
   t0=$(date +%s)
   timeout --signal=$sig --kill-after=$grace $(( limit - grace )) "$@" > "$LOGS/$name.log" 2>&1
