@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init", "backend_for", "join", "shutdown", "all_reduce_mean", "active", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "share",
-           "part", "local_slice", "broadcast_buffers", "wrap", "check_batch_size", "device_for"]
+__all__ = ["init", "backend_for", "join", "shutdown", "all_reduce_mean", "active", "rank", "world_size",
+           "is_main", "barrier", "all_reduce_sum", "share", "part", "local_slice", "broadcast_buffers", "wrap",
+           "check_batch_size", "device_for"]
 
 
 def init(device: str | torch.device | None = None) -> bool:
