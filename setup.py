@@ -91,12 +91,21 @@ def _kernels_line(with_cuda):
     return f"mcwt_ext: building C++ kernels only ({why})"
 
 
+def _source_digest():
+    """mcwt_ext/_source.py's digest of csrc/ and this file (loaded by path: nothing is built yet)."""
+    spec = importlib.util.spec_from_file_location("_mcwt_source", os.path.join(ROOT, "mcwt_ext", "_source.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source_digest(ROOT)
+
+
 def _extension():
     with_cuda = _want_cuda()
     print(_kernels_line(with_cuda), flush=True)
     # Bit-exact masks need unfused float arithmetic: no FMA contraction anywhere.
     # -fopenmp: at::parallel_for is an OpenMP region compiled into our code.
-    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    # MCWT_SOURCE_SHA256 (mcwt.cpp): what was built, so a matching install can skip a rebuild.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", f"-DMCWT_SOURCE_SHA256={_source_digest()}"]
     kwargs = dict(
         name="mcwt_ext._C",
         sources=_sources(with_cuda),

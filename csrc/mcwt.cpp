@@ -4,7 +4,7 @@
 // fake kernels and the Python wrappers live in mcwt_ext/ops/.
 
 #include <torch/extension.h>
-#include <torch/headeronly/version.h>
+#include <torch/version.h>
 
 #if defined(MCWT_WITH_CUDA)
 #include <cuda.h>
@@ -31,7 +31,13 @@ TORCH_LIBRARY(mcwt_ext, m) {
 // No functions here: every op goes through the dispatcher. The attributes
 // record what this binary was compiled against, checked at import by
 // mcwt_ext/_extension.py.
+#define MCWT_STR2(x) #x
+#define MCWT_STR(x) MCWT_STR2(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = TORCH_VERSION;
+#if defined(MCWT_SOURCE_SHA256)
+  m.attr("source_sha256") = MCWT_STR(MCWT_SOURCE_SHA256);  // setup.py: digest of csrc/ + setup.py
+#endif
   m.attr("cuda_version") = MCWT_CUDA_VERSION;  // e.g. 13000; 0 when built without CUDA kernels
 }

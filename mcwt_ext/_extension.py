@@ -38,6 +38,9 @@ BUILT_TORCH_VERSION = _C.torch_version
 BUILT_CUDA_VERSION = _cuda_release(_C.cuda_version)
 #: Whether the ops have CUDA kernels.
 HAS_CUDA_KERNELS = BUILT_CUDA_VERSION is not None
+#: Digest of the csrc/ and setup.py this binary was built from (mcwt_ext/_source.py); None
+#: for a build made without it.
+BUILT_SOURCE_SHA256 = getattr(_C, "source_sha256", None)
 
 
 def check_build(built_torch, built_cuda, running_torch, running_cuda):

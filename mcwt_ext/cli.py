@@ -105,6 +105,9 @@ def device_spec(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text}: no CUDA device is visible")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return text
 
 
@@ -443,6 +446,9 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--export-state", type=Path, metavar="FILE",
                    help="after the grid (also when stopped by Ctrl-C, SIGTERM or a timeout) write --out's "
                         "state (masks as bits, metrics, summaries) to the bundle FILE, to resume elsewhere")
+    p.add_argument("--time-budget", type=positive_int, metavar="SECONDS",
+                   help="with packs: start only a pack that can finish (else reach a checkpoint) within "
+                        "SECONDS of the start, conv2 first; when none can, stop, export and exit 0")
     p.add_argument("--methods", type=methods_spec, default="paper",
                    help="rows: paper (the paper's five, default), all (adds pruning at init, WT "
                         "ablations, fit variants, fit transfer, exact count) or a comma list of "
@@ -478,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from . import distributed
 
-    joined = distributed.init()  # under torchrun: one process group trains one net
+    joined = distributed.init(getattr(args, "device", None))  # under torchrun: one group trains one net
     try:
         return args.func(args)
     except INPUT_ERRORS as e:  # one line, under the command's name

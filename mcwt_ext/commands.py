@@ -457,9 +457,10 @@ def plot_cmd(args) -> int:
 
 
 def reproduce_cmd(args) -> int:
-    from .experiments import Grid, report
+    from .experiments import Budget, BudgetSpent, Grid, report
     from .state import export_state, import_state
 
+    budget = None if args.time_budget is None else Budget(args.time_budget)  # counts from here
     check_out(args.out)
     _check_data_root(args.dataset, args.data_root)
     if distributed.active() and args.jobs > 1:
@@ -475,7 +476,7 @@ def reproduce_cmd(args) -> int:
                 iterations=args.iterations or defaults.get("iterations"),
                 eval_every=args.eval_every or defaults.get("eval_every"), device=args.device,
                 progress=not args.no_progress, pack=args.pack, shard=args.shard,
-                lock_timeout=args.lock_timeout, methods=args.methods)
+                lock_timeout=args.lock_timeout, methods=args.methods, budget=budget)
     with locked(args.out, "mcwt reproduce", lock=grid.shard is None):  # shards lock their cells
         if args.import_state is not None:
             manifest = import_state(args.import_state, args.out)
@@ -484,6 +485,9 @@ def reproduce_cmd(args) -> int:
         try:
             with opened(args.out, lock=False):
                 grid.run()
+        except BudgetSpent as e:  # a planned stop: the state goes on elsewhere
+            print(f"time budget spent: {e}; {sum(not c.done() for c in grid.cells)} cells left", file=sys.stderr)
+            return 0
         finally:  # a run cut short (Ctrl-C, SIGTERM, timeout) still leaves its state
             if args.export_state is not None and Path(args.out).is_dir():
                 manifest = export_state(args.out, args.export_state)

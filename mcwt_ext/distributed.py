@@ -1,7 +1,8 @@
 """One net trained by several processes (``torchrun``) with ``DistributedDataParallel``.
 
 Under ``torchrun --nproc-per-node N -m mcwt_ext.cli ...`` every process runs the same command.
-:func:`init` joins the process group (gloo on CPU, NCCL on GPUs, rank ``r`` on ``cuda:LOCAL_RANK``);
+:func:`init` joins the process group with the backend of ``--device`` (gloo for ``cpu``, also
+where a GPU is visible; NCCL for ``cuda``, rank ``r`` on ``cuda:LOCAL_RANK``);
 afterwards:
 
 - training splits each global batch of :class:`~mcwt_ext.train.BatchOrder` into ``N`` equal
@@ -25,22 +26,34 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init", "shutdown", "all_reduce_mean", "active", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "share",
-           "part", "local_slice", "broadcast_buffers", "wrap", "check_batch_size", "device_for"]
+__all__ = ["init", "backend_for", "join", "shutdown", "all_reduce_mean", "active", "rank", "world_size",
+           "is_main", "barrier", "all_reduce_sum", "share", "part", "local_slice", "broadcast_buffers", "wrap",
+           "check_batch_size", "device_for"]
 
 
-def init() -> bool:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment);
-    return whether this process is one of several. Safe to call twice."""
+def init(device: str | torch.device | None = None) -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1 in the environment),
+    with the backend of the command's ``--device`` (:func:`backend_for`); return whether this
+    process is one of several. Safe to call twice."""
     if active():
         return True
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    join(device)
     return True
+
+
+def backend_for(device: str | torch.device | None) -> str:
+    """NCCL for CUDA ranks, gloo otherwise: CPU ranks use gloo even where a GPU is visible."""
+    return "nccl" if device is not None and torch.device(device).type == "cuda" else "gloo"
+
+
+def join(device: str | torch.device | None) -> None:
+    """Join the group the environment describes (``env://``), a CUDA rank on ``cuda:LOCAL_RANK``."""
+    backend = backend_for(device)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
 
 
 def shutdown() -> None:

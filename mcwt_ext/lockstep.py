@@ -424,6 +424,17 @@ def _check_pack(nets: Sequence[PackNet]) -> None:
         raise ValueError("two nets of the pack share a run directory")
 
 
+def _fp32_settings() -> dict:
+    """The float32 precision of cuDNN convolutions and CUDA matmuls, read through the per-op API
+    (torch >= 2.9): the old ``cudnn.allow_tf32`` getter raises once a per-op value is set alone."""
+    cudnn, cuda = torch.backends.cudnn, torch.backends.cuda
+    conv = getattr(getattr(cudnn, "conv", None), "fp32_precision", None)
+    matmul = getattr(getattr(cuda, "matmul", None), "fp32_precision", None)
+    return dict(cudnn_conv_fp32_precision=conv if conv is not None else ("tf32" if cudnn.allow_tf32 else "ieee"),
+                cuda_matmul_fp32_precision=matmul if matmul is not None else
+                ("tf32" if cuda.matmul.allow_tf32 else "ieee"))
+
+
 def train_pack(nets: Sequence[PackNet], dataset: Dataset, options: PackOptions | None = None,
                progress: bool = True, desc: str = "pack") -> list[TrainResult]:
     """Train ``nets`` (one architecture; shared iterations, lr, batch size and device) in lockstep.
@@ -452,8 +463,7 @@ def train_pack(nets: Sequence[PackNet], dataset: Dataset, options: PackOptions |
     states = [_open(net, options, device) for net in nets]
     iterations = nets[0].config.iterations
     extra = dict(pack_size=len(nets), impl=options.impl, precision=options.precision,
-                 cuda_graph=options.cuda_graph, device=str(device),
-                 cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                 cuda_graph=options.cuda_graph, device=str(device), **_fp32_settings(),
                  matmul_precision=torch.get_float32_matmul_precision(), pack_wall_time_s=0.0)
     todo = [st for st in states if st.result is None]
     bar = Progress(iterations * len(todo), desc, unit="net-step", noun="net-step",

@@ -23,8 +23,9 @@ def child_env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": IMPORT_ROOT, **extra}
 
 
-#: Every device-parametrised test runs on these; CUDA only where a GPU is visible.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: Every device-parametrised test runs on these. The CUDA variant carries the needs_cuda mark, so
+#: `-m needs_cuda` selects every CUDA test (scripts/gpu_check.sh) and a CPU skips them.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
 
 
 def pytest_configure(config):

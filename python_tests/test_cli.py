@@ -42,6 +42,16 @@ def test_bad_arguments_give_one_line_and_exit_2(capsys, tmp_path, monkeypatch, a
     _fails(capsys, argv, match)
 
 
+def test_a_cuda_index_beyond_the_visible_devices_is_a_clean_error(capsys, tmp_path, monkeypatch):
+    """`--device cuda:7` on a one-GPU machine: one line naming --device, exit 2 (issue 18)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    err = _fails(capsys, ["train", *BASE, "--device", "cuda:7", "--out", str(tmp_path / "x")], "--device")
+    assert "cuda:7: only 1 CUDA device(s) visible" in err
+    _fails(capsys, ["reproduce", "--device", "cuda:1", "--out", str(tmp_path / "g")], "--device")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "g").exists()
+
+
 def test_missing_cifar_files_are_a_clean_error(capsys, tmp_path):
     _fails(capsys, ["train", "--arch", "conv2", "--dataset", "cifar10", "--data-root", str(tmp_path),
                     "--out", str(tmp_path / "run")], "cifar-10-batches-py")

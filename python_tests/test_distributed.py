@@ -41,7 +41,7 @@ def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    assert distributed.init() and distributed.world_size() == world
+    assert distributed.init("cpu") and distributed.world_size() == world
     try:
         state, summary, conn = _run(out)
         atomic_write(out / f"probe{rank}", "x")  # only rank 0 writes files
@@ -74,6 +74,38 @@ def test_two_gloo_processes_train_as_one(tmp_path):
                    if k.endswith("weight"))  # it did train
     files = {p.relative_to(tmp_path / "one" / "run") for p in (tmp_path / "one" / "run").rglob("*")}
     assert {p.relative_to(tmp_path / "ddp" / "run") for p in (tmp_path / "ddp" / "run").rglob("*")} == files
+
+
+@pytest.mark.parametrize("device, backend, set_device", [("cpu", "gloo", []), (None, "gloo", []),
+                                                         ("cuda", "nccl", [1]), ("cuda:0", "nccl", [1])],
+                         ids=["cpu-ranks", "no-device", "gpu-ranks", "gpu0-ranks"])  # CPU tests: no "cuda" id
+def test_the_backend_follows_the_device_not_the_visible_gpu(monkeypatch, device, backend, set_device):
+    """Two CPU ranks on a machine with a GPU use gloo and no CUDA device (issue 18); CUDA ranks
+    use NCCL on cuda:LOCAL_RANK."""
+    joined, devices = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(distributed.dist, "init_process_group", joined.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.init(device)
+    assert joined == [backend] and devices == set_device
+
+
+def test_the_cli_joins_with_the_commands_device(monkeypatch, tmp_path):
+    from mcwt_ext import cli
+
+    seen = []
+
+    def init(device):
+        seen.append(device)
+        raise KeyboardInterrupt  # stop before the command runs
+    monkeypatch.setattr(distributed, "init", init)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["train", "--arch", "conv2", "--dataset", "synthetic", "--device", "cpu", "--out", str(tmp_path / "r")])
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["reproduce", "--out", str(tmp_path / "g")])
+    assert seen == ["cpu", "cpu"]
 
 
 def test_one_process_is_not_distributed():

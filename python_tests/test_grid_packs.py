@@ -289,10 +289,31 @@ def test_sigterm_exports_the_state_so_far(tmp_path):
     assert (tmp_path / "h" / "conv2" / "seed_0" / "imp" / "round_00" / "masks.safetensors").exists()
 
 
+def test_worker_processes_are_spawned_not_forked(tmp_path, monkeypatch):
+    """--jobs N: a child forked after CUDA is initialised cannot use CUDA, so the pool spawns."""
+    class Pool(Exception):
+        pass
+
+    def pool(jobs, mp_context=None):
+        raise Pool(mp_context.get_start_method() if mp_context is not None else "default")
+    monkeypatch.setattr(grid_mod.cf, "ProcessPoolExecutor", pool)
+    with pytest.raises(Pool, match="^spawn$"):
+        _grid(tmp_path / "g", jobs=2, pack=1).run()
+
+
+@pytest.mark.slow
+def test_a_spawned_worker_pool_runs_the_grid(tmp_path):
+    g = _grid(tmp_path / "g", jobs=2, pack=1, methods="random")
+    g.run()
+    assert g.done()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--shard", "3/2"], "--shard"), (["--shard", "0/0"], "--shard"), (["--shard", "a/b"], "--shard"),
     (["--shard", "1"], "--shard"), (["--pack", "0"], "--pack"), (["--pack", "many"], "--pack"),
     (["--pack", "4", "--jobs", "2"], "pack"),
+    (["--time-budget", "60"], "--time-budget"),  # on CPU, --pack auto trains cell by cell
+    (["--time-budget", "0", "--pack", "4"], "--time-budget"),
     (["--import-state", "/nonexistent/state.zip"], "--import-state"),
 ])
 def test_bad_reproduce_flags(argv, message, tmp_path, capsys):

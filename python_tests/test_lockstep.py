@@ -235,6 +235,22 @@ def test_bad_packs_are_refused(synthetic, tmp_path):
         train_pack([], synthetic)
 
 
+def test_summary_records_the_fp32_settings_set_through_the_per_op_api(synthetic):
+    """The ieee_fp32 fixture's setting (cuDNN conv to IEEE alone) made the old allow_tf32 getter
+    raise inside train_pack (issue 18); the per-op values are recorded instead."""
+    cudnn, cuda = torch.backends.cudnn, torch.backends.cuda
+    old = cudnn.conv.fp32_precision
+    cudnn.conv.fp32_precision = "ieee"
+    try:
+        [result] = train_pack(_nets([0], iterations=2), synthetic, progress=False)
+    finally:
+        cudnn.conv.fp32_precision = old
+    pack = result.summary["lockstep"]
+    assert pack["cudnn_conv_fp32_precision"] == "ieee"
+    assert pack["cuda_matmul_fp32_precision"] == cuda.matmul.fp32_precision
+    assert "cudnn_allow_tf32" not in pack
+
+
 def test_precision_is_recorded_and_never_mixed_on_resume(synthetic, tmp_path):
     nets = _nets([0], tmp_path, iterations=4)
     [result] = train_pack(nets, synthetic, PackOptions(precision="bfloat16"), progress=False)

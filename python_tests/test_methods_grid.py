@@ -42,6 +42,26 @@ def test_cli_refuses_unknown_methods(tmp_path, capsys):
     assert e.value.code == 2 and "nope" in capsys.readouterr().err
 
 
+def test_mcwt_cells_sample_on_the_grids_device(tmp_path, monkeypatch):
+    """The MCWT cell moves its model to the grid's device before sampling (it sampled on the CPU
+    beside a GPU, issue 18): "meta" stands for a device other than the CPU here."""
+    from mcwt_ext import sample as sample_mod
+    from mcwt_ext.experiments import CellSettings
+    from mcwt_ext.experiments.grid import Cell
+    from mcwt_ext.experiments.methods import _run_mcwt_cell
+    from mcwt_ext.experiments.protocol import PROTOCOLS
+
+    class Sampled(Exception):
+        pass
+
+    def spy(model, *args, **kwargs):
+        raise Sampled(next(model.parameters()).device.type)
+    monkeypatch.setattr(sample_mod, "sample_ticket", spy)
+    settings = CellSettings("synthetic", None, PROTOCOLS["reduced"], str(tmp_path), device="meta")
+    with pytest.raises(Sampled, match="meta"):
+        _run_mcwt_cell(Cell("mcwt_connectivity", "conv2", 0, settings), True)
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     g = Grid(archs=["conv2"], seeds=[0, 1], dataset="synthetic", iterations=4, eval_every=2,

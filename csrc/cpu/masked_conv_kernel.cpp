@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_relu_sums_cpu(
   // (a channels-last one would make ATen pick a channels-last output).
   at::Tensor z;
   {
-    const Ieee32Scope ieee(at::Float32Backend::MKLDNN);  // oneDNN may use TF32 where the CPU has it
+    const Ieee32Scope ieee(Ieee32Backend::MKLDNN);  // oneDNN may use TF32 where the CPU has it
     z = at::conv2d(input.contiguous(), (weight * mask).contiguous(), bias, /*stride=*/{1, 1}, padding)
             .contiguous();
   }
@@ -145,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_relu_sums_cpu(
   // Masked copy of the weight: see masked_conv2d_relu_sums_cpu.
   at::Tensor y;
   {
-    const Ieee32Scope ieee(at::Float32Backend::MKLDNN);
+    const Ieee32Scope ieee(Ieee32Backend::MKLDNN);
     y = at::linear(input.contiguous(), weight * mask, bias).contiguous();
   }
   at::Tensor sums = at::zeros({k}, y.options().dtype(at::kDouble));

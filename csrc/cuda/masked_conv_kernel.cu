@@ -566,7 +566,7 @@ Result run_cudnn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
                  std::array<int64_t, 2> conv_out, bool pool) {
   at::Tensor z;
   {
-    const Ieee32Scope ieee(at::Float32Backend::CUDA);
+    const Ieee32Scope ieee(Ieee32Backend::CUDA);
     z = at::conv2d(x, (weight * mask).contiguous(), bias, /*stride=*/{1, 1}, padding).contiguous();
   }
   return relu_pool_sums(z, conv_out[0], conv_out[1], pool);
@@ -647,7 +647,7 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_relu_sums_cuda(
   // batch of activations.
   at::Tensor z;
   {
-    const Ieee32Scope ieee(at::Float32Backend::CUDA);
+    const Ieee32Scope ieee(Ieee32Backend::CUDA);
     z = at::linear(input.contiguous(), weight * mask, bias).contiguous();
   }
   return relu_pool_sums(z, 1, 1, false);

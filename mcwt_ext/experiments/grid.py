@@ -11,7 +11,9 @@ Packs (``pack > 1``): every ready cell runs in a thread of its own until it asks
 (:meth:`Cell.train`); the trainings asked for (IMP round r of every seed, the random and MCWT
 cells, any trained cell registered in methods.py) are trained together, up to ``pack`` nets of
 one architecture and training length at a time, by :func:`mcwt_ext.lockstep.train_pack`; then
-the cells go on (IMP prunes and asks for its next round). Only one thread runs at a time, so
+the cells go on (IMP prunes and asks for its next round). One pack trains at a time, picked by
+the time budget (:mod:`.budget`), and its cells go on as soon as it ends, so a long pack of one
+architecture never holds the next rounds of another. Only one thread runs at a time, so
 the cells' own work never overlaps. Each net keeps its run directory, so a killed pack resumes
 from its checkpoints and the reports read the same files.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import functools
+import multiprocessing
 import os
 import sys
 import threading
@@ -213,40 +216,45 @@ class _Packer:
             self.threads.pop(key, None)
         return out
 
-    def train_requests(self) -> None:
-        """Train every training asked for, in packs, then let each cell go on until it asks again
-        or ends (one at a time)."""
+    def train_requests(self, budget=None) -> None:
+        """Train one pack of the trainings asked for (the budget's pick: see :mod:`.budget`),
+        then let its cells go on until they ask again or end (one at a time), so the next pick
+        sees their next requests beside the waiting ones."""
         from ..lockstep import PackOptions, train_pack
+        from .budget import Budget, Candidate
 
+        budget = budget or Budget()
         groups: dict[tuple, list] = {}
         for key, req in sorted(self.requests.items()):
             cfg = req[1].config
             groups.setdefault((req[0].arch, cfg.iterations, cfg.lr, cfg.batch_size, cfg.device), []).append(req)
-        self.requests = {}
-        for (arch, iterations, *_), reqs in groups.items():
-            size = self.size or len(reqs)
-            for i in range(0, len(reqs), size):
-                chunk = reqs[i:i + size]
-                device = torch.device(chunk[0][1].config.device)
-                results = train_pack([r[1] for r in chunk], chunk[0][2],
-                                     PackOptions(cuda_graph=device.type == "cuda"), self.progress,
-                                     desc=f"{arch} pack of {len(chunk)}, {iterations} iterations")
-                for (_, _, _, go, box), result in zip(chunk, results):
-                    box[0] = result
-        for reqs in groups.values():
-            for _, _, _, go, _ in reqs:
-                self.turn.clear()
-                go.set()
-                self._wait_turn()
+        cands = [Candidate(arch, reqs[0][1].config.device, iterations, reqs[0][1].config.checkpoint_every,
+                           len(reqs), (ds.in_channels, ds.num_classes, ds.image_size))
+                 for (arch, iterations, *_), reqs in groups.items() for ds in [reqs[0][2]]]
+        i, m = budget.pick(cands, self.size)
+        chunk, cand = list(groups.values())[i][:m], cands[i]
+        for req in chunk:
+            del self.requests[req[0].key]
+        device = torch.device(cand.device)
+        began = time.perf_counter()
+        results = train_pack([r[1] for r in chunk], chunk[0][2], PackOptions(cuda_graph=device.type == "cuda"),
+                             self.progress, desc=f"{cand.arch} pack of {m}, {cand.iterations} iterations")
+        budget.observe(cand.arch, cand.device, m, cand.iterations, time.perf_counter() - began)
+        for (_, _, _, go, box), result in zip(chunk, results):
+            box[0] = result
+            self.turn.clear()
+            go.set()
+            self._wait_turn()
 
 
 def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: int | None = 1,
              shard: tuple[int, int] | None = None, lock_timeout: float = 600.0,
-             poll: float = 2.0) -> None:
+             poll: float = 2.0, budget=None) -> None:
     """Run every unfinished cell of ``cells`` (or, with ``shard=(i, n)``, of this shard's share),
     each once the cells it needs (same arch and seed) are done, in ``cells``' order where there
     is a choice: one at a time (``jobs=1``, ``pack=1``), in ``jobs`` worker processes, or with
-    the trainings of the ready cells in packs of up to ``pack`` nets (None: no limit)."""
+    the trainings of the ready cells in packs of up to ``pack`` nets (None: no limit), each
+    pack picked by ``budget`` (a :class:`.budget.Budget`; raises its BudgetSpent when none fits)."""
     from ..progress import Progress
 
     if jobs > 1 and pack != 1:
@@ -330,7 +338,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
                         began(cell)
                         packer.start(cell)
                 if packer.requests:
-                    packer.train_requests()
+                    packer.train_requests(budget)
                 ended = packer.collect()
                 for key, error in ended:
                     if error is not None:
@@ -349,7 +357,8 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
                 elif pending:
                     idle()
             return
-        with cf.ProcessPoolExecutor(jobs) as pool:
+        # spawn: a forked child of a process that has initialised CUDA cannot use CUDA
+        with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             running: dict[cf.Future, tuple] = {}
             while pending:
                 for cell in ready():
@@ -391,6 +400,7 @@ class Grid:
     lock_timeout: float = 600.0     # seconds after which a shard's unrefreshed cell lock is stale
     poll: float = 2.0               # seconds between looks at cells other shards are running
     methods: str | list[str] = "paper"  # rows of the table: paper, all, or method keys
+    budget: object = None           # a .budget.Budget: its deadline picks the packs (packs only)
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self):
@@ -413,6 +423,9 @@ class Grid:
             raise ValueError(f"lock_timeout: must be positive seconds, got {self.lock_timeout!r}")
         if self.jobs > 1 and self.pack not in ("auto", 1):
             raise ValueError("pack: packs train in one process; use jobs=1 with pack > 1")
+        if self.budget is not None and self.pack_size() == 1:
+            raise ValueError("--time-budget: picks packs, and this grid trains cell by cell; give --pack N "
+                             "(N > 1) on CPU (--pack auto packs on CUDA)")
         self.methods = select_methods(self.methods)
         kinds = cells_for(self.methods)
         if any(CELLS[k].needs_seed0 for k in kinds) and 0 not in self.seeds:
@@ -451,5 +464,7 @@ class Grid:
     def run(self) -> None:
         """Run every unfinished cell (of this shard), each after the cells it needs."""
         self.open()
+        if self.budget is not None:
+            self.budget.learn(self.out)
         schedule(self.cells, self.jobs, self.progress, pack=self.pack_size(), shard=self.shard,
-                 lock_timeout=self.lock_timeout, poll=self.poll)
+                 lock_timeout=self.lock_timeout, poll=self.poll, budget=self.budget)

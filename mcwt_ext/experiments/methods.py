@@ -200,6 +200,7 @@ register_cell("fit", needs=("imp",))(lambda cell: _run_fit_cell(cell, "kind"))
 def _run_mcwt_cell(cell, use_connectivity: bool, fit: str = "fit", *, exact: bool = False,
                    fit_seed: int | None = None) -> None:
     """MCWT sampled from the fit in cell ``fit`` (of seed ``fit_seed``; None: this seed)."""
+    from .. import distributed
     from ..sample import sample_record, sample_ticket
 
     ds, model, train_cfg, config = cell.context()
@@ -212,9 +213,11 @@ def _run_mcwt_cell(cell, use_connectivity: bool, fit: str = "fit", *, exact: boo
         masks = rd.load_tensors(RunDir.MASKS)
     else:
         protocol = cell.settings.protocol
+        sparsity = _sparsity(cell, ds, model)
+        model.to(distributed.device_for(cell.settings.device))  # sample where the grid computes
         start = time.perf_counter()
         masks, draws = sample_ticket(model, fit_dir.file(RunDir.FIT), ds.train.tensors[0],
-                                     sparsity=_sparsity(cell, ds, model), use_connectivity=use_connectivity,
+                                     sparsity=sparsity, use_connectivity=use_connectivity,
                                      exact=exact, seed=cell.seed,
                                      max_samples=protocol.connectivity_samples,
                                      progress=cell.progress)
