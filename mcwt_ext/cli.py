@@ -11,15 +11,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import torch
-
 from . import commands
+from .cli_types import (arch_list, device_spec, existing_file, int_at_least, library_type, methods_help,
+                        methods_spec, nonnegative_int, positive_float, positive_int, rates_spec, seed,
+                        sparsity)
 from .data import DATASETS
 from .fit import GRANULARITIES
-from .imp import KINDS
 from .models import ARCHS
 from .train import TrainConfig
-from .validate import check_rate, check_seed, check_sparsity
 
 __all__ = ["main", "build_parser", "add_model_data_args", "add_train_args"]
 
@@ -29,93 +28,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# --- argument types: each raises ArgumentTypeError, which argparse turns into one error line ---
-
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below {low}")
-        return value
-    parse.__name__ = f"int >= {low}"
-    return parse
-
-
-positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-def positive_float(text: str) -> float:
-    value = _number(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def _checked(check, parse):
-    """An argument type from a :mod:`mcwt_ext.validate` check."""
-    def arg(text: str):
-        try:
-            return check(parse(text), "value")
-        except (TypeError, ValueError) as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    arg.__name__ = check.__name__.removeprefix("check_")
-    return arg
-
-
-sparsity = _checked(check_sparsity, _number)
-rate = _checked(check_rate, _number)
-seed = _checked(check_seed, _integer)
-
-
-def rates_spec(text: str) -> dict[str, float]:
-    """``conv=0.1,linear=0.2,output=0.1`` (any subset of the kinds)."""
-    rates = {}
-    for item in text.split(","):
-        kind, sep, value = item.partition("=")
-        kind = kind.strip()
-        if not sep or kind not in KINDS:
-            raise argparse.ArgumentTypeError(f"{item!r} is not KIND=RATE with KIND one of {', '.join(KINDS)}")
-        rates[kind] = rate(value)
-    return rates
-
-
-def device_spec(text: str) -> str:
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is visible")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA device(s) visible "
-                                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    return text
-
-
-def existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text} is not a file")
-    return path
 
 
 # --- shared flags ------------------------------------------------------------------------------
@@ -151,7 +63,7 @@ def _setting_type(f: dataclasses.Field):
                 raise argparse.ArgumentTypeError(str(e)) from None
         parse.__name__ = f.name
         return parse
-    return positive_float if f.type in ("float", float) else _int_at_least(f.metadata["low"])
+    return positive_float if f.type in ("float", float) else int_at_least(f.metadata["low"])
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -355,44 +267,6 @@ def add_plot_parser(subparsers) -> None:
 
 # --- reproduce -----------------------------------------------------------------------------------
 
-def arch_list(text: str) -> list[str]:
-    archs = [a.strip() for a in text.split(",") if a.strip()]
-    bad = [a for a in archs if a not in ARCHS]
-    if bad or not archs:
-        raise argparse.ArgumentTypeError(f"{text!r}: architectures must be a comma list of "
-                                         f"{', '.join(sorted(ARCHS))}")
-    return archs
-
-
-def _library_type(parse):
-    """An argparse type from a library parser whose ValueError names the flag."""
-    def convert(text):
-        try:
-            return parse(text)
-        except ValueError as e:  # argparse names the flag itself: drop the library's "--flag: "
-            msg = str(e)
-            raise argparse.ArgumentTypeError(msg.split(": ", 1)[1] if msg.startswith("--") else msg) from None
-    convert.__name__ = parse.__name__.removeprefix("parse_")
-    return convert
-
-
-def _methods_help() -> str:
-    """Every registered Table 1 row as ``key (label)``, so --help lists what the registry holds."""
-    from .experiments.methods import METHODS
-
-    return "; ".join(f"{k} ({m.label})" for k, m in METHODS.items())
-
-
-def methods_spec(text: str) -> str | list[str]:
-    from .experiments.methods import select_methods
-
-    try:
-        select_methods(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("methods: ")) from None
-    return text
-
-
 def add_reproduce_parser(subparsers) -> None:
     from .experiments import PROTOCOLS
     from .experiments.grid import parse_pack, parse_shard
@@ -430,11 +304,11 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--device", type=device_spec, default="cpu", help="torch device (default cpu)")
     p.add_argument("--download", action="store_true",
                    help="download CIFAR-10 into --data-root through torchvision if it is absent")
-    p.add_argument("--pack", type=_library_type(parse_pack), default="auto",
+    p.add_argument("--pack", type=library_type(parse_pack), default="auto",
                    help="nets trained in lockstep per pack (IMP round r of every seed, the random and "
                         "MCWT cells): auto (default: all ready ones on CUDA, none on CPU, where packs "
                         "measured no faster) or N; 1 trains every cell on its own")
-    p.add_argument("--shard", type=_library_type(parse_shard), metavar="I/N",
+    p.add_argument("--shard", type=library_type(parse_shard), metavar="I/N",
                    help="run the I-th of N deterministic shares of the cells (a job array over a shared "
                         "--out): cells wait for the cells they need, a lock file keeps two tasks off one cell")
     p.add_argument("--lock-timeout", type=positive_int, default=600, metavar="SECONDS",
@@ -452,7 +326,7 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--methods", type=methods_spec, default="paper",
                    help="rows: paper (the paper's five, default), all (adds pruning at init, WT "
                         "ablations, fit variants, fit transfer, exact count) or a comma list of "
-                        f"method keys: {_methods_help()}")
+                        f"method keys: {methods_help()}")
     p.add_argument("--out", type=Path, required=True, help="grid directory; rerun to resume")
 
 
