@@ -10,7 +10,10 @@ settings (checked on resume), one training run per round, the rewind weights (on
 rewind_iteration > 0), one row per round (density, accuracies), the WT masks (the last round's)
 and, written last, a summary: rounds, reached_target, WT densities.
 
-Rewound rounds train for the full ``train.iterations`` with a fresh optimiser.
+Rewound rounds train for the full ``train.iterations`` with a fresh optimiser. With
+``table_iterations`` (the paper protocol) the dense round and the ticket train that long, their
+schedule scaled to it; where that schedule does not start as the rounds' one (resnet20's warm-up),
+round 0 trains the rounds' schedule and the dense row trains apart, in ``dense/``.
 """
 from __future__ import annotations
 
@@ -92,6 +95,20 @@ class ImpConfig:
         rates.update(overrides.pop("rates", {}))
         return cls(rates=rates, **overrides)
 
+    def table_train(self) -> TrainConfig | None:
+        """The Table 1 training (the dense row and the ticket) of ``table_iterations``: the rounds'
+        settings with the warm-up and milestones scaled to that length; None without one."""
+        return None if self.table_iterations is None else self.train.scaled(self.table_iterations)
+
+    def dense_apart(self) -> bool:
+        """Whether the dense row trains apart from IMP's round 0: when the table training's first
+        ``train.iterations`` steps do not follow the rounds' schedule (a warm-up or milestones
+        scaled to the longer length), a snapshot of it is no round of IMP. Round 0 then trains the
+        rounds' schedule (IMP prunes its final weights) and the dense row trains on its own."""
+        long = self.table_train()
+        return long is not None and any(long.lr_at(i) != self.train.lr_at(i)
+                                        for i in range(self.train.iterations))
+
     def identity(self) -> dict:
         """The settings a resumed run must share (all but max_rounds and runtime fields)."""
         ident = dict(rates=self.rates, sparsity=self.sparsity, rewind_iteration=self.rewind_iteration,
@@ -141,6 +158,7 @@ class ImpRun:
         # round 0's masks: read once, since the model's own torch masks change with the rounds
         self.start_masks = {**dense_masks(model), **from_torch_prune(model)}
         self.masks: dict[str, torch.Tensor] = self.start_masks
+        self.dense_apart = config.dense_apart()
 
     def _load(self, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
         if self.torch_pruned:
@@ -148,10 +166,11 @@ class ImpRun:
         load_dense_state_dict(self.model, weights)
 
     def round_config(self, r: int, at_target: bool) -> TrainConfig:
-        """Round ``r``'s training: ``table_iterations`` for the dense round and the ticket."""
-        long = self.config.table_iterations
-        if long is not None and (r == 0 or at_target):
-            return dataclasses.replace(self.config.train, iterations=long)
+        """Round ``r``'s training: the table training for the ticket, and for round 0 unless the
+        dense row trains apart (:meth:`ImpConfig.dense_apart`)."""
+        long = self.config.table_train()
+        if long is not None and ((r == 0 and not self.dense_apart) or at_target):
+            return long
         return self.config.train
 
     def _snapshots(self, r: int, train_cfg: TrainConfig) -> list[int]:
@@ -181,6 +200,9 @@ class ImpRun:
             if not round_dir.done():
                 self._load(rewind, masks)
                 return PackNet(self.model, masks, train_cfg, round_dir, self._snapshots(r, train_cfg))
+            if r == 0 and self.dense_apart and not rd.subdir(RunDir.DENSE).done():
+                self._load(self.init, masks)
+                return PackNet(self.model, masks, cfg.table_train(), rd.subdir(RunDir.DENSE))
             if r == 0 and k > 0:
                 if not rd.exists(RunDir.REWIND):
                     rd.save_tensors(RunDir.REWIND, round_dir.load_tensors(snapshot_name(k)))
@@ -225,6 +247,7 @@ def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunD
     imp = ImpRun(model, dataset, config, run_dir)
     while (net := imp.pending()) is not None:
         r = round_index(net.run_dir.path.name)
-        trainer(net.model, dataset, net.masks, net.config, net.run_dir, progress, desc=f"IMP round {r}",
+        desc = "IMP dense row" if r is None else f"IMP round {r}"
+        trainer(net.model, dataset, net.masks, net.config, net.run_dir, progress, desc=desc,
                 snapshot_iterations=net.snapshot_iterations)
     return imp.masks

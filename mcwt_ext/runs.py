@@ -17,6 +17,8 @@ This is the only module that spells a file name; everything else asks it (like o
     rewind.safetensors    IMP: the weights after rewind_iteration steps (only when > 0)
     rounds.csv            IMP: one row per round
     round_XX/             IMP: each round a run directory of its own
+    dense/                IMP: the dense row's training where it trains apart from round 0 (a
+                          table length whose schedule's start is not the rounds' schedule)
 
 A reproduce grid keeps ``<arch>/seed_<s>/<cell>/`` run directories (the fit cell's model in
 ``fit.json``), ``table.{md,csv}``, ``cost.{md,csv}`` and ``figures/``.
@@ -163,6 +165,7 @@ class RunDir:
     IMP = "imp.json"
     REWIND = "rewind.safetensors"
     ROUNDS = "rounds.csv"
+    DENSE = "dense"  # IMP: the dense row's training, where it trains apart from round 0
     LOCK = ".lock"  # a sharded grid's claim on a cell (hidden: state bundles skip it)
 
     def __init__(self, path: str | os.PathLike):
@@ -281,6 +284,12 @@ class RunDir:
     def round(self, r: int) -> "RunDir":
         """IMP's round ``r``."""
         return self.subdir(round_name(r))
+
+    def imp_dense(self) -> "RunDir":
+        """IMP's dense training (the "Unpruned network" row): its own sub-directory where it
+        trains apart from round 0 (:meth:`mcwt_ext.imp.ImpConfig.dense_apart`), else round 0."""
+        apart = self.subdir(self.DENSE)
+        return apart if apart.path.is_dir() else self.round(0)
 
     def ticket_round(self) -> int:
         """The last round of a finished IMP run: the one that trained the winning ticket."""

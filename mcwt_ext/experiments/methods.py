@@ -343,7 +343,7 @@ def _transfer(cell_dir, seeds) -> float | None:
 
 register_method(Method("dense", "Unpruned network", "imp",
                        {"conv2": 67.20, "conv4": 74.62, "conv6": 77.40},
-                       trained=lambda imp: imp.round(0)))
+                       trained=lambda imp: imp.imp_dense()))
 register_method(Method("random", "Randomly pruned network", "random",
                        {"conv2": 66.90, "conv4": 73.20, "conv6": 73.14}, cost=_construction("random")))
 register_method(Method("wt", "Original Winning Ticket (IMP)", "imp",
