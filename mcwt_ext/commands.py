@@ -302,7 +302,8 @@ def prune_cmd(args) -> int:
     ds, model = data_and_model(args)
     cfg = train_config(args)
     start = time.perf_counter()
-    masks = prune_at_init(model, args.method, ds.train.tensors, args.sparsity, seed=args.seed,
+    sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)  # resnet20: fc dense
+    masks = prune_at_init(model, args.method, ds.train.tensors, sparsity, seed=args.seed,
                           allocation=args.allocation, progress=not args.no_progress and sys.stderr.isatty())
     wall = time.perf_counter() - start
     with opened(args.out, run_config(args, ds, prune_method=args.method, sparsity=args.sparsity,

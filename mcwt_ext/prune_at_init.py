@@ -358,7 +358,8 @@ def prune_at_init(model: nn.Module, method: str, data=None, sparsity: float | Ma
         data: the training data SNIP and GraSP score on (see :func:`scoring_batches`); SynFlow
             reads only the input shape from it (or from ``input_shape``); magnitude needs none.
         sparsity: share of each layer to prune, a float or ``{weight name: float}`` in [0, 1)
-            (a dict prunes only the layers it names).
+            (a dict prunes only the layers it names); a layer at 0 is kept whole (all-True mask)
+            and is neither scored nor part of the global pool.
         seed: draws SNIP's and GraSP's samples; magnitude and SynFlow are deterministic.
         allocation: ``"layer"`` (each layer keeps exactly ``kept_count(n, 1 - sparsity)``) or
             ``"global"`` (the same total, best scores over all layers).
@@ -379,7 +380,13 @@ def prune_at_init(model: nn.Module, method: str, data=None, sparsity: float | Ma
     for name, s in sparsities.items():
         if not 0.0 <= s < 1.0:
             raise ValueError(f"sparsity: must lie in [0, 1), got {s} for {name!r}")
-    densities = {n: 1.0 - s for n, s in sparsities.items()}
+    # A layer at sparsity 0 is kept whole and stays out of the scoring: under global allocation
+    # it would otherwise enter the pool and lose weights (resnet20's dense output layer).
+    whole = {n: torch.ones(model.get_parameter(n).shape, dtype=torch.bool)
+             for n, s in sparsities.items() if s == 0.0}
+    densities = {n: 1.0 - s for n, s in sparsities.items() if n not in whole}
+    if not densities:
+        return whole
     param = next(model.parameters())
 
     batches = None
@@ -392,9 +399,11 @@ def prune_at_init(model: nn.Module, method: str, data=None, sparsity: float | Ma
         batches = scoring_batches(data, samples_per_class=1, batch_size=1)[:1]
 
     if method == "synflow":
-        return synflow_masks(model, densities, allocation=allocation, rounds=rounds,
-                             batches=batches, input_shape=input_shape, progress=progress)
-    kwargs = {"temperature": temperature} if method == "grasp" else {}
-    scores = {n: s for n, s in _importance(method)(model, batches, **kwargs).items() if n in densities}
-    _check_finite(scores, method)
-    return allocate(scores, densities, allocation)
+        masks = synflow_masks(model, densities, allocation=allocation, rounds=rounds,
+                              batches=batches, input_shape=input_shape, progress=progress)
+    else:
+        kwargs = {"temperature": temperature} if method == "grasp" else {}
+        scores = {n: s for n, s in _importance(method)(model, batches, **kwargs).items() if n in densities}
+        _check_finite(scores, method)
+        masks = allocate(scores, densities, allocation)
+    return {n: masks[n] if n in masks else whole[n] for n in names if n in masks or n in whole}

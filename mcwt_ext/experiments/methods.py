@@ -243,7 +243,7 @@ def _run_prune_cell(cell, method: str) -> None:
     rd = RunDir.open(cell.dir().path, dict(config, prune_method=method, allocation="layer"))
     rd.save_tensors(RunDir.INIT, model.state_dict())
     masks = _timed_masks(rd, lambda: prune_at_init(model, method, ds.train.tensors,
-                                                   cell.settings.protocol.sparsity, seed=cell.seed))
+                                                   _sparsity(cell, ds, model), seed=cell.seed))
     cell.train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
 
 
