@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import commands
+from .augment import AUGMENTS
 from .data import DATASETS
 from .fit import GRANULARITIES
 from .imp import KINDS
@@ -221,6 +222,10 @@ def add_imp_parser(subparsers) -> None:
                    help="rewind to the weights after this many steps of the dense training (default 0: init)")
     g.add_argument("--max-rounds", type=nonnegative_int,
                    help="stop after this many pruning rounds even short of --sparsity (default: no limit)")
+    g.add_argument("--allocation", choices=("layer", "global"),
+                   help="layer: each layer prunes its kind's rate to --sparsity; global: one rate over "
+                        "all pruned layers pooled, to --sparsity of their total (default layer; global "
+                        "for resnet20, as Frankle & Carbin)")
     add_out_arg(p)
 
 
@@ -443,6 +448,10 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--export-state", type=Path, metavar="FILE",
                    help="after the grid (also when stopped by Ctrl-C, SIGTERM or a timeout) write --out's "
                         "state (masks as bits, metrics, summaries) to the bundle FILE, to resume elsewhere")
+    p.add_argument("--augment", choices=AUGMENTS,
+                   help="training-batch augmentation of every architecture: flip-crop (open_lth's random "
+                        "flip and 4-pixel padded crop) or none (default: each architecture's own, "
+                        "flip-crop for resnet20, none for conv2/4/6)")
     p.add_argument("--methods", type=methods_spec, default="paper",
                    help="rows: paper (the paper's five, default), all (adds pruning at init, WT "
                         "ablations, fit variants, fit transfer, exact count) or a comma list of "

@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .models import eval_mode
-from .masks import kept_count, per_layer, prunable_layers
+from .masks import global_goal, kept_count, per_layer, prunable_layers
 from .progress import Progress
 
 __all__ = ["METHODS", "ALLOCATIONS", "prune_at_init", "magnitude_scores", "snip_scores",
@@ -259,7 +259,7 @@ def synflow_masks(model: nn.Module, densities: Mapping[str, float], *, allocatio
         raise ValueError(f"allocation: must be one of {list(ALLOCATIONS)}, got {allocation!r}")
     net = _LinearisedNet(model, _input_shape(batches, input_shape))
     sizes = {n: model.get_parameter(n).numel() for n in densities}
-    total, final = sum(sizes.values()), _global_count(sizes, densities)
+    total, final = sum(sizes.values()), global_goal(sizes, densities)
     layer_schedule = {n: synflow_schedule(d, rounds) for n, d in densities.items()}
     global_schedule = synflow_schedule(final / total if total else 1.0, rounds)
     masks = None
@@ -297,11 +297,6 @@ def _top_k(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def _global_count(sizes: Mapping[str, int], densities: Mapping[str, float]) -> int:
-    """Global allocation's total: what per-layer allocation would keep."""
-    return sum(kept_count(sizes[n], d) for n, d in densities.items())
-
-
 def allocate(scores: Mapping[str, torch.Tensor], densities: Mapping[str, float],
              allocation: str = "layer", *, keep: Mapping[str, torch.Tensor] | None = None,
              layer_counts: Mapping[str, int] | None = None, global_count: int | None = None
@@ -329,7 +324,7 @@ def allocate(scores: Mapping[str, torch.Tensor], densities: Mapping[str, float],
     if allocation == "layer":
         counts = layer_counts or {n: kept_count(s.numel(), densities[n]) for n, s in ranked.items()}
         return {n: _top_k(s, counts[n]).cpu().view(scores[n].shape) for n, s in ranked.items()}
-    count = _global_count({n: s.numel() for n, s in ranked.items()}, densities) \
+    count = global_goal({n: s.numel() for n, s in ranked.items()}, densities) \
         if global_count is None else global_count
     flat = _top_k(torch.cat(list(ranked.values())), count).cpu()
     return {n: m.view(scores[n].shape)

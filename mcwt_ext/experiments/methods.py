@@ -150,8 +150,8 @@ def run_imp_cell(cell) -> None:
     ds, model, train_cfg, config = cell.context()
     imp_cfg = cell.settings.protocol.imp_config(cell.arch, train_cfg,
                                                 sparsity=_sparsity(cell, ds, model))
-    run_imp(model, ds, imp_cfg, RunDir.open(cell.dir().path, config), progress=cell.progress,
-            trainer=cell.train)
+    rd = RunDir.open(cell.dir().path, dict(config, imp=dict(allocation=imp_cfg.allocation)))
+    run_imp(model, ds, imp_cfg, rd, progress=cell.progress, trainer=cell.train)
 
 
 def _timed_masks(rd: RunDir, make) -> dict:
