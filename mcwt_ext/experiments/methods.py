@@ -21,6 +21,8 @@ and, for ``reproduce --methods all`` (issue 12; group in brackets)::
 
     prune_<m>           [baseline] pruning at init by magnitude, snip, grasp or synflow
                         (layer allocation), trained
+    prune_<m>_global    [baseline] snip, grasp or synflow with global allocation, as their
+                        papers run them, trained
     ablate_<k>          [ablation] the WT with its mask shuffled, its weights re-initialised
                         (seed 10000 + seed) or its kept values shuffled, trained
     fit_layer,          [fit] the fit with one model per layer / raw |w| pooled per kind, and
@@ -235,15 +237,15 @@ register_cell("mcwt_connectivity", needs=("fit",))(lambda cell: _run_mcwt_cell(c
 REINIT_SEED_OFFSET = 10_000
 
 
-def _run_prune_cell(cell, method: str) -> None:
+def _run_prune_cell(cell, method: str, allocation: str = "layer") -> None:
     from ..prune_at_init import prune_at_init
-    from ..train import train
 
     ds, model, train_cfg, config = cell.context()
-    rd = RunDir.open(cell.dir().path, dict(config, prune_method=method, allocation="layer"))
+    rd = RunDir.open(cell.dir().path, dict(config, prune_method=method, allocation=allocation))
     rd.save_tensors(RunDir.INIT, model.state_dict())
     masks = _timed_masks(rd, lambda: prune_at_init(model, method, ds.train.tensors,
-                                                   _sparsity(cell, ds, model), seed=cell.seed))
+                                                   _sparsity(cell, ds, model), seed=cell.seed,
+                                                   allocation=allocation))
     cell.train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
 
 
@@ -276,6 +278,8 @@ def _run_ablate_cell(cell, kind: str) -> None:
 
 
 PRUNE_METHODS = ("magnitude", "snip", "grasp", "synflow")
+#: the baselines whose papers allocate globally (one ranking over all pruned layers), run so too
+GLOBAL_PRUNE_METHODS = ("snip", "grasp", "synflow")
 ABLATIONS = ("shuffle-mask", "reinit", "shuffle-values")
 FIT_VARIANTS = ("layer", "pooled-raw")
 
@@ -286,6 +290,8 @@ def _key(text: str) -> str:
 
 for _m in PRUNE_METHODS:
     register_cell(f"prune_{_m}")(lambda cell, m=_m: _run_prune_cell(cell, m))
+for _m in GLOBAL_PRUNE_METHODS:
+    register_cell(f"prune_{_m}_global")(lambda cell, m=_m: _run_prune_cell(cell, m, "global"))
 for _k in ABLATIONS:
     register_cell(f"ablate_{_key(_k)}", needs=("imp",))(lambda cell, k=_k: _run_ablate_cell(cell, k))
 for _g in FIT_VARIANTS:
@@ -357,9 +363,13 @@ register_method(Method("mcwt_connectivity", "MCWT with connectivity", "mcwt_conn
 
 # --- the rows issue 12 adds (`reproduce --methods all`) ------------------------------------------
 
-for _m, _label in zip(PRUNE_METHODS, ("Magnitude at init", "SNIP", "GraSP", "SynFlow")):
-    register_method(Method(f"prune_{_m}", f"{_label} (pruning at init)", f"prune_{_m}", group="baseline",
-                           cost=_construction(f"prune_{_m}")))
+_PRUNE_LABELS = dict(zip(PRUNE_METHODS, ("Magnitude at init", "SNIP", "GraSP", "SynFlow")))
+for _m in PRUNE_METHODS:
+    register_method(Method(f"prune_{_m}", f"{_PRUNE_LABELS[_m]} (pruning at init, per layer)", f"prune_{_m}",
+                           group="baseline", cost=_construction(f"prune_{_m}")))
+for _m in GLOBAL_PRUNE_METHODS:
+    register_method(Method(f"prune_{_m}_global", f"{_PRUNE_LABELS[_m]} (pruning at init, global)",
+                           f"prune_{_m}_global", group="baseline", cost=_construction(f"prune_{_m}_global")))
 for _k, _label in zip(ABLATIONS, ("WT, mask shuffled per layer", "WT mask, re-initialised weights",
                                   "WT, kept values shuffled per layer")):
     register_method(Method(f"ablate_{_key(_k)}", _label, f"ablate_{_key(_k)}", group="ablation",
