@@ -15,6 +15,7 @@ from . import commands
 from .cli_types import (arch_list, device_spec, existing_file, int_at_least, library_type, methods_help,
                         methods_spec, nonnegative_int, positive_float, positive_int, rates_spec, seed,
                         sparsity)
+from .augment import AUGMENTS
 from .data import DATASETS
 from .fit import GRANULARITIES
 from .models import ARCHS
@@ -136,6 +137,10 @@ def add_imp_parser(subparsers) -> None:
                    help="rewind to the weights after this many steps of the dense training (default 0: init)")
     g.add_argument("--max-rounds", type=nonnegative_int,
                    help="stop after this many pruning rounds even short of --sparsity (default: no limit)")
+    g.add_argument("--allocation", choices=("layer", "global"),
+                   help="layer: each layer prunes its kind's rate to --sparsity; global: one rate over "
+                        "all pruned layers pooled, to --sparsity of their total (default layer; global "
+                        "for resnet20, as Frankle & Carbin)")
     add_out_arg(p)
 
 
@@ -323,6 +328,10 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--time-budget", type=positive_int, metavar="SECONDS",
                    help="with packs: start only a pack that can finish (else reach a checkpoint) within "
                         "SECONDS of the start, conv2 first; when none can, stop, export and exit 0")
+    p.add_argument("--augment", choices=AUGMENTS,
+                   help="training-batch augmentation of every architecture: flip-crop (open_lth's random "
+                        "flip and 4-pixel padded crop) or none (default: each architecture's own, "
+                        "flip-crop for resnet20, none for conv2/4/6)")
     p.add_argument("--methods", type=methods_spec, default="paper",
                    help="rows: paper (the paper's five, default), all (adds pruning at init, WT "
                         "ablations, fit variants, fit transfer, exact count) or a comma list of "

@@ -192,7 +192,8 @@ def run_config(args, ds: Dataset, **extra) -> dict:
     return dict(command=args.command, arch=args.arch, dataset=args.dataset,
                 data_root=str(args.data_root.resolve()) if args.data_root else None,
                 split_seed=args.split_seed, val_size=args.val_size, in_channels=ds.in_channels,
-                image_size=ds.image_size, num_classes=ds.num_classes, seed=args.seed, **extra)
+                image_size=ds.image_size, num_classes=ds.num_classes, seed=args.seed,
+                init_scheme=ARCHS[args.arch].init, **extra)
 
 
 def _resolved(path: Path | None) -> str | None:
@@ -260,7 +261,7 @@ def imp_cmd(args) -> int:
     ds, model = data_and_model(args)
     cfg = ImpConfig.for_arch(args.arch, train=train_config(args), rates=args.rates,
                              sparsity=arch_sparsity(args.arch, model, ds.example_input(), args.sparsity), rewind_iteration=args.rewind_iteration,
-                             max_rounds=args.max_rounds)
+                             max_rounds=args.max_rounds, allocation=args.allocation)
     check_batch_size(cfg.train, ds)
     kinds = masks_lib.layer_kind(model, ds.example_input())
     # per layer: an architecture may keep some layers dense (resnet20's output layer)
@@ -270,7 +271,8 @@ def imp_cmd(args) -> int:
         raise ValueError(f"--rates: a rate of 0 for {', '.join(stuck)} never reaches --sparsity {args.sparsity}")
     with opened(args.out, run_config(args, ds, train=dataclasses.asdict(cfg.train),
                                      imp=dict(rates=cfg.rates, sparsity=cfg.sparsity,
-                                              rewind_iteration=cfg.rewind_iteration))) as rd:
+                                              rewind_iteration=cfg.rewind_iteration,
+                                              allocation=cfg.allocation))) as rd:
         run_imp(model, ds, cfg, rd, progress=not args.no_progress)
     summary = rd.load_json(RunDir.SUMMARY)
     if not summary["reached_target"]:
@@ -316,7 +318,8 @@ def prune_cmd(args) -> int:
     ds, model = data_and_model(args)
     cfg = train_config(args)
     start = time.perf_counter()
-    masks = prune_at_init(model, args.method, ds.train.tensors, args.sparsity, seed=args.seed,
+    sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)  # resnet20: fc dense
+    masks = prune_at_init(model, args.method, ds.train.tensors, sparsity, seed=args.seed,
                           allocation=args.allocation, progress=not args.no_progress and sys.stderr.isatty())
     wall = time.perf_counter() - start
     with opened(args.out, run_config(args, ds, prune_method=args.method, sparsity=args.sparsity,
@@ -353,6 +356,7 @@ def ablate_cmd(args) -> int:
     identity = dict({k: config.get(k) for k in keys}, command=args.command,
                     data_root=_resolved(args.data_root) or config.get("data_root"),
                     ticket=str(args.ticket.resolve()), kind=args.kind, ablation_seed=seed,
+                    init_scheme=ARCHS[config["arch"]].init,
                     train=dataclasses.asdict(cfg))
     with opened(args.out, identity) as rd:
         save_starts(rd, ticket.model, masks)
@@ -476,7 +480,8 @@ def reproduce_cmd(args) -> int:
                 iterations=args.iterations or defaults.get("iterations"),
                 eval_every=args.eval_every or defaults.get("eval_every"), device=args.device,
                 progress=not args.no_progress, pack=args.pack, shard=args.shard,
-                lock_timeout=args.lock_timeout, methods=args.methods, budget=budget)
+                lock_timeout=args.lock_timeout, methods=args.methods, budget=budget,
+                augment=args.augment)
     with locked(args.out, "mcwt reproduce", lock=grid.shard is None):  # shards lock their cells
         if args.import_state is not None:
             manifest = import_state(args.import_state, args.out)

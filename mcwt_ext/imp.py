@@ -1,7 +1,8 @@
 """Iterative magnitude pruning (IMP): the procedure that finds a genuine winning ticket.
 
-Round 0 trains the dense net. Each later round prunes, per layer, a fixed share of the weights
-that remain (by lowest trained magnitude), rewinds the kept weights to their initial values (or
+Round 0 trains the dense net. Each later round prunes, per layer (or globally over the pruned
+layers: ``allocation="global"``, resnet20's), a fixed share of the weights that remain (by lowest
+trained magnitude), rewinds the kept weights to their initial values (or
 to their values after ``rewind_iteration`` steps of round 0) and trains again. A layer stops at
 its target; the round that reaches every target is the winning ticket (WT).
 
@@ -10,7 +11,10 @@ settings (checked on resume), one training run per round, the rewind weights (on
 rewind_iteration > 0), one row per round (density, accuracies), the WT masks (the last round's)
 and, written last, a summary: rounds, reached_target, WT densities.
 
-Rewound rounds train for the full ``train.iterations`` with a fresh optimiser.
+Rewound rounds train for the full ``train.iterations`` with a fresh optimiser. With
+``table_iterations`` (the paper protocol) the dense round and the ticket train that long, their
+schedule scaled to it; where that schedule does not start as the rounds' one (resnet20's warm-up),
+round 0 trains the rounds' schedule and the dense row trains apart, in ``dense/``.
 """
 from __future__ import annotations
 
@@ -24,17 +28,18 @@ from torch import nn
 
 from .data import Dataset
 from . import distributed
-from .masks import (dense_masks, dense_state_dict, densities, from_torch_prune, is_torch_pruned,
-                    kept_count, layer_kind, load_dense_state_dict, magnitude_prune, per_layer,
-                    to_torch_prune)
+from .masks import (dense_masks, dense_state_dict, densities, from_torch_prune, global_goal,
+                    global_magnitude_prune, is_torch_pruned, kept_count, layer_kind,
+                    load_dense_state_dict, magnitude_prune, per_layer, to_torch_prune)
 from .models import arch_spec
 from .runs import RunDir, round_index, snapshot_name
 from .train import TrainConfig, train
 from .validate import check_rate, check_sparsity
 
-__all__ = ["ImpConfig", "ImpRun", "run_imp", "KINDS"]
+__all__ = ["ImpConfig", "ImpRun", "run_imp", "KINDS", "ALLOCATIONS"]
 
 KINDS = ("conv", "linear", "output")
+ALLOCATIONS = ("layer", "global")
 
 
 @dataclass(kw_only=True)
@@ -42,7 +47,10 @@ class ImpConfig:
     """IMP settings. ``rates``: share of the remaining weights pruned per round, by layer kind;
     ``sparsity``: the target share pruned, one float for every layer or ``{weight name: float}``
     (layers not named stay dense); ``max_rounds``: stop after that many pruning rounds even if a
-    target is not reached (None: no limit)."""
+    target is not reached (None: no limit). ``allocation``: ``"layer"`` prunes each layer by its
+    kind's rate to its own target; ``"global"`` pools the layers with a target (they must share
+    one rate) and prunes by magnitude over the pool to the pool's total target
+    (:func:`~mcwt_ext.masks.global_magnitude_prune`)."""
 
     train: TrainConfig
     rates: dict[str, float] = field(default_factory=lambda: {"conv": 0.1, "linear": 0.2, "output": 0.1})
@@ -50,6 +58,7 @@ class ImpConfig:
     rewind_iteration: int = 0
     max_rounds: int | None = None
     table_iterations: int | None = None  # the dense round and the ticket train this long (protocol paper)
+    allocation: str = "layer"
 
     def __post_init__(self):
         if not isinstance(self.train, TrainConfig):
@@ -68,6 +77,8 @@ class ImpConfig:
         m = self.max_rounds
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
             raise ValueError(f"max_rounds must be None or an int >= 0, got {m!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
         t = self.table_iterations
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < self.train.iterations):
             raise ValueError(f"table_iterations must be None or an int >= {self.train.iterations}, got {t!r}")
@@ -90,18 +101,36 @@ class ImpConfig:
         rates = {"conv": spec.conv_prune_rate, "linear": spec.linear_prune_rate,
                  "output": spec.output_prune_rate}
         rates.update(overrides.pop("rates", {}))
+        overrides.setdefault("allocation", spec.imp_allocation)
         return cls(rates=rates, **overrides)
+
+    def table_train(self) -> TrainConfig | None:
+        """The Table 1 training (the dense row and the ticket) of ``table_iterations``: the rounds'
+        settings with the warm-up and milestones scaled to that length; None without one."""
+        return None if self.table_iterations is None else self.train.scaled(self.table_iterations)
+
+    def dense_apart(self) -> bool:
+        """Whether the dense row trains apart from IMP's round 0: when the table training's first
+        ``train.iterations`` steps do not follow the rounds' schedule (a warm-up or milestones
+        scaled to the longer length), a snapshot of it is no round of IMP. Round 0 then trains the
+        rounds' schedule (IMP prunes its final weights) and the dense row trains on its own."""
+        long = self.table_train()
+        return long is not None and any(long.lr_at(i) != self.train.lr_at(i)
+                                        for i in range(self.train.iterations))
 
     def identity(self) -> dict:
         """The settings a resumed run must share (all but max_rounds and runtime fields)."""
         ident = dict(rates=self.rates, sparsity=self.sparsity, rewind_iteration=self.rewind_iteration,
-                     train=self.train.identity())
+                     allocation=self.allocation, train=self.train.identity())
         if self.table_iterations is not None:
             ident["table_iterations"] = self.table_iterations
         return ident
 
 
-def _at_target(masks: Mapping[str, torch.Tensor], targets: Mapping[str, float]) -> bool:
+def _at_target(masks: Mapping[str, torch.Tensor], targets: Mapping[str, float], allocation: str) -> bool:
+    if allocation == "global":
+        pool = [n for n in masks if targets[n] < 1.0]
+        return sum(int(masks[n].sum()) for n in pool) <= global_goal({n: masks[n].numel() for n in pool}, targets)
     return all(int(m.sum()) <= kept_count(m.numel(), targets[n]) for n, m in masks.items())
 
 
@@ -132,6 +161,10 @@ class ImpRun:
         stuck = [n for n in kinds if targets[n] < 1.0 and self.rates[n] == 0.0]
         if stuck:
             raise ValueError(f"layers {stuck} have a sparsity target but a prune rate of 0")
+        pooled = {kinds[n]: self.rates[n] for n in kinds if targets[n] < 1.0}
+        if config.allocation == "global" and len(set(pooled.values())) > 1:
+            raise ValueError(f"allocation global prunes the pooled layers at one rate; their kinds have "
+                             f"the rates {pooled}")
         # A model pruned with torch.nn.utils.prune starts from its masks and ends pruned with the
         # ticket's; the run directory holds plain weights (dense_state_dict) either way.
         self.torch_pruned = any(is_torch_pruned(m) for m in model.modules())
@@ -141,6 +174,7 @@ class ImpRun:
         # round 0's masks: read once, since the model's own torch masks change with the rounds
         self.start_masks = {**dense_masks(model), **from_torch_prune(model)}
         self.masks: dict[str, torch.Tensor] = self.start_masks
+        self.dense_apart = config.dense_apart()
 
     def _load(self, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
         if self.torch_pruned:
@@ -148,10 +182,11 @@ class ImpRun:
         load_dense_state_dict(self.model, weights)
 
     def round_config(self, r: int, at_target: bool) -> TrainConfig:
-        """Round ``r``'s training: ``table_iterations`` for the dense round and the ticket."""
-        long = self.config.table_iterations
-        if long is not None and (r == 0 or at_target):
-            return dataclasses.replace(self.config.train, iterations=long)
+        """Round ``r``'s training: the table training for the ticket, and for round 0 unless the
+        dense row trains apart (:meth:`ImpConfig.dense_apart`)."""
+        long = self.config.table_train()
+        if long is not None and ((r == 0 and not self.dense_apart) or at_target):
+            return long
         return self.config.train
 
     def _snapshots(self, r: int, train_cfg: TrainConfig) -> list[int]:
@@ -176,11 +211,14 @@ class ImpRun:
         for r in itertools.count():
             round_dir = rd.round(r)
             round_dir.save_or_check_tensors(RunDir.MASKS, masks, "masks")
-            reached = _at_target(masks, self.targets)
+            reached = _at_target(masks, self.targets, cfg.allocation)
             train_cfg = self.round_config(r, reached)
             if not round_dir.done():
                 self._load(rewind, masks)
                 return PackNet(self.model, masks, train_cfg, round_dir, self._snapshots(r, train_cfg))
+            if r == 0 and self.dense_apart and not rd.subdir(RunDir.DENSE).done():
+                self._load(self.init, masks)
+                return PackNet(self.model, masks, cfg.table_train(), rd.subdir(RunDir.DENSE))
             if r == 0 and k > 0:
                 if not rd.exists(RunDir.REWIND):
                     rd.save_tensors(RunDir.REWIND, round_dir.load_tensors(snapshot_name(k)))
@@ -197,6 +235,9 @@ class ImpRun:
             elif not round_dir.exists(RunDir.FINAL):
                 raise ValueError(f"{round_dir.path} is finished but holds neither its trained weights "
                                  f"nor does {following.path} hold the next masks; use a fresh run directory")
+            elif cfg.allocation == "global":
+                rate = next((self.rates[n] for n in masks if self.targets[n] < 1.0), 0.0)
+                masks = global_magnitude_prune(self._pruning_weights(r, round_dir), masks, rate, self.targets)
             else:
                 masks = magnitude_prune(self._pruning_weights(r, round_dir), masks, self.rates, self.targets)
         rd.save_csv(RunDir.ROUNDS, rounds)
@@ -225,6 +266,7 @@ def run_imp(model: nn.Module, dataset: Dataset, config: ImpConfig, run_dir: RunD
     imp = ImpRun(model, dataset, config, run_dir)
     while (net := imp.pending()) is not None:
         r = round_index(net.run_dir.path.name)
-        trainer(net.model, dataset, net.masks, net.config, net.run_dir, progress, desc=f"IMP round {r}",
+        desc = "IMP dense row" if r is None else f"IMP round {r}"
+        trainer(net.model, dataset, net.masks, net.config, net.run_dir, progress, desc=desc,
                 snapshot_iterations=net.snapshot_iterations)
     return imp.masks

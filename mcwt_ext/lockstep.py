@@ -460,6 +460,9 @@ def train_pack(nets: Sequence[PackNet], dataset: Dataset, options: PackOptions |
         if other:
             raise ValueError(f"a pack trains with Adam at a constant rate; this net's config sets "
                              f"{other} (train it with mcwt_ext.train.train)")
+        if net.config.augment != "none":  # batches are gathered on the device, unaugmented
+            raise ValueError(f"a pack trains without augmentation; this net's config sets augment "
+                             f"{net.config.augment!r} (train it with mcwt_ext.train.train, e.g. --pack 1)")
     states = [_open(net, options, device) for net in nets]
     iterations = nets[0].config.iterations
     extra = dict(pack_size=len(nets), impl=options.impl, precision=options.precision,

@@ -19,7 +19,8 @@ from torch import nn
 from .validate import check_rate, check_seed, check_sparsity
 
 __all__ = ["prunable_layers", "layer_kind", "dense_masks", "apply_masks", "masked_parameters",
-           "densities", "kept_count", "per_layer", "magnitude_prune", "random_masks", "check_masks",
+           "densities", "kept_count", "per_layer", "magnitude_prune", "global_magnitude_prune",
+           "global_goal", "random_masks", "check_masks",
            "dense_weight", "is_torch_pruned", "to_torch_prune", "from_torch_prune", "dense_state_dict",
            "load_dense_state_dict"]
 
@@ -159,13 +160,55 @@ def magnitude_prune(model_weights: Mapping[str, torch.Tensor], masks: Mapping[st
             new_masks[name] = mask.clone()
             continue
         keep = max(goal, min(int(round(kept * (1.0 - rate))), kept - 1))
-        # Pruned weights score -1 (< any |w|) so they stay pruned.
-        score = torch.where(mask, weight.abs(), torch.full_like(weight, -1.0)).flatten()
-        order = torch.sort(score, descending=True, stable=True).indices
-        flat = torch.zeros(mask.numel(), dtype=torch.bool)
-        flat[order[:keep]] = True
-        new_masks[name] = flat.view_as(mask)
+        new_masks[name] = _keep_largest([weight], [mask], keep)[0]
     return new_masks
+
+
+def _keep_largest(weights: list[torch.Tensor], masks: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
+    """Masks keeping the ``keep`` largest |w| of the kept weights over all ``weights`` together;
+    ties keep the earlier layer, then the lower flat index."""
+    # Pruned weights score -1 (< any |w|) so they stay pruned.
+    score = torch.cat([torch.where(m, w.abs(), torch.full_like(w, -1.0)).flatten()
+                       for w, m in zip(weights, masks)])
+    order = torch.sort(score, descending=True, stable=True).indices
+    flat = torch.zeros(score.numel(), dtype=torch.bool)
+    flat[order[:keep]] = True
+    return [f.view_as(m) for f, m in zip(flat.split([m.numel() for m in masks]), masks)]
+
+
+def global_magnitude_prune(model_weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor],
+                           rate: float, target_density: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """One round of global IMP (Frankle & Carbin's ResNet-20; open_lth's ``sparse_global``): prune
+    ``rate`` of the weights that remain in the pooled layers, those whose ``target_density`` is
+    below 1, by lowest |w| over all of them together; the other layers stay as they are.
+
+    The pool stops at its target, ``sum of kept_count(n, target)`` over its layers (what per-layer
+    IMP and global pruning at init keep in total); a round that would overshoot lands on it
+    exactly, and a round prunes at least one weight of a pool above it. Ties keep the layer first
+    in ``masks``, then the lower flat index.
+    """
+    rate = check_rate(rate, "rate")
+    missing = [n for n in masks if n not in target_density or n not in model_weights]
+    if missing:
+        raise ValueError(f"layers {missing} need an entry in both model_weights and target_density")
+    pool = [n for n in masks if float(target_density[n]) < 1.0]
+    new_masks = {n: m.clone() for n, m in masks.items()}
+    kept = sum(int(masks[n].sum()) for n in pool)
+    goal = global_goal({n: masks[n].numel() for n in pool}, target_density)
+    if kept <= goal or rate == 0.0:
+        return new_masks
+    keep = max(goal, min(int(round(kept * (1.0 - rate))), kept - 1))
+    weights = [model_weights[n].detach().to("cpu") for n in pool]
+    for n, w in zip(pool, weights):
+        if w.shape != masks[n].shape:
+            raise ValueError(f"weight {n!r} has shape {tuple(w.shape)}, its mask {tuple(masks[n].shape)}")
+    new_masks.update(zip(pool, _keep_largest(weights, [masks[n] for n in pool], keep)))
+    return new_masks
+
+
+def global_goal(sizes: Mapping[str, int], target_density: Mapping[str, float]) -> int:
+    """Weights a pool of layers of ``sizes`` keeps in total at their target densities."""
+    return sum(kept_count(n, float(target_density[name])) for name, n in sizes.items())
 
 
 def random_masks(model: nn.Module, sparsity: float | Mapping[str, float], seed: int

@@ -12,24 +12,27 @@ three basic blocks (two 3x3 convs with BatchNorm; 16, 32, 64 channels; the first
 and 3 has stride 2), global average pooling and a linear layer. Where a block changes shape, the
 shortcut is a 1x1 stride-2 conv with BatchNorm (as in open_lth's ``cifar_resnet_20``, Frankle's
 later code): that gives 270,896 conv + linear weights, 270,256 of them conv, F&C's "270K" (He et
-al.'s parameter-free option-A shortcut would give 268K). Convs have no bias. Init as every F&C
-net: Gaussian Glorot for conv and linear weights, zero linear bias, BatchNorm weight 1 and bias 0
-(running statistics 0/1), all drawn from the seed.
+al.'s parameter-free option-A shortcut would give 268K). Convs have no bias. Init is open_lth's
+default for that net (``kaiming_normal`` and ``batchnorm_init='uniform'``): Kaiming-normal conv and
+linear weights (fan-in, gain sqrt 2), BatchNorm weights uniform in [0, 1) and biases 0 (running
+statistics 0/1), the linear bias PyTorch's default uniform(+-1/sqrt(fan-in)); all drawn from the
+seed.
 
 Its protocol (:data:`ARCHS`) is F&C's Sec. 4 / Fig. 2 for that net, as recalled from the paper (no
 copy of its appendix was at hand here; the values below are the ones to check against it): SGD
 with momentum 0.9, batch 128, 30K iterations, learning rate dropped 10x at 20K and 25K; the
 learning rate that finds winning tickets is 0.03 with a linear warm-up from 0 over the first 20K
 iterations (at 0.1 without warm-up IMP fails to find tickets; 0.01 without warm-up also works).
-Weight decay 1e-4 is He et al.'s and open_lth's (F&C do not list it in Fig. 2). F&C prune the convs
-at 20% per round, *globally* across all conv layers (first conv and 1x1 shortcuts included), and
-do not prune the output layer ("fc 0%"). Here, as for Conv-2/4/6, pruning is per layer: every conv
-layer, the first conv and the shortcuts included, at 20% per round to the target, and the output
-layer stays dense (``dense_kinds = ("output",)``; :meth:`ArchSpec.layer_sparsity` gives the
-per-layer targets that encode this).
+Weight decay 1e-4 is He et al.'s and open_lth's (F&C do not list it in Fig. 2). Training batches
+are augmented (``augment="flip-crop"``: open_lth's random horizontal flip and 4-pixel zero-padded
+random crop; F&C train it on augmented data). IMP prunes 20% per round *globally* over all conv
+layers (first conv and 1x1 shortcuts included; ``imp_allocation="global"``, open_lth's
+``sparse_global``), and the output layer stays dense ("fc 0%": ``dense_kinds = ("output",)``;
+:meth:`ArchSpec.layer_sparsity` gives the per-layer targets that encode this).
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -39,7 +42,7 @@ from torch import nn
 
 from .validate import check_seed
 
-__all__ = ["ArchSpec", "ARCHS", "arch_sparsity", "build_model", "build_model_from_config", "count_weights", "scheduled_lr",
+__all__ = ["ArchSpec", "ARCHS", "INITS", "init_model", "arch_sparsity", "build_model", "build_model_from_config", "count_weights", "scheduled_lr",
            "CifarResNet", "BasicBlock"]
 
 
@@ -50,7 +53,9 @@ class ArchSpec:
     The optimiser is ``"adam"`` (lr only) or ``"sgd"`` (``momentum``, ``weight_decay``). The
     learning rate at each step is :meth:`lr_at`: linear warm-up over ``warmup_iterations``, then
     multiplied by ``lr_gamma`` at each of ``lr_milestones``. Layers of a kind in ``dense_kinds``
-    are never pruned (see :meth:`layer_sparsity`).
+    are never pruned (see :meth:`layer_sparsity`). ``init`` is one of :data:`INITS`, ``augment``
+    the training batches' augmentation (:mod:`mcwt_ext.augment`), ``imp_allocation`` how IMP
+    prunes: ``"layer"`` (each layer its rate) or ``"global"`` (one rate over the pruned layers).
     """
 
     name: str
@@ -71,6 +76,9 @@ class ArchSpec:
     lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.1
     dense_kinds: tuple[str, ...] = ()
+    init: str = "glorot-normal"
+    augment: str = "none"
+    imp_allocation: str = "layer"
 
     def lr_at(self, step: int, lr: float | None = None) -> float:
         """Learning rate of this protocol's step ``step`` (:func:`scheduled_lr`); ``lr``
@@ -127,7 +135,8 @@ ARCHS: dict[str, ArchSpec] = {
                          linear_widths=(), linear_prune_rate=0.0, output_prune_rate=0.0,
                          family="resnet", blocks_per_stage=3, optimizer="sgd", momentum=0.9,
                          weight_decay=1e-4, batch_size=128, warmup_iterations=20_000,
-                         lr_milestones=(20_000, 25_000), lr_gamma=0.1, dense_kinds=("output",)),
+                         lr_milestones=(20_000, 25_000), lr_gamma=0.1, dense_kinds=("output",),
+                         init="kaiming-normal", augment="flip-crop", imp_allocation="global"),
 }
 
 
@@ -188,20 +197,39 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def _glorot_init(model: nn.Module, generator: torch.Generator) -> None:
-    """Glorot-normal conv/linear weights, zero biases, BatchNorm 1/0 with fresh statistics."""
+#: Initialisations: F&C's Conv nets (Glorot normal, zero biases, BatchNorm 1/0) and open_lth's
+#: CIFAR ResNets (Kaiming normal, BatchNorm weights uniform in [0, 1), PyTorch's linear bias).
+INITS = ("glorot-normal", "kaiming-normal")
+
+
+def init_model(model: nn.Module, scheme: str, generator: torch.Generator) -> None:
+    """Initialise ``model`` in place by ``scheme`` (one of :data:`INITS`), every draw from
+    ``generator``, modules in registration order. BatchNorm's running statistics start at 0/1."""
+    if scheme not in INITS:
+        raise ValueError(f"init must be one of {list(INITS)}, got {scheme!r}")
     for module in model.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_normal_(module.weight, generator=generator)
-            if module.bias is not None:
+            if scheme == "glorot-normal":
+                nn.init.xavier_normal_(module.weight, generator=generator)
+            else:  # open_lth's kaiming_normal: torch's default, fan-in, gain sqrt(2)
+                nn.init.kaiming_normal_(module.weight, generator=generator)
+            if module.bias is None:
+                continue
+            if scheme == "glorot-normal":
                 nn.init.zeros_(module.bias)
+            else:  # open_lth leaves nn.Linear's own bias init: uniform(+-1/sqrt(fan-in))
+                bound = 1.0 / math.sqrt(module.weight[0].numel())
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
         elif isinstance(module, nn.BatchNorm2d):
             module.reset_parameters()  # weight 1, bias 0, running mean 0, var 1, count 0
+            if scheme == "kaiming-normal":  # open_lth's batchnorm_init="uniform"
+                with torch.no_grad():
+                    module.weight.uniform_(0.0, 1.0, generator=generator)
 
 
 def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
                 seed: int = 0) -> nn.Module:
-    """Build architecture ``name`` with Glorot-normal weights drawn from ``seed``, zero biases.
+    """Build architecture ``name`` with its initial weights (:attr:`ArchSpec.init`) drawn from ``seed``.
 
     Conv-k nets are flat ``nn.Sequential``; ``resnet20`` is a :class:`CifarResNet`. The weights
     depend on ``seed`` only (a private generator; the global RNG is untouched).
@@ -216,7 +244,7 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_si
         # the global RNG; the weights come from the seeded generator only.
         model = CifarResNet(spec.conv_widths, spec.blocks_per_stage, in_channels, num_classes,
                             device="meta").to_empty(device="cpu")
-        _glorot_init(model, torch.Generator().manual_seed(seed))
+        init_model(model, spec.init, torch.Generator().manual_seed(seed))
         return model
     pools = len(spec.conv_widths) // 2
     side = image_size >> pools
@@ -240,7 +268,7 @@ def build_model(name: str, in_channels: int = 3, num_classes: int = 10, image_si
     # Built on the meta device so the modules' default init neither runs nor draws from the
     # global RNG; the weights come from the seeded generator only.
     model = nn.Sequential(*layers).to_empty(device="cpu")
-    _glorot_init(model, torch.Generator().manual_seed(seed))
+    init_model(model, spec.init, torch.Generator().manual_seed(seed))
     return model
 
 

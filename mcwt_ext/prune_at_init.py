@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .models import eval_mode
-from .masks import kept_count, per_layer, prunable_layers
+from .masks import global_goal, kept_count, per_layer, prunable_layers
 from .progress import Progress
 
 __all__ = ["METHODS", "ALLOCATIONS", "prune_at_init", "magnitude_scores", "snip_scores",
@@ -259,7 +259,7 @@ def synflow_masks(model: nn.Module, densities: Mapping[str, float], *, allocatio
         raise ValueError(f"allocation: must be one of {list(ALLOCATIONS)}, got {allocation!r}")
     net = _LinearisedNet(model, _input_shape(batches, input_shape))
     sizes = {n: model.get_parameter(n).numel() for n in densities}
-    total, final = sum(sizes.values()), _global_count(sizes, densities)
+    total, final = sum(sizes.values()), global_goal(sizes, densities)
     layer_schedule = {n: synflow_schedule(d, rounds) for n, d in densities.items()}
     global_schedule = synflow_schedule(final / total if total else 1.0, rounds)
     masks = None
@@ -297,11 +297,6 @@ def _top_k(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def _global_count(sizes: Mapping[str, int], densities: Mapping[str, float]) -> int:
-    """Global allocation's total: what per-layer allocation would keep."""
-    return sum(kept_count(sizes[n], d) for n, d in densities.items())
-
-
 def allocate(scores: Mapping[str, torch.Tensor], densities: Mapping[str, float],
              allocation: str = "layer", *, keep: Mapping[str, torch.Tensor] | None = None,
              layer_counts: Mapping[str, int] | None = None, global_count: int | None = None
@@ -329,7 +324,7 @@ def allocate(scores: Mapping[str, torch.Tensor], densities: Mapping[str, float],
     if allocation == "layer":
         counts = layer_counts or {n: kept_count(s.numel(), densities[n]) for n, s in ranked.items()}
         return {n: _top_k(s, counts[n]).cpu().view(scores[n].shape) for n, s in ranked.items()}
-    count = _global_count({n: s.numel() for n, s in ranked.items()}, densities) \
+    count = global_goal({n: s.numel() for n, s in ranked.items()}, densities) \
         if global_count is None else global_count
     flat = _top_k(torch.cat(list(ranked.values())), count).cpu()
     return {n: m.view(scores[n].shape)
@@ -358,7 +353,8 @@ def prune_at_init(model: nn.Module, method: str, data=None, sparsity: float | Ma
         data: the training data SNIP and GraSP score on (see :func:`scoring_batches`); SynFlow
             reads only the input shape from it (or from ``input_shape``); magnitude needs none.
         sparsity: share of each layer to prune, a float or ``{weight name: float}`` in [0, 1)
-            (a dict prunes only the layers it names).
+            (a dict prunes only the layers it names); a layer at 0 is kept whole (all-True mask)
+            and is neither scored nor part of the global pool.
         seed: draws SNIP's and GraSP's samples; magnitude and SynFlow are deterministic.
         allocation: ``"layer"`` (each layer keeps exactly ``kept_count(n, 1 - sparsity)``) or
             ``"global"`` (the same total, best scores over all layers).
@@ -379,7 +375,13 @@ def prune_at_init(model: nn.Module, method: str, data=None, sparsity: float | Ma
     for name, s in sparsities.items():
         if not 0.0 <= s < 1.0:
             raise ValueError(f"sparsity: must lie in [0, 1), got {s} for {name!r}")
-    densities = {n: 1.0 - s for n, s in sparsities.items()}
+    # A layer at sparsity 0 is kept whole and stays out of the scoring: under global allocation
+    # it would otherwise enter the pool and lose weights (resnet20's dense output layer).
+    whole = {n: torch.ones(model.get_parameter(n).shape, dtype=torch.bool)
+             for n, s in sparsities.items() if s == 0.0}
+    densities = {n: 1.0 - s for n, s in sparsities.items() if n not in whole}
+    if not densities:
+        return whole
     param = next(model.parameters())
 
     batches = None
@@ -392,9 +394,11 @@ def prune_at_init(model: nn.Module, method: str, data=None, sparsity: float | Ma
         batches = scoring_batches(data, samples_per_class=1, batch_size=1)[:1]
 
     if method == "synflow":
-        return synflow_masks(model, densities, allocation=allocation, rounds=rounds,
-                             batches=batches, input_shape=input_shape, progress=progress)
-    kwargs = {"temperature": temperature} if method == "grasp" else {}
-    scores = {n: s for n, s in _importance(method)(model, batches, **kwargs).items() if n in densities}
-    _check_finite(scores, method)
-    return allocate(scores, densities, allocation)
+        masks = synflow_masks(model, densities, allocation=allocation, rounds=rounds,
+                              batches=batches, input_shape=input_shape, progress=progress)
+    else:
+        kwargs = {"temperature": temperature} if method == "grasp" else {}
+        scores = {n: s for n, s in _importance(method)(model, batches, **kwargs).items() if n in densities}
+        _check_finite(scores, method)
+        masks = allocate(scores, densities, allocation)
+    return {n: masks[n] if n in masks else whole[n] for n in names if n in masks or n in whole}

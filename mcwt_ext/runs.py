@@ -18,6 +18,8 @@ This is the only module that spells a file name; everything else asks it (like o
     rounds.csv            IMP: one row per round
     round_XX/             IMP: each round a run directory of its own
     .lock                 the process writing the run now (pid, host, since; mcwt_ext.runlock)
+    dense/                IMP: the dense row's training where it trains apart from round 0 (a
+                          table length whose schedule's start is not the rounds' schedule)
 
 A reproduce grid keeps ``<arch>/seed_<s>/<cell>/`` run directories (the fit cell's model in
 ``fit.json``), ``table.{md,csv}``, ``cost.{md,csv}`` and ``figures/``.
@@ -52,7 +54,8 @@ RUNTIME_KEYS = frozenset({"data_root", "device", "num_workers", "checkpoint_minu
 #: Settings added after runs were made, with the value those older runs used: a stored identity
 #: that lacks one of these keys is read as having this value (so old runs still resume).
 ADDED_KEYS = {"optimizer": "adam", "momentum": 0.0, "weight_decay": 0.0, "warmup_iterations": 0,
-              "lr_milestones": [], "lr_gamma": 0.1}
+              "lr_milestones": [], "lr_gamma": 0.1, "augment": "none", "allocation": "layer",
+              "init_scheme": "glorot-normal"}
 
 #: The files a reproduce grid writes at its top level.
 GRID_FILES = dict(table_md="table.md", table_csv="table.csv", cost_md="cost.md", cost_csv="cost.csv",
@@ -165,6 +168,7 @@ class RunDir:
     IMP = "imp.json"
     REWIND = "rewind.safetensors"
     ROUNDS = "rounds.csv"
+    DENSE = "dense"  # IMP: the dense row's training, where it trains apart from round 0
     LOCK = ".lock"  # one process's claim on the run (mcwt_ext.runlock; hidden: state bundles skip it)
 
     def __init__(self, path: str | os.PathLike):
@@ -283,6 +287,12 @@ class RunDir:
     def round(self, r: int) -> "RunDir":
         """IMP's round ``r``."""
         return self.subdir(round_name(r))
+
+    def imp_dense(self) -> "RunDir":
+        """IMP's dense training (the "Unpruned network" row): its own sub-directory where it
+        trains apart from round 0 (:meth:`mcwt_ext.imp.ImpConfig.dense_apart`), else round 0."""
+        apart = self.subdir(self.DENSE)
+        return apart if apart.path.is_dir() else self.round(0)
 
     def ticket_round(self) -> int:
         """The last round of a finished IMP run: the one that trained the winning ticket."""

@@ -5,7 +5,8 @@ The mask is enforced at every step: the gradients of pruned weights are zeroed b
 optimiser step (so their moments stay zero) and the mask is re-applied after it, so pruned weights
 are exactly zero throughout. The learning rate of each step is :func:`~mcwt_ext.models.scheduled_lr`
 of the step number, a pure function, so the schedule needs no state either. The batch of iteration ``i`` is a function of ``(seed, i)`` only: each
-epoch's order is a permutation seeded from ``(seed, epoch)``. A checkpoint therefore needs no RNG
+epoch's order is a permutation seeded from ``(seed, epoch)``, and its augmentation
+(:mod:`mcwt_ext.augment`, ``augment``) is drawn from ``(seed, i)``. A checkpoint therefore needs no RNG
 state, and a resumed run on CPU ends with weights bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import distributed
+from .augment import AUGMENTS, Augment, parse_augment
 from .data import Dataset
 from .masks import (apply_masks, check_masks, dense_state_dict, densities, from_torch_prune,
                     is_torch_pruned, load_dense_state_dict, masked_parameters)
@@ -98,6 +100,10 @@ class TrainConfig:
                                              "20000,25000 for resnet20)")
     lr_gamma: float = _setting(0.1, help="learning-rate factor at each milestone (default 0.1)",
                                parse=_parse_nonnegative)
+    augment: str = _setting("none", parse=parse_augment,
+                            help="training-batch augmentation: flip-crop (random horizontal flip and "
+                                 "4-pixel zero-padded random crop, open_lth's) or none (default none; "
+                                 "flip-crop for resnet20)")
     eval_every: int = _setting(100, help="iterations between evaluations (default 100)", low=1)
     checkpoint_every: int = _setting(1000, help="iterations between checkpoints, 0 for none "
                                                 "(default 1000)", low=0)
@@ -130,6 +136,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
                 raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
             setattr(self, name, float(value))
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {list(AUGMENTS)}, got {self.augment!r}")
         if self.optimizer == "adam" and self.momentum:
             raise ValueError(f"momentum {self.momentum} is SGD's; give optimizer='sgd' (--optimizer sgd)")
         milestones = self.lr_milestones
@@ -156,7 +164,8 @@ class TrainConfig:
         values = dict(iterations=spec.iterations, lr=spec.lr, batch_size=spec.batch_size,
                       optimizer=spec.optimizer, momentum=spec.momentum,
                       weight_decay=spec.weight_decay, warmup_iterations=spec.warmup_iterations,
-                      lr_milestones=list(spec.lr_milestones), lr_gamma=spec.lr_gamma)
+                      lr_milestones=list(spec.lr_milestones), lr_gamma=spec.lr_gamma,
+                      augment=spec.augment)
         given = {k: v for k, v in overrides.items() if v is not None}
         if "iterations" in given and given["iterations"] != spec.iterations:
             # a shorter (or longer) run keeps the shape of the protocol's schedule
@@ -229,28 +238,30 @@ class BatchOrder:
 class _BatchSource(torch.utils.data.Dataset):
     """Batch ``i`` = the batch of iteration ``start + i``, for DataLoader workers."""
 
-    def __init__(self, x, y, order: BatchOrder, start: int, stop: int, part: tuple[int, int]):
+    def __init__(self, x, y, order: BatchOrder, start: int, stop: int, part: tuple[int, int],
+                 augment: Augment):
         self.x, self.y, self.order, self.start, self.stop, self.part = x, y, order, start, stop, part
+        self.augment = augment
 
     def __len__(self):
         return self.stop - self.start
 
     def __getitem__(self, i):
         idx = distributed.local_slice(self.order.indices(self.start + i), self.part)
-        return self.x[idx], self.y[idx]
+        return self.augment(self.x[idx], self.start + i, self.part), self.y[idx]
 
 
 def _batches(train_set: TensorDataset, order: BatchOrder, start: int, stop: int,
-             num_workers: int, device: torch.device):
+             num_workers: int, device: torch.device, augment: Augment):
     x, y = train_set.tensors
     part = distributed.part()  # under torchrun: this rank's slice of each global batch
     if num_workers == 0:
         x, y = x.to(device), y.to(device)  # once: indexing then happens on the device
         for it in range(start, stop):
             idx = distributed.local_slice(order.indices(it), part).to(device)
-            yield x[idx], y[idx]
+            yield augment(x[idx], it, part), y[idx]
         return
-    loader = DataLoader(_BatchSource(x, y, order, start, stop, part), batch_size=None,
+    loader = DataLoader(_BatchSource(x, y, order, start, stop, part, augment), batch_size=None,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     for xb, yb in loader:
         yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -478,7 +489,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
     checkpointed = time.monotonic()
     model.train()
     try:
-        batches = _batches(dataset.train, order, start, config.iterations, config.num_workers, device)
+        augment = Augment(config.augment, config.seed, config.batch_size, dataset.mean, dataset.std)
+        batches = _batches(dataset.train, order, start, config.iterations, config.num_workers, device, augment)
         for it, (xb, yb) in enumerate(batches, start=start + 1):  # it = steps done after this one
             _set_lr(optimizer, config.lr_at(it - 1))
             loss_sum += _step(net, optimizer, enforcer, xb, yb)

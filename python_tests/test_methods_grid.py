@@ -3,6 +3,7 @@ to the WT, its overlap with the WT mask and its construction cost, and the accur
 import csv
 import json
 import math
+import statistics
 
 import pytest
 
@@ -121,3 +122,36 @@ def test_cost_figure_matches_the_tables(grid):
     assert numbers[METHODS["wt"].label]["cost_s"] == pytest.approx(costs["IMP (all rounds before the ticket)"])
     assert numbers[METHODS["mcwt_connectivity"].label]["cost_s"] == pytest.approx(
         costs["MCWT with connectivity: fit + sampling"])
+
+
+@pytest.mark.slow
+def test_paired_gaps_and_dead_units_in_every_table(grid):
+    """methods.csv's gap is the mean of the per-seed differences to the WT, with its interval;
+    table.md gives it for every metric; dead-unit shares are in methods.csv and overlap.csv."""
+    from mcwt_ext.compare import total_dead
+    from mcwt_ext.experiments.report import _summary, method_masks
+    from mcwt_ext.experiments.stats import paired_difference
+
+    rows = {r["method"]: r for r in _csv(grid.out / GRID_FILES["methods_csv"])}
+    acc = {m: {s: 100 * x["val_acc_early_stop"] for s in (0, 1)
+               if (x := _summary(grid.out, "conv2", s, m)) is not None} for m in METHODS}
+    for key, r in rows.items():
+        p = paired_difference(acc[key], acc["wt"])
+        assert (int(r["gap_n"]), float(r["gap_to_wt"])) == (p.n, pytest.approx(p.mean, abs=1e-9))
+        assert (key == "mcwt_transfer") == math.isnan(float(r["gap_low"]))  # one pair: no interval
+        masks = method_masks(grid.out, "conv2", 1, key)  # (seed 1: the transfer row has no seed 0)
+        if masks is None:
+            assert math.isnan(float(r["dead_out_mean"]))
+        else:
+            assert 0.0 <= float(r["dead_out_mean"]) <= 1.0 and 0.0 <= float(r["dead_in_mean"]) <= 1.0
+    assert float(rows["dense"]["gap_to_wt"]) == pytest.approx(
+        statistics.fmean(acc["dense"][s] - acc["wt"][s] for s in (0, 1)), abs=1e-9)
+    for key in ("random", "prune_synflow"):
+        dead = [total_dead(method_masks(grid.out, "conv2", s, key)) for s in (0, 1)]
+        assert float(rows[key]["dead_out_mean"]) == pytest.approx(statistics.fmean(d[0] for d in dead), abs=1e-12)
+        assert float(rows[key]["dead_in_mean"]) == pytest.approx(statistics.fmean(d[1] for d in dead), abs=1e-12)
+    layers = _csv(grid.out / GRID_FILES["overlap_csv"])
+    assert all(0.0 <= float(r["dead_out"]) <= 1.0 and 0.0 <= float(r["dead_in"]) <= 1.0 for r in layers)
+    table = (grid.out / GRID_FILES["table_md"]).read_text()
+    assert table.count("paired diff. to WT, 95% CI") == 4  # every metric's table
+    assert "Gap to WT, paired" in table and "Dead units (out / in)" in table

@@ -114,19 +114,16 @@ def test_resnet20_layer_kinds_in_forward_order():
     assert [f"{n}.weight" for n, _ in prunable_layers(model, torch.randn(1, 3, 32, 32))] == names
 
 
-def test_resnet20_init_is_seeded_glorot_and_batchnorm_identity():
+def test_resnet20_init_is_seeded_with_fresh_batchnorm_statistics():
+    """(Its distributions, open_lth's Kaiming init: test_resnet20.py.)"""
     state = torch.get_rng_state()
     a, b, c = build_model("resnet20", seed=5), build_model("resnet20", seed=5), build_model("resnet20", seed=6)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.conv.weight, c.conv.weight)
-    w = a.blocks[8].conv2.weight  # 64x64x3x3: Glorot std sqrt(2 / (fan_in + fan_out))
-    assert w.std().item() == pytest.approx(math.sqrt(2.0 / (2 * 64 * 9)), rel=0.03)
     for m in a.modules():
         if isinstance(m, nn.BatchNorm2d):
-            assert bool((m.weight == 1).all() and (m.bias == 0).all())
             assert bool((m.running_mean == 0).all() and (m.running_var == 1).all())
-    assert torch.count_nonzero(a.fc.bias) == 0
 
 
 def test_resnet20_protocol_schedule():

@@ -89,6 +89,7 @@ class CellSettings:
     device: str = "cpu"
     threads: int = 0                # torch threads per worker process; 0: leave as is
     progress: bool = False          # training progress bars (only with one job: bars would interleave)
+    augment: str | None = None      # overrides the architecture's training augmentation
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class Cell:
 
     def context(self):
         """(dataset, fresh model from the seed, TrainConfig, the run's config.json) of this cell."""
-        from ..models import build_model
+        from ..models import ARCHS, build_model
 
         s = self.settings
         if s.threads:
@@ -125,12 +126,12 @@ class Cell:
         ds = _dataset(s.dataset, s.data_root)
         model = build_model(self.arch, ds.in_channels, ds.num_classes, ds.image_size, self.seed)
         train_cfg = s.protocol.train_config(self.arch, self.seed, iterations=s.iterations,
-                                            eval_every=s.eval_every, device=s.device)
+                                            eval_every=s.eval_every, device=s.device, augment=s.augment)
         config = dict(command=f"reproduce:{self.kind}", arch=self.arch, dataset=s.dataset,
                       data_root=s.data_root, split_seed=0, val_size=None,
                       in_channels=ds.in_channels, image_size=ds.image_size,
                       num_classes=ds.num_classes, seed=self.seed, protocol=s.protocol.describe(),
-                      train=dataclasses.asdict(train_cfg))
+                      init_scheme=ARCHS[self.arch].init, train=dataclasses.asdict(train_cfg))
         return ds, model, train_cfg, config
 
 
@@ -401,6 +402,7 @@ class Grid:
     poll: float = 2.0               # seconds between looks at cells other shards are running
     methods: str | list[str] = "paper"  # rows of the table: paper, all, or method keys
     budget: object = None           # a .budget.Budget: its deadline picks the packs (packs only)
+    augment: str | None = None      # training augmentation for every arch; None: each arch's own
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self):
@@ -435,15 +437,16 @@ class Grid:
         threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else 0
         shared = CellSettings(self.dataset, self.data_root, PROTOCOLS[self.protocol], str(self.out),
                               self.iterations, self.eval_every, self.device, threads,
-                              self.progress and self.jobs == 1)
+                              self.progress and self.jobs == 1, self.augment)
         self.cells = [Cell(kind, arch, seed, shared)
                       for arch in self.archs for seed in self.seeds for kind in kinds
                       if CELLS[kind].applies(seed)]
 
     def settings(self) -> dict:
         """The grid's identity: cells made under other settings do not mix."""
+        augment = {} if self.augment is None else dict(augment_override=self.augment)
         return dict(dataset=self.dataset, protocol=PROTOCOLS[self.protocol].describe(),
-                    iterations_override=self.iterations, eval_every_override=self.eval_every)
+                    iterations_override=self.iterations, eval_every_override=self.eval_every, **augment)
 
     def open(self) -> RunDir:
         """The grid directory, its config written, or checked against the grid's there (more

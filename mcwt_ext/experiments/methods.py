@@ -21,6 +21,8 @@ and, for ``reproduce --methods all`` (issue 12; group in brackets)::
 
     prune_<m>           [baseline] pruning at init by magnitude, snip, grasp or synflow
                         (layer allocation), trained
+    prune_<m>_global    [baseline] snip, grasp or synflow with global allocation, as their
+                        papers run them, trained
     ablate_<k>          [ablation] the WT with its mask shuffled, its weights re-initialised
                         (seed 10000 + seed) or its kept values shuffled, trained
     fit_layer,          [fit] the fit with one model per layer / raw |w| pooled per kind, and
@@ -150,8 +152,8 @@ def run_imp_cell(cell) -> None:
     ds, model, train_cfg, config = cell.context()
     imp_cfg = cell.settings.protocol.imp_config(cell.arch, train_cfg,
                                                 sparsity=_sparsity(cell, ds, model))
-    run_imp(model, ds, imp_cfg, RunDir.open(cell.dir().path, config), progress=cell.progress,
-            trainer=cell.train)
+    rd = RunDir.open(cell.dir().path, dict(config, imp=dict(allocation=imp_cfg.allocation)))
+    run_imp(model, ds, imp_cfg, rd, progress=cell.progress, trainer=cell.train)
 
 
 def _timed_masks(rd: RunDir, make) -> dict:
@@ -238,15 +240,15 @@ register_cell("mcwt_connectivity", needs=("fit",))(lambda cell: _run_mcwt_cell(c
 REINIT_SEED_OFFSET = 10_000
 
 
-def _run_prune_cell(cell, method: str) -> None:
+def _run_prune_cell(cell, method: str, allocation: str = "layer") -> None:
     from ..prune_at_init import prune_at_init
-    from ..train import train
 
     ds, model, train_cfg, config = cell.context()
-    rd = RunDir.open(cell.dir().path, dict(config, prune_method=method, allocation="layer"))
+    rd = RunDir.open(cell.dir().path, dict(config, prune_method=method, allocation=allocation))
     rd.save_tensors(RunDir.INIT, model.state_dict())
     masks = _timed_masks(rd, lambda: prune_at_init(model, method, ds.train.tensors,
-                                                   cell.settings.protocol.sparsity, seed=cell.seed))
+                                                   _sparsity(cell, ds, model), seed=cell.seed,
+                                                   allocation=allocation))
     cell.train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
 
 
@@ -279,6 +281,8 @@ def _run_ablate_cell(cell, kind: str) -> None:
 
 
 PRUNE_METHODS = ("magnitude", "snip", "grasp", "synflow")
+#: the baselines whose papers allocate globally (one ranking over all pruned layers), run so too
+GLOBAL_PRUNE_METHODS = ("snip", "grasp", "synflow")
 ABLATIONS = ("shuffle-mask", "reinit", "shuffle-values")
 FIT_VARIANTS = ("layer", "pooled-raw")
 
@@ -289,6 +293,8 @@ def _key(text: str) -> str:
 
 for _m in PRUNE_METHODS:
     register_cell(f"prune_{_m}")(lambda cell, m=_m: _run_prune_cell(cell, m))
+for _m in GLOBAL_PRUNE_METHODS:
+    register_cell(f"prune_{_m}_global")(lambda cell, m=_m: _run_prune_cell(cell, m, "global"))
 for _k in ABLATIONS:
     register_cell(f"ablate_{_key(_k)}", needs=("imp",))(lambda cell, k=_k: _run_ablate_cell(cell, k))
 for _g in FIT_VARIANTS:
@@ -346,7 +352,7 @@ def _transfer(cell_dir, seeds) -> float | None:
 
 register_method(Method("dense", "Unpruned network", "imp",
                        {"conv2": 67.20, "conv4": 74.62, "conv6": 77.40},
-                       trained=lambda imp: imp.round(0)))
+                       trained=lambda imp: imp.imp_dense()))
 register_method(Method("random", "Randomly pruned network", "random",
                        {"conv2": 66.90, "conv4": 73.20, "conv6": 73.14}, cost=_construction("random")))
 register_method(Method("wt", "Original Winning Ticket (IMP)", "imp",
@@ -360,9 +366,13 @@ register_method(Method("mcwt_connectivity", "MCWT with connectivity", "mcwt_conn
 
 # --- the rows issue 12 adds (`reproduce --methods all`) ------------------------------------------
 
-for _m, _label in zip(PRUNE_METHODS, ("Magnitude at init", "SNIP", "GraSP", "SynFlow")):
-    register_method(Method(f"prune_{_m}", f"{_label} (pruning at init)", f"prune_{_m}", group="baseline",
-                           cost=_construction(f"prune_{_m}")))
+_PRUNE_LABELS = dict(zip(PRUNE_METHODS, ("Magnitude at init", "SNIP", "GraSP", "SynFlow")))
+for _m in PRUNE_METHODS:
+    register_method(Method(f"prune_{_m}", f"{_PRUNE_LABELS[_m]} (pruning at init, per layer)", f"prune_{_m}",
+                           group="baseline", cost=_construction(f"prune_{_m}")))
+for _m in GLOBAL_PRUNE_METHODS:
+    register_method(Method(f"prune_{_m}_global", f"{_PRUNE_LABELS[_m]} (pruning at init, global)",
+                           f"prune_{_m}_global", group="baseline", cost=_construction(f"prune_{_m}_global")))
 for _k, _label in zip(ABLATIONS, ("WT, mask shuffled per layer", "WT mask, re-initialised weights",
                                   "WT, kept values shuffled per layer")):
     register_method(Method(f"ablate_{_key(_k)}", _label, f"ablate_{_key(_k)}", group="ablation",

@@ -26,27 +26,34 @@ class Protocol:
         return dataclasses.asdict(self)
 
     def train_config(self, arch: str, seed: int, *, iterations: int | None = None,
-                     eval_every: int | None = None, device: str = "cpu"):
+                     eval_every: int | None = None, device: str = "cpu", augment: str | None = None):
         """The TrainConfig of ``arch`` under this protocol; ``iterations`` and ``eval_every``
-        override the protocol's."""
+        override the protocol's, ``augment`` the architecture's."""
         from ..train import TrainConfig
 
         return TrainConfig.for_arch(arch, iterations=iterations or self.table_iterations
                                     or (self.iterations or {}).get(arch),
-                                    seed=seed, eval_every=eval_every or self.eval_every, device=device)
+                                    seed=seed, eval_every=eval_every or self.eval_every, device=device,
+                                    augment=augment)
 
     def imp_config(self, arch: str, train, sparsity=None):
         """The ImpConfig of ``arch`` under this protocol, training with ``train`` (a Table 1
         training: with ``table_iterations``, only the dense round and the ticket train that long,
-        the rounds between train the protocol's iterations); ``sparsity`` (per layer) replaces the
-        protocol's where given."""
+        the rounds between train the protocol's iterations, their learning-rate schedule scaled to
+        that length); ``sparsity`` (per layer) replaces the protocol's where given."""
         from ..imp import ImpConfig
 
         table = None
         if self.table_iterations is not None and train.iterations == self.table_iterations:
             table = train.iterations
             rounds = (self.iterations or {}).get(arch) or ARCHS[arch].iterations
-            train = dataclasses.replace(train, iterations=rounds)
+            # the rounds' warm-up and milestones are those of a 30K, not a 225K, training; the
+            # ticket trains them scaled back (ImpConfig.table_train), which must give ``train``
+            rounds_train = train.scaled(rounds)
+            if rounds_train.scaled(table) != train:
+                raise ValueError(f"{arch}: the learning-rate schedule of {table} iterations does not "
+                                 f"scale to {rounds} and back exactly; choose lengths that do")
+            train = rounds_train
         return ImpConfig.for_arch(arch, train=train, rates=self.rates or {},
                                   sparsity=self.sparsity if sparsity is None else sparsity,
                                   table_iterations=table)

@@ -1,5 +1,7 @@
 """What a finished (or partial) grid reports: Table 1 (mean ± std over seeds beside the paper's
-numbers), the cost of constructing each kind of mask, and the figures (drawn by plots.py)."""
+numbers, and every row's paired difference to the WT with its interval, :mod:`.stats`), the rows
+against the WT (overlap, dead units, cost), the cost of constructing each kind of mask, and the
+figures (drawn by plots.py)."""
 from __future__ import annotations
 
 import csv
@@ -8,11 +10,12 @@ import math
 import statistics
 from pathlib import Path
 
-from ..compare import overlap_with_ticket, total_overlap
+from ..compare import dead_units, overlap_with_ticket, total_dead, total_overlap
 from ..masks import densities
 from ..runs import FIGURE_FILES, GRID_FILES, RunDir, atomic_write, grid_cell
 from .grid import Grid
 from .methods import METHODS
+from .stats import COVERS_ZERO, LEVEL, Paired, paired_difference
 
 __all__ = ["METRICS", "method_run", "method_masks", "compare_methods", "comparison_markdown",
            "extra_cost_rows", "method_run", "collect", "write_table_csv", "read_table_csv", "table_markdown",
@@ -24,7 +27,8 @@ METRICS = {
     "val_acc_final": "Validation accuracy at the end of training",
     "test_acc_early_stop": "Test accuracy at early stop",
 }
-TABLE_FIELDS = ["metric", "method", "arch", "n", "mean", "std", "paper"]
+TABLE_FIELDS = ["metric", "method", "arch", "n", "mean", "std", "paper",
+                "diff_n", "diff_mean", "diff_low", "diff_high", "diff_covers_zero"]
 
 
 def method_run(grid_out: Path, arch: str, seed: int, method: str) -> RunDir | None:
@@ -39,20 +43,33 @@ def _summary(grid_out: Path, arch: str, seed: int, method: str) -> dict | None:
     return None if rd is None else rd.load_json(RunDir.SUMMARY)
 
 
+def _per_seed(grid: Grid, arch: str, method: str, metric: str) -> dict[int, float]:
+    """``{seed: metric in %}`` over the seeds whose row is finished."""
+    return {seed: 100 * s[metric] for seed in grid.seeds
+            if (s := _summary(grid.out, arch, seed, method)) is not None}
+
+
+def _diff_fields(paired: Paired) -> dict:
+    return dict(diff_n=paired.n, diff_mean=paired.mean, diff_low=paired.low, diff_high=paired.high,
+                diff_covers_zero=paired.covers_zero)
+
+
 def collect(grid: Grid) -> list[dict]:
-    """One row per (metric, method, arch): mean and std (in %) over seeds, the paper's number."""
+    """One row per (metric, method, arch): mean and std (in %) over seeds, the paper's number, and
+    the paired difference to the WT (method minus WT, seed by seed; :mod:`.stats`)."""
     rows = []
     for metric in METRICS:
         for method in grid.methods:
             m = METHODS[method]
             for arch in grid.archs:
-                vals = [100 * s[metric] for seed in grid.seeds
-                        if (s := _summary(grid.out, arch, seed, method)) is not None]
+                per_seed = _per_seed(grid, arch, method, metric)
+                vals = list(per_seed.values())
                 rows.append(dict(
                     metric=metric, method=method, arch=arch, n=len(vals),
                     mean=statistics.fmean(vals) if vals else math.nan,
                     std=statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else math.nan,
-                    paper=m.paper.get(arch) if metric == "val_acc_early_stop" else None))
+                    paper=m.paper.get(arch) if metric == "val_acc_early_stop" else None,
+                    **_diff_fields(paired_difference(per_seed, _per_seed(grid, arch, "wt", metric)))))
     return rows
 
 
@@ -61,7 +78,7 @@ def _save_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None)
 
 
 def write_table_csv(rows: list[dict], path: Path) -> None:
-    _save_csv(Path(path), [{**r, "mean": f"{r['mean']:.4f}", "std": f"{r['std']:.4f}",
+    _save_csv(Path(path), [{**r, **{k: f"{r[k]:.4f}" for k in ("mean", "std", "diff_mean", "diff_low", "diff_high")},
                             "paper": "" if r["paper"] is None else f"{r['paper']:.2f}"}
                            for r in rows], TABLE_FIELDS)
 
@@ -71,7 +88,19 @@ def read_table_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return [dict(metric=r["metric"], method=r["method"], arch=r["arch"], n=int(r["n"]),
                      mean=float(r["mean"]), std=float(r["std"]),
-                     paper=float(r["paper"]) if r["paper"] else None) for r in csv.DictReader(f)]
+                     paper=float(r["paper"]) if r["paper"] else None, diff_n=int(r["diff_n"]),
+                     **{k: float(r[k]) for k in ("diff_mean", "diff_low", "diff_high")},
+                     diff_covers_zero=r["diff_covers_zero"] == "True") for r in csv.DictReader(f)]
+
+
+def _paired(r: dict) -> Paired:
+    return Paired(r["diff_n"], r["diff_mean"], r["diff_low"], r["diff_high"])
+
+
+PAIRED_NOTE = (f"Paired difference to the WT: the row minus the WT, seed by seed (every row of a seed "
+               f"shares its initial weights and batch order), mean and {LEVEL:.0%} Student-t interval "
+               f"over the n seeds both have; {COVERS_ZERO}: the interval covers 0 (no difference "
+               f"detected with these seeds); one seed gives no interval.")
 
 
 def table_markdown(rows: list[dict], archs: list[str], header: str) -> str:
@@ -80,9 +109,10 @@ def table_markdown(rows: list[dict], archs: list[str], header: str) -> str:
     index = {(r["metric"], r["method"], r["arch"]): r for r in rows}
     for metric, title in METRICS.items():
         paper = metric == "val_acc_early_stop"
-        cols = [f"{a.capitalize()}" + (" (paper, CIFAR-10)" if paper else "") for a in archs]
+        cols = [c for a in archs for c in (f"{a.capitalize()}" + (" (paper, CIFAR-10)" if paper else ""),
+                                           f"{a.capitalize()}: paired diff. to WT, {LEVEL:.0%} CI")]
         lines += [f"### {title}", "", "| Method | " + " | ".join(cols) + " |",
-                  "|---|" + "---|" * len(archs)]
+                  "|---|" + "---|" * len(cols)]
         for method in dict.fromkeys(r["method"] for r in rows):
             m = METHODS[method]
             cells = []
@@ -91,12 +121,12 @@ def table_markdown(rows: list[dict], archs: list[str], header: str) -> str:
                 text = "n/a" if not r["n"] else f"{r['mean']:.2f} ± {r['std']:.2f}"
                 if paper:
                     text += " (n/a)" if r["paper"] is None else f" ({r['paper']:.2f})"
-                cells.append(text)
+                cells += [text, "(reference)" if method == "wt" else _paired(r).markdown()]
             lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
         lines.append("")
     n = max((r["n"] for r in rows), default=0)
     lines.append(f"Mean ± std over {n} seed(s), accuracy in %. Paper numbers: Grzeszczuk & "
-                 f"Kurdziel, Table 1 (CIFAR-10, validation accuracy at early stop).")
+                 f"Kurdziel, Table 1 (CIFAR-10, validation accuracy at early stop). {PAIRED_NOTE}")
     return "\n".join(lines) + "\n"
 
 
@@ -155,48 +185,57 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 COMPARISON_FIELDS = ["arch", "method", "label", "group", "n", "val_acc_mean", "val_acc_std", "gap_to_wt",
-                     "overlap_mean", "overlap_std", "cost_s_mean", "cost_s_std", "cost_n"]
+                     "gap_low", "gap_high", "gap_n", "gap_covers_zero",
+                     "overlap_mean", "overlap_std", "dead_out_mean", "dead_out_std", "dead_in_mean",
+                     "dead_in_std", "cost_s_mean", "cost_s_std", "cost_n"]
+OVERLAP_FIELDS = ["arch", "method", "seed", "layer", "overlap", "density", "dead_out", "dead_in"]
 
 
 def compare_methods(grid: Grid, metric: str = "val_acc_early_stop") -> tuple[list[dict], list[dict]]:
     """Every row of the grid against the winning ticket, per arch: accuracy (%, mean ± std over
-    seeds), its gap to the WT's mean (points), the share of the WT's kept weights its mask also
-    keeps (total over layers; per layer in the second list) and what one mask cost to construct
-    (seconds, :attr:`Method.cost`)."""
+    seeds), its paired difference to the WT (points, mean and interval over seeds, :mod:`.stats`),
+    the share of the WT's kept weights its mask also keeps, the shares of dead output and input
+    units (:func:`~mcwt_ext.compare.dead_units`; totals over layers, per layer in the second list)
+    and what one mask cost to construct (seconds, :attr:`Method.cost`)."""
     rows, per_layer = [], []
     for arch in grid.archs:
         wt_masks = {seed: method_masks(grid.out, arch, seed, "wt") for seed in grid.seeds}
-        accs = {}
+        wt_acc = _per_seed(grid, arch, "wt", metric)
         for method in grid.methods:
             m = METHODS[method]
-            acc, overlap, cost = [], [], []
+            acc, overlap, dead_out, dead_in, cost = {}, [], [], [], []
             for seed in grid.seeds:
                 summary = _summary(grid.out, arch, seed, method)
                 if summary is None:
                     continue
-                acc.append(100 * summary[metric])
+                acc[seed] = 100 * summary[metric]
                 masks, ticket = method_masks(grid.out, arch, seed, method), wt_masks[seed]
+                if masks is not None:
+                    outs, ins = total_dead(masks)
+                    dead_out.append(outs)
+                    dead_in.append(ins)
                 if masks is not None and ticket is not None:
                     overlap.append(total_overlap(masks, ticket))
-                    density = densities(masks)
+                    density, dead = densities(masks), dead_units(masks)
                     for layer, share in overlap_with_ticket(masks, ticket).items():
+                        outs, ins = dead.get(layer, (0.0, 0.0))
                         per_layer.append(dict(arch=arch, method=method, seed=seed, layer=layer,
-                                              overlap=share, density=density.get(layer, 1.0)))
+                                              overlap=share, density=density.get(layer, 1.0),
+                                              dead_out=outs, dead_in=ins))
                 if m.cost is not None:
                     c = m.cost(lambda cell, s=None, seed=seed: grid_cell(grid.out, arch, seed if s is None else s,
                                                                         cell), grid.seeds)
                     if c is not None:
                         cost.append(c)
-            accs[method] = acc
-            (am, asd), (om, osd), (cm, csd) = _mean_std(acc), _mean_std(overlap), _mean_std(cost)
+            (am, asd), (om, osd), (cm, csd) = _mean_std(list(acc.values())), _mean_std(overlap), _mean_std(cost)
+            (dom, dosd), (dim, disd) = _mean_std(dead_out), _mean_std(dead_in)
+            gap = paired_difference(acc, wt_acc)
             rows.append(dict(arch=arch, method=method, label=m.label, group=m.group, n=len(acc),
-                             val_acc_mean=am, val_acc_std=asd, gap_to_wt=math.nan,
-                             overlap_mean=om, overlap_std=osd, cost_s_mean=cm, cost_s_std=csd,
+                             val_acc_mean=am, val_acc_std=asd, gap_to_wt=gap.mean, gap_low=gap.low,
+                             gap_high=gap.high, gap_n=gap.n, gap_covers_zero=gap.covers_zero,
+                             overlap_mean=om, overlap_std=osd, dead_out_mean=dom, dead_out_std=dosd,
+                             dead_in_mean=dim, dead_in_std=disd, cost_s_mean=cm, cost_s_std=csd,
                              cost_n=len(cost)))
-        wt = _mean_std(accs.get("wt", []))[0]
-        for r in rows:
-            if r["arch"] == arch:
-                r["gap_to_wt"] = r["val_acc_mean"] - wt
     return rows, per_layer
 
 
@@ -206,18 +245,26 @@ def _fmt(mean: float, std: float, digits: int = 2) -> str:
 
 def comparison_markdown(rows: list[dict]) -> str:
     lines = ["### Against the winning ticket", "",
-             "| Arch | Method | Val. acc. at early stop (%) | Gap to WT (points) | Overlap with WT mask "
-             "| Construction (s) |", "|---|---|---|---|---|---|"]
+             f"| Arch | Method | Val. acc. at early stop (%) | Gap to WT, paired (points, {LEVEL:.0%} CI) "
+             "| Overlap with WT mask | Dead units (out / in) | Construction (s) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        gap = "n/a" if math.isnan(r["gap_to_wt"]) else f"{r['gap_to_wt']:+.2f}"
+        gap = "(reference)" if r["method"] == "wt" else \
+            Paired(r["gap_n"], r["gap_to_wt"], r["gap_low"], r["gap_high"]).markdown()
+        dead = "—" if math.isnan(r["dead_out_mean"]) else \
+            f"{r['dead_out_mean']:.3f} / {r['dead_in_mean']:.3f}"
         lines.append(f"| {r['arch']} | {r['label']} | {_fmt(r['val_acc_mean'], r['val_acc_std'])} | {gap} | "
-                     f"{_fmt(r['overlap_mean'], r['overlap_std'], 3)} | {_fmt(r['cost_s_mean'], r['cost_s_std'], 1)} |")
-    lines += ["", "Overlap: the share of the WT's kept weights that the row's mask also keeps, over all "
-                  "layers (a random mask at 80% sparsity overlaps about 0.2; per layer in "
-                  f"`{GRID_FILES['overlap_csv']}`). Construction: seconds to make one mask on this "
-                  "machine (IMP: the rounds before the ticket; MCWT: fit + sampling; ablations: IMP + "
-                  "the ablation; transfer: seed 0's IMP and fit shared by the transfer seeds, plus "
-                  "sampling); the dense net has none."]
+                     f"{_fmt(r['overlap_mean'], r['overlap_std'], 3)} | {dead} | "
+                     f"{_fmt(r['cost_s_mean'], r['cost_s_std'], 1)} |")
+    lines += ["", PAIRED_NOTE, "",
+              "Overlap: the share of the WT's kept weights that the row's mask also keeps, over all "
+              "layers (a random mask at 80% sparsity overlaps about 0.2). Dead units: the share of "
+              "output filters/units that keep no weight, and of input channels/units that no kept "
+              "weight reads, over all layers (mean over seeds; per layer, with the overlap, in "
+              f"`{GRID_FILES['overlap_csv']}`). Construction: seconds to make one mask on this "
+              "machine (IMP: the rounds before the ticket; MCWT: fit + sampling; ablations: IMP + "
+              "the ablation; transfer: seed 0's IMP and fit shared by the transfer seeds, plus "
+              "sampling); the dense net has none."]
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +349,7 @@ def report(grid: Grid) -> dict[str, Path]:
                  + "\n" + comparison_markdown(comparison))
     write_table_csv(rows, paths["table_csv"])
     _save_csv(paths["methods_csv"], comparison, COMPARISON_FIELDS)
-    _save_csv(paths["overlap_csv"], overlaps, ["arch", "method", "seed", "layer", "overlap", "density"])
+    _save_csv(paths["overlap_csv"], overlaps, OVERLAP_FIELDS)
     costs = cost_rows(grid)
     costs += extra_cost_rows(comparison, costs)
     atomic_write(paths["cost_md"], cost_markdown(costs, f"## Cost on {what}\n\n{protocol}"))
