@@ -7,7 +7,7 @@ over, when it is half written, was not refreshed for ``timeout`` seconds (a hold
 host over a shared file system that died), or is held by a dead process on this host.
 
 Who locks: every ``mcwt`` command that writes a run directory, for its whole run
-(:func:`holding`, through ``commands.opened``), and the reproduce scheduler for each cell a
+(:func:`holding`, through ``command_inputs.opened``), and the reproduce scheduler for each cell a
 shard runs. The Python API (``train(run_dir=...)``, ``run_imp``, ``train_pack``) does not lock:
 the grid calls it inside cells whose lock it holds, also from worker processes whose parent
 holds that lock, where a lock taken by the callee would be refused by its own parent. Locking at
