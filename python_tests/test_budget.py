@@ -135,7 +135,7 @@ def test_the_budget_stops_the_grid_between_packs_and_a_rerun_redoes_nothing(tmp_
     yet) is tried with 100 s left; the next, measured at 60 s, does not fit the 40 s left."""
     import types
 
-    import mcwt_ext.experiments.grid as grid_mod
+    import mcwt_ext.experiments.packer as packer_mod
     import mcwt_ext.lockstep as lockstep_mod
 
     clock, out = Clock(), tmp_path / "g"
@@ -146,7 +146,7 @@ def test_the_budget_stops_the_grid_between_packs_and_a_rerun_redoes_nothing(tmp_
         clock.now += 60
         return recording(nets, *a, **kw)
     monkeypatch.setattr(lockstep_mod, "train_pack", slow)
-    monkeypatch.setattr(grid_mod, "time", types.SimpleNamespace(perf_counter=clock, time=time.time, sleep=time.sleep))
+    monkeypatch.setattr(packer_mod, "time", types.SimpleNamespace(perf_counter=clock, time=time.time, sleep=time.sleep))
     grid = Grid(archs=["conv2"], seeds=[0, 1], out=out, pack=8, budget=Budget(100, clock), **TINY)
     with pytest.raises(BudgetSpent, match="40 s left"):
         grid.run()
