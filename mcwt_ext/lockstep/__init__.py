@@ -21,44 +21,23 @@ device with one host sync per evaluation.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .data import Dataset
-from .masks import apply_masks, check_masks
-from .progress import Progress
-from .runs import RunDir, atomic_write, snapshot_name
-from .train import (METRICS_FIELDS, BatchOrder, TrainConfig, TrainResult, _check_same_run,
-                    _masks_digest, _read_history, _summary)
-
-CHECKPOINT = RunDir.CHECKPOINT
+from ..data import Dataset
+from ..progress import Progress
+from ..runs import RunDir, snapshot_name
+from ..train import METRICS_FIELDS, BatchOrder, TrainResult
+from .forward import IMPLS, PRECISIONS, _autocast, _net_losses, pack_forward
+from .nets import PackNet, _checkpoint, _finish, _NetState, _open
 
 __all__ = ["PackNet", "PackOptions", "train_pack", "IMPLS", "PRECISIONS", "pack_forward"]
 
-IMPLS = ("grouped", "vmap")
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EVAL_IMAGES = 1000  # images per evaluation batch, summed over the nets evaluated (as evaluate())
 _SHARED_FIELDS = ("iterations", "lr", "batch_size", "device")
-
-
-@dataclass
-class PackNet:
-    """One net of a pack: a model holding its initial weights, its masks, its TrainConfig (seed,
-    evaluation and checkpoint schedule) and optionally its run directory and snapshot iterations
-    (as :func:`mcwt_ext.train.train` takes them)."""
-
-    model: nn.Module
-    masks: Mapping[str, torch.Tensor] | None
-    config: TrainConfig
-    run_dir: RunDir | str | None = None
-    snapshot_iterations: Iterable[int] = ()
 
 
 @dataclass(kw_only=True)
@@ -87,176 +66,6 @@ class PackOptions:
 
 
 # --- the stacked forward pass ----------------------------------------------------------------
-
-def _grouped_forward(model: nn.Sequential, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                     shared_input: bool) -> torch.Tensor:
-    """K nets at once: ``x`` is [K, B, ...] (or [B, ...] fed to all when ``shared_input``);
-    returns [K, B, classes]. The K nets' channels sit side by side, so each conv is one grouped
-    conv with K groups, and each linear layer one batched matmul."""
-    k = next(iter(params.values())).shape[0]
-    shared = shared_input  # h is one [B, C, H, W] input of every net (until the first conv)
-    h = x if shared_input else x.transpose(0, 1).flatten(1, 2)  # [B, K*C, H, W]
-    flat = False  # False: [B, K*C, H, W]; True: [K, B, F]
-    for name, module in model.named_children():
-        if isinstance(module, nn.Conv2d):
-            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-            # A shared input meets all K*O filters in one plain conv; after that, K groups.
-            h = F.conv2d(h, w.flatten(0, 1), None if b is None else b.flatten(), module.stride,
-                         module.padding, module.dilation, groups=1 if shared else k)
-            shared = False
-        elif isinstance(module, nn.Linear):
-            if not flat:
-                raise ValueError(f"layer {name!r}: the grouped pack needs a Flatten before the "
-                                 f"first Linear; use impl='vmap'")
-            w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
-            h = torch.bmm(h, w.transpose(1, 2)) if b is None else torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
-        elif isinstance(module, nn.Flatten):
-            if shared:
-                h = h.expand(k, *h.shape).transpose(0, 1).flatten(1, 2)
-                shared = False
-            h = h.unflatten(1, (k, -1)).flatten(2).transpose(0, 1)  # [K, B, C*H*W]
-            flat = True
-        elif isinstance(module, (nn.ReLU, nn.MaxPool2d)):
-            h = module(h)
-        else:
-            raise ValueError(f"layer {name!r} ({type(module).__name__}) is not supported by the "
-                             f"grouped pack; use impl='vmap'")
-    if not flat:
-        raise ValueError("the grouped pack needs a model that ends in Linear layers; use impl='vmap'")
-    return h
-
-
-def _vmap_forward(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                  shared_input: bool) -> torch.Tensor:
-    def one(p, xb):
-        return torch.func.functional_call(model, p, (xb,))
-    return torch.func.vmap(one, in_dims=(0, None if shared_input else 0))(dict(params), x)
-
-
-def pack_forward(impl: str, model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
-                 shared_input: bool = False) -> torch.Tensor:
-    """Logits [K, B, classes] of the K nets whose parameters ``params`` stacks ([K, ...] each) on
-    ``x`` ([K, B, ...], or [B, ...] fed to every net when ``shared_input``). ``model`` gives
-    the structure (its own parameters are not used)."""
-    if impl == "grouped":
-        if not isinstance(model, nn.Sequential):
-            raise ValueError("impl='grouped' needs an nn.Sequential model; use impl='vmap'")
-        return _grouped_forward(model, params, x, shared_input)
-    if impl == "vmap":
-        return _vmap_forward(model, params, x, shared_input)
-    raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-def _net_losses(logits: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Cross-entropy per net: [K] means or sums over the batch (``y``: [K, B] or [B])."""
-    y = y.expand(logits.shape[:2])
-    per = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # [K, B]
-    return per.mean(1) if reduction == "mean" else per.sum(1)
-
-
-# --- per-net state, in train()'s checkpoint format ----------------------------------------------
-
-@dataclass
-class _NetState:
-    """What a checkpoint holds for one net (train()'s keys), plus its fixed inputs."""
-
-    net: PackNet
-    rd: RunDir | None
-    masks: dict[str, torch.Tensor]
-    digest: str
-    snapshots: list[int]
-    iteration: int = 0
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    optimizer: dict | None = None
-    history: list[dict] = field(default_factory=list)
-    loss_sum: torch.Tensor | None = None
-    loss_count: int = 0
-    wall_time_s: float = 0.0
-    result: TrainResult | None = None  # set once finished
-
-
-def _run_config(config: TrainConfig, options: PackOptions) -> dict:
-    """The config a net's summary and checkpoint record. A non-float32 precision is recorded in it
-    so that no float32 run (pack or train()) resumes it, and it resumes no float32 one."""
-    cfg = dataclasses.asdict(config)
-    if options.precision != "float32":
-        cfg["precision"] = options.precision
-    return cfg
-
-
-def _check_resumable(stored: dict, config: TrainConfig, options: PackOptions, digest: str, where) -> None:
-    stored_precision = stored["config"].get("precision", "float32")
-    if stored_precision != options.precision:
-        raise ValueError(f"{where} was trained in {stored_precision}, not {options.precision}; "
-                         f"use the same precision or a fresh run directory")
-    stored = dict(stored, config={k: v for k, v in stored["config"].items() if k != "precision"})
-    _check_same_run(stored, config, digest, where)
-
-
-def _open(net: PackNet, options: PackOptions, device: torch.device) -> _NetState:
-    if not isinstance(net, PackNet):
-        raise TypeError(f"nets must be PackNet, got {type(net).__name__}")
-    if not isinstance(net.config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(net.config).__name__}")
-    config = net.config
-    rd = net.run_dir if isinstance(net.run_dir, RunDir) or net.run_dir is None else RunDir(net.run_dir)
-    masks = {k: v.to("cpu") for k, v in (net.masks or {}).items()}
-    check_masks(net.model, masks)
-    snapshots = sorted(set(net.snapshot_iterations))
-    if snapshots and rd is None:
-        raise ValueError("snapshot_iterations needs a run_dir to save the snapshots in")
-    if snapshots and not 0 <= snapshots[0] <= snapshots[-1] <= config.iterations:
-        raise ValueError(f"snapshot_iterations must lie in [0, {config.iterations}], got {snapshots}")
-    st = _NetState(net, rd, masks, _masks_digest(masks), snapshots)
-    if rd is not None and rd.exists(RunDir.SUMMARY):  # finished: read back, as train() does
-        summary = rd.load_json(RunDir.SUMMARY)
-        _check_resumable(summary, config, options, st.digest, rd.summary_path)
-        net.model.load_state_dict(rd.load_tensors(RunDir.FINAL))
-        net.model.to(device)
-        st.result = TrainResult(summary, _read_history(rd))
-        return st
-    net.model.to("cpu")
-    apply_masks(net.model, masks)
-    st.weights = {k: v.detach().clone() for k, v in net.model.state_dict().items()}
-    st.loss_sum = torch.zeros((), dtype=torch.float64)
-    if rd is not None and rd.exists(CHECKPOINT):
-        ckpt = torch.load(rd.file(CHECKPOINT), map_location="cpu", weights_only=True)
-        _check_resumable(ckpt, config, options, st.digest, rd.file(CHECKPOINT))
-        st.iteration, st.weights, st.optimizer = ckpt["iteration"], ckpt["model"], ckpt["optimizer"]
-        st.history, st.wall_time_s = ckpt["history"], ckpt["wall_time_s"]
-        st.loss_sum, st.loss_count = ckpt["loss_sum"].to("cpu"), ckpt["loss_count"]
-    return st
-
-
-def _checkpoint(st: _NetState, options: PackOptions) -> None:
-    state = dict(iteration=st.iteration, model=st.weights, optimizer=st.optimizer, history=st.history,
-                 loss_sum=st.loss_sum, loss_count=st.loss_count, wall_time_s=st.wall_time_s,
-                 config=_run_config(st.net.config, options), masks_sha256=st.digest)
-    atomic_write(st.rd.file(CHECKPOINT), lambda tmp: torch.save(state, tmp))
-
-
-def _finish(st: _NetState, options: PackOptions, extra: dict) -> None:
-    config = st.net.config
-    summary = _summary(st.history, config, st.masks, st.wall_time_s)
-    summary["config"] = _run_config(config, options)
-    summary["lockstep"] = extra
-    st.net.model.load_state_dict(st.weights)
-    st.net.model.to(st.net.config.device)
-    if st.rd is not None:
-        st.rd.save_tensors(RunDir.FINAL, st.weights)
-        st.rd.save_json(RunDir.SUMMARY, summary)
-        if st.rd.exists(CHECKPOINT):
-            st.rd.file(CHECKPOINT).unlink()
-            if not any(st.rd.checkpoints_dir.iterdir()):
-                st.rd.checkpoints_dir.rmdir()
-    st.result = TrainResult(summary, st.history)
-
-
-# --- one stage: nets at the same iteration, trained together -----------------------------------
 
 class _Pack:
     """The stacked parameters, masks and Adam of the nets of one stage, and their step."""
