@@ -154,7 +154,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 def _net_losses(logits: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
     """Cross-entropy per net: [K] means or sums over the batch (``y``: [K, B] or [B])."""
     y = y.expand(logits.shape[:2])
-    per = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # [K, B]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # autocast's half: float32; float64 stays
+    per = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # [K, B]
     return per.mean(1) if reduction == "mean" else per.sum(1)
 
 
