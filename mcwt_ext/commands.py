@@ -272,6 +272,7 @@ def plot_cmd(args) -> int:
 
 def reproduce_cmd(args) -> int:
     from .experiments import Budget, BudgetSpent, Grid, report
+    from .experiments.reference import verdict_lines
     from .state import export_state, import_state
 
     budget = None if args.time_budget is None else Budget(args.time_budget)  # counts from here
@@ -322,6 +323,8 @@ def reproduce_cmd(args) -> int:
     print(paths["cost_md"].read_text())
     for name, path in paths.items():
         print(f"{name:>10}: {path}")
+    for line in verdict_lines(grid, paths["table_csv"]):  # the main job: does it keep the README's promise
+        print(line)
     return 0
 
 

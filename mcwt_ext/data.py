@@ -18,6 +18,7 @@ channel with the mean and std of the training split.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from collections.abc import Callable, Mapping
@@ -52,6 +53,14 @@ class Dataset:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    def astype(self, dtype: torch.dtype) -> "Dataset":
+        """A copy with every split's images in ``dtype`` (labels untouched): ``astype(torch.float64)``
+        and ``model.double()`` train in float64, as the tests that compare two computation paths do."""
+        def cast(split: TensorDataset) -> TensorDataset:
+            x, y = split.tensors
+            return TensorDataset(x.to(dtype), y)
+        return dataclasses.replace(self, train=cast(self.train), val=cast(self.val), test=cast(self.test))
 
     def example_input(self, n: int = 2) -> torch.Tensor:
         """The first ``n`` training images, e.g. to trace a model's forward order."""

@@ -1,4 +1,4 @@
-"""Shared test configuration: the device list, the CUDA auto-skip and the slow marker."""
+"""Shared test configuration: the device list, the CUDA auto-skip, the slow and numerics markers."""
 import importlib.util
 import os
 import sys
@@ -32,6 +32,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "needs_cuda: needs a visible CUDA device (skipped otherwise)")
     config.addinivalue_line("markers", "slow: takes over ~10 s on 2 CPU cores (CI runs it; "
                                        "`-m 'not slow'` for a quick pass)")
+    config.addinivalue_line("markers", "numerics: compares computation paths; CI reruns these under "
+                                       "other arithmetic")
 
 
 #: Module fixtures that train several nets: every test using one is slow.

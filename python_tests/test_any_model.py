@@ -50,6 +50,7 @@ def _digest(masks):
     return h.hexdigest()[:16]
 
 
+@pytest.mark.numerics
 def test_resnet18_matches_hook_reference(resnet, images):
     """BatchNorm, residual adds, in-place ReLU and adaptive pooling: the reference's one
     full forward pass and the stream's prefix passes give the same means."""
@@ -62,6 +63,7 @@ def test_resnet18_matches_hook_reference(resnet, images):
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.numerics
 def test_prefix_cache_gives_the_same_numbers_and_replays(resnet):
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))  # small: the
     masks = random_masks(resnet, 0.5, seed=0)  # uncached walk recomputes every prefix
@@ -76,6 +78,7 @@ def test_prefix_cache_gives_the_same_numbers_and_replays(resnet):
     assert not any(n.startswith("layer1.") for n in stream._cache)
 
 
+@pytest.mark.numerics
 def test_generic_path_matches_fused_path_on_conv2(digits):
     model = build_model("conv2", 1, 10, 8, seed=0)
     x = digits.train.tensors[0]
@@ -95,6 +98,7 @@ def test_generic_path_matches_fused_path_on_conv2(digits):
     (dict(seed=3, exact=True), "124a0887c9b48faf"),
     (dict(seed=1, use_connectivity=False), "8948ac6212508902"),
 ])
+@pytest.mark.numerics
 def test_conv2_digits_sample_is_unchanged(digits, kw, digest):
     """The masks the fused path drew before the sampler took any nn.Module (the digits table)."""
     model = build_model("conv2", 1, 10, 8, seed=0)
@@ -163,6 +167,7 @@ class _WithUnused(nn.Module):
         return self.b(self.a(x))
 
 
+@pytest.mark.numerics
 def test_linear_on_sequences_averages_over_all_but_the_feature_dim():
     """A Linear's input features are its last dim, whatever the rank of its input."""
     model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Linear(5, 2))  # LayerNorm: hook path

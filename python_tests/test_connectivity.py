@@ -9,6 +9,8 @@ from mcwt_ext.connectivity import ActivationStream, measure_connectivity, split_
 from mcwt_ext.masks import random_masks
 from mcwt_ext.models import build_model
 
+pytestmark = pytest.mark.numerics  # compares computation paths (conftest.py)
+
 
 def _net(device, arch="conv4", seed=0):
     return build_model(arch, in_channels=1, num_classes=10, image_size=8, seed=seed).to(device)

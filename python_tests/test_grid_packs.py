@@ -76,6 +76,8 @@ def test_packs_advance_imp_rounds_together_and_pack_the_trained_cells(packed):
         assert {_summary(packed.out, s, kind)["lockstep"]["pack_size"] for s in (0, 1)} == {4}
 
 
+@pytest.mark.slow
+@pytest.mark.numerics
 def test_pack_grid_matches_the_per_cell_grid(packed, tmp_path):
     single = _grid(tmp_path / "single", pack=1)
     single.run()
@@ -105,6 +107,8 @@ def test_table_reports_the_maximum_validation_accuracy(packed):
     assert all(float(r["val_acc_max"]) >= float(r["val_acc_early_stop"]) for r in rounds)
 
 
+@pytest.mark.slow
+@pytest.mark.numerics
 def test_killed_pack_grid_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     _checkpoint_every(monkeypatch, 2)
     whole = _grid(tmp_path / "whole", pack=8)

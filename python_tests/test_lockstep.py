@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 
 import pytest
@@ -6,31 +7,43 @@ import torch
 import mcwt_ext.lockstep as lockstep_mod
 from conftest import DEVICES, fake_clock, synthetic_model
 from mcwt_ext.data import load_dataset
-from mcwt_ext.lockstep import PackNet, PackOptions, pack_forward, train_pack
+from mcwt_ext.lockstep import IMPLS, PackNet, PackOptions, pack_forward, train_pack
 from mcwt_ext.masks import random_masks
 from mcwt_ext.models import build_model
 from mcwt_ext.runs import RunDir
-from mcwt_ext.runs import RunDir
-from mcwt_ext.train import TrainConfig, train
+from mcwt_ext.train import BatchOrder, TrainConfig, train
+from numerics import U64, first_step_violations, float64_drift_bound, max_diff, sum_rounding
 
 CHECKPOINT = RunDir.CHECKPOINT
+#: Terms of the longest sum in a gradient of these Conv-2s: batch 60 x 8 x 8 positions.
+TERMS = 60 * 8 * 8
 
 
 def _cfg(seed=0, **kw):
     return TrainConfig(**{**dict(iterations=12, lr=1e-3, eval_every=3, checkpoint_every=4, seed=seed), **kw})
 
 
-def _max_diff(a, b):
-    return max((x.cpu() - y.cpu()).abs().max().item() for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+def _bound(steps=12, lr=1e-3):
+    """How far two float64 paths of ``steps`` Adam steps may drift apart (numerics.py)."""
+    return float64_drift_bound(steps, lr, TERMS)
 
 
 def _same_weights(a, b):
     return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def _nets(seeds, root=None, **kw):
-    return [PackNet(synthetic_model(s), random_masks(synthetic_model(s), 0.8, seed=s), _cfg(s, **kw),
+def _model(seed, dtype=torch.float32):
+    return synthetic_model(seed).to(dtype)
+
+
+def _nets(seeds, root=None, dtype=torch.float32, **kw):
+    return [PackNet(_model(s, dtype), random_masks(synthetic_model(s), 0.8, seed=s), _cfg(s, **kw),
                     None if root is None else root / f"net_{s}") for s in seeds]
+
+
+@pytest.fixture(scope="module")
+def synthetic64(synthetic):
+    return synthetic.astype(torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -38,56 +51,111 @@ def digits():
     return load_dataset("digits")
 
 
-@pytest.mark.parametrize("impl", ["grouped", "vmap"])
+@pytest.mark.numerics
+@pytest.mark.parametrize("impl", IMPLS)
 def test_forward_matches_each_net(impl):
-    models = [synthetic_model(s) for s in range(3)]
+    models = [_model(s, torch.float64) for s in range(3)]
     params = {n: torch.stack([m.get_parameter(n) for m in models]).detach() for n, _ in models[0].named_parameters()}
-    x = torch.randn(3, 5, 3, 8, 8)
+    x = torch.randn(3, 5, 3, 8, 8, dtype=torch.float64)
     out = pack_forward(impl, models[0], params, x)
     shared = pack_forward(impl, models[0], params, x[0], shared_input=True)
+    # float64: each of the 5 layers sums at most 1,024 terms (fc1's inputs), each below 10 here
+    tol = 5 * sum_rounding(1024, 10.0, U64)
     for k, m in enumerate(models):
-        torch.testing.assert_close(out[k], m(x[k]), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(shared[k], m(x[0]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[k], m(x[k]), rtol=0, atol=tol)
+        torch.testing.assert_close(shared[k], m(x[0]), rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "vmap"])
+def _digits_conv2():
+    return build_model("conv2", 1, 10, 8, seed=3)
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_step_matches_train_to_float32_rounding(digits, impl):
+    """float32, one Adam step: every weight within numerics.adam_step_tolerance of train()'s, and
+    the same check sees a pack that trained on another batch."""
+    masks = random_masks(_digits_conv2(), 0.8, seed=3)
+    cfg = TrainConfig(iterations=1, lr=2e-4, eval_every=1, seed=3)
+    alone = _digits_conv2()
+    train(alone, digits, masks, cfg, progress=False)
+    nets = [PackNet(_digits_conv2(), masks, cfg), PackNet(_digits_conv2(), masks, dataclasses.replace(cfg, seed=4))]
+    train_pack(nets[:1], digits, PackOptions(impl=impl), progress=False)
+    train_pack(nets[1:], digits, PackOptions(impl=impl), progress=False)  # the wrong batch
+    x, y = digits.train.tensors
+    idx = BatchOrder(len(y), cfg.batch_size, cfg.seed).indices(0)
+    check = [first_step_violations(_digits_conv2(), masks, x[idx], y[idx], cfg.lr, alone, n.model) for n in nets]
+    assert check[0] == 0
+    assert check[1] > 10_000  # of the 73,000 kept weights: most move the other way
+    for name, mask in masks.items():  # pruned weights exactly zero
+        assert torch.count_nonzero(nets[0].model.get_parameter(name).detach()[~mask]) == 0
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("impl", IMPLS)
 def test_one_net_matches_train_after_100_steps(digits, impl):
+    """float64, 100 Adam steps: within numerics.float64_drift_bound of train() (measured 2e-15)."""
     def fresh():
-        return build_model("conv2", 1, 10, 8, seed=3)
+        return _digits_conv2().double()
+    digits64 = digits.astype(torch.float64)
     masks = random_masks(fresh(), 0.8, seed=3)
     cfg = TrainConfig(iterations=100, lr=2e-4, eval_every=50, seed=3)
     alone = fresh()
-    expected = train(alone, digits, masks, cfg, progress=False)
+    expected = train(alone, digits64, masks, cfg, progress=False)
     net = PackNet(fresh(), masks, cfg)
-    [result] = train_pack([net], digits, PackOptions(impl=impl), progress=False)
-    assert _max_diff(alone, net.model) <= 1e-4
+    [result] = train_pack([net], digits64, PackOptions(impl=impl), progress=False)
+    assert max_diff(alone, net.model) <= _bound(100, cfg.lr)
     assert [r["iteration"] for r in result.history] == [r["iteration"] for r in expected.history]
     for got, want in zip(result.history, expected.history):
-        assert got["val_acc"] == pytest.approx(want["val_acc"], abs=1 / 150)
-        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-3)
+        assert got["val_acc"] == want["val_acc"]  # a flip needs two logits within ~1e-12
+        assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-9)
     for name, mask in masks.items():  # pruned weights exactly zero
         assert torch.count_nonzero(net.model.get_parameter(name).detach()[~mask]) == 0
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize("wrong", ["adam_moment", "skipped_batch"])
+def test_the_float64_bound_sees_a_real_difference(synthetic64, tmp_path, monkeypatch, wrong):
+    """A pack resumed from a checkpoint with its first Adam moment off by 0.1%, or one batch
+    skipped, ends far beyond the bound the float64 comparisons allow."""
+    _kill_at(monkeypatch, 5)  # checkpoint at 4
+    with pytest.raises(_Killed):
+        train_pack(_nets([0], tmp_path, torch.float64), synthetic64, progress=False)
+    monkeypatch.undo()
+    path = RunDir(tmp_path / "net_0").file(CHECKPOINT)
+    ckpt = torch.load(path, weights_only=True)
+    if wrong == "adam_moment":
+        for state in ckpt["optimizer"]["state"].values():
+            state["exp_avg"] *= 1.001
+    else:
+        ckpt["iteration"] += 1
+    torch.save(ckpt, path)
+    [net] = _nets([0], tmp_path, torch.float64)
+    train_pack([net], synthetic64, progress=False)
+    alone = _model(0, torch.float64)
+    train(alone, synthetic64, net.masks, net.config, progress=False)
+    assert max_diff(alone, net.model) > 100 * _bound()
+
+
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_pack_matches_independent_runs_on_digits(digits):
-    """Four nets (two seeds, dense and pruned) in lockstep against four train() runs."""
+    """Four nets (two seeds, dense and pruned) in lockstep against four train() runs, float64."""
     def fresh(seed):
-        return build_model("conv2", 1, 10, 8, seed=seed)
+        return build_model("conv2", 1, 10, 8, seed=seed).double()
+    digits64 = digits.astype(torch.float64)
     specs = [(s, random_masks(fresh(s), 0.8, seed=s) if pruned else None) for s in (0, 1) for pruned in (0, 1)]
-    cfg = dict(iterations=150, lr=2e-4, eval_every=50)
-    nets, alone = [], []
+    cfg = dict(iterations=60, lr=2e-4, eval_every=20)
+    nets, alone, models = [], [], []
     for s, masks in specs:
-        model = fresh(s)
-        alone.append(train(model, digits, masks, TrainConfig(seed=s, **cfg), progress=False))
+        models.append(fresh(s))
+        alone.append(train(models[-1], digits64, masks, TrainConfig(seed=s, **cfg), progress=False))
         nets.append(PackNet(fresh(s), masks, TrainConfig(seed=s, **cfg)))
-    results = train_pack(nets, digits, progress=False)
-    for got, want in zip(results, alone):
-        # Same batches and init: the runs differ by float rounding only, far below seed noise
-        # (the four nets' accuracies here spread over several points).
-        for key in ("val_acc_final", "test_acc_final", "val_acc_early_stop", "val_acc_max"):
-            assert got.summary[key] == pytest.approx(want.summary[key], abs=0.02), key
-        assert got.summary["early_stop_iteration"] == want.summary["early_stop_iteration"]
+    results = train_pack(nets, digits64, progress=False)
+    for got, want, net, model in zip(results, alone, nets, models):
+        assert max_diff(net.model, model) <= _bound(60, 2e-4)
+        for key in ("val_acc_final", "test_acc_final", "val_acc_early_stop", "val_acc_max", "early_stop_iteration"):
+            assert got.summary[key] == want.summary[key], key
 
 
 def test_files_match_train_and_summary_records_the_pack(synthetic, tmp_path):
@@ -172,37 +240,40 @@ def test_killed_pack_resumes_from_its_checkpoints_by_the_clock(synthetic, tmp_pa
     assert all(_same_weights(w.model, r.model) for w, r in zip(whole, resumed))
 
 
-def test_pack_resumes_net_by_net_and_in_stages(synthetic, tmp_path, monkeypatch):
+@pytest.mark.numerics
+def test_pack_resumes_net_by_net_and_in_stages(synthetic64, tmp_path, monkeypatch):
     """Each net's checkpoint is train()'s: one net finishes alone with train(), the others resume
-    in the pack, one of them from scratch (a stage of its own until it reaches the others)."""
+    in the pack, one of them from scratch (a stage of its own until it reaches the others).
+    float64, against uninterrupted train() runs."""
     _kill_at(monkeypatch, 11)
     with pytest.raises(_Killed):
-        train_pack(_nets([0, 1, 2], tmp_path), synthetic, progress=False)
+        train_pack(_nets([0, 1, 2], tmp_path, torch.float64), synthetic64, progress=False)
     monkeypatch.undo()
-    net1 = _nets([1], tmp_path)[0]
-    train(net1.model, synthetic, net1.masks, net1.config, net1.run_dir, progress=False)  # net 1 alone
+    net1 = _nets([1], tmp_path, torch.float64)[0]
+    train(net1.model, synthetic64, net1.masks, net1.config, net1.run_dir, progress=False)  # net 1 alone
     shutil.rmtree(tmp_path / "net_2")  # net 2 lost everything: starts over
-    resumed = _nets([0, 1, 2], tmp_path)
-    results = train_pack(resumed, synthetic, progress=False)
+    resumed = _nets([0, 1, 2], tmp_path, torch.float64)
+    results = train_pack(resumed, synthetic64, progress=False)
     assert "lockstep" not in results[1].summary  # read back, as train() finished it
     for s, (net, result) in enumerate(zip(resumed, results)):
-        alone = synthetic_model(s)
-        expected = train(alone, synthetic, net.masks, net.config, progress=False)
-        assert _max_diff(alone, net.model) <= 1e-4
+        alone = _model(s, torch.float64)
+        expected = train(alone, synthetic64, net.masks, net.config, progress=False)
+        assert max_diff(alone, net.model) <= _bound()
         assert [r["iteration"] for r in result.history] == [r["iteration"] for r in expected.history]
-        assert result.history[-1]["val_acc"] == pytest.approx(expected.history[-1]["val_acc"], abs=0.02)
+        assert result.history[-1]["val_acc"] == expected.history[-1]["val_acc"]
 
 
-def test_train_resumes_a_pack_checkpoint(synthetic, tmp_path, monkeypatch):
+@pytest.mark.numerics
+def test_train_resumes_a_pack_checkpoint(synthetic64, tmp_path, monkeypatch):
     _kill_at(monkeypatch, 11)
     with pytest.raises(_Killed):
-        train_pack(_nets([0, 1], tmp_path), synthetic, progress=False)
+        train_pack(_nets([0, 1], tmp_path, torch.float64), synthetic64, progress=False)
     monkeypatch.undo()
-    net = _nets([0], tmp_path)[0]
-    result = train(net.model, synthetic, net.masks, net.config, net.run_dir, progress=False)
-    alone = synthetic_model(0)
-    train(alone, synthetic, net.masks, net.config, progress=False)
-    assert _max_diff(alone, net.model) <= 1e-4 and result.summary["iterations"] == 12
+    net = _nets([0], tmp_path, torch.float64)[0]
+    result = train(net.model, synthetic64, net.masks, net.config, net.run_dir, progress=False)
+    alone = _model(0, torch.float64)
+    train(alone, synthetic64, net.masks, net.config, progress=False)
+    assert max_diff(alone, net.model) <= _bound() and result.summary["iterations"] == 12
 
 
 def test_snapshots_and_finished_runs_read_back(synthetic, tmp_path, monkeypatch):
@@ -263,38 +334,42 @@ def test_precision_is_recorded_and_never_mixed_on_resume(synthetic, tmp_path):
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("impl", ["grouped", "vmap"])
-def test_cuda_graph_matches_eager(synthetic, tmp_path, impl):
-    eager = _nets([0, 1, 2], tmp_path / "eager", device="cuda")
-    graphed = _nets([0, 1, 2], tmp_path / "graphed", device="cuda")
-    want = train_pack(eager, synthetic, PackOptions(impl=impl), progress=False)
-    got = train_pack(graphed, synthetic, PackOptions(impl=impl, cuda_graph=True), progress=False)
+@pytest.mark.numerics
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cuda_graph_matches_eager(synthetic64, tmp_path, impl):
+    eager = _nets([0, 1, 2], tmp_path / "eager", torch.float64, device="cuda")
+    graphed = _nets([0, 1, 2], tmp_path / "graphed", torch.float64, device="cuda")
+    want = train_pack(eager, synthetic64, PackOptions(impl=impl), progress=False)
+    got = train_pack(graphed, synthetic64, PackOptions(impl=impl, cuda_graph=True), progress=False)
     for a, b, ra, rb in zip(eager, graphed, want, got):
-        assert _max_diff(a.model, b.model) <= 1e-4
+        assert max_diff(a.model, b.model) <= _bound()
         assert [r["iteration"] for r in ra.history] == [r["iteration"] for r in rb.history]
         assert rb.summary["lockstep"]["cuda_graph"] is True
 
 
 @pytest.mark.needs_cuda
-def test_cuda_graph_pack_resumes(synthetic, tmp_path, monkeypatch):
-    whole = _nets([0, 1], tmp_path / "whole", device="cuda")
-    train_pack(whole, synthetic, PackOptions(cuda_graph=True), progress=False)
+@pytest.mark.numerics
+def test_cuda_graph_pack_resumes(synthetic64, tmp_path, monkeypatch):
+    whole = _nets([0, 1], tmp_path / "whole", torch.float64, device="cuda")
+    train_pack(whole, synthetic64, PackOptions(cuda_graph=True), progress=False)
     _kill_at(monkeypatch, 11)
     with pytest.raises(_Killed):
-        train_pack(_nets([0, 1], tmp_path / "killed", device="cuda"), synthetic, PackOptions(cuda_graph=True),
-                   progress=False)
+        train_pack(_nets([0, 1], tmp_path / "killed", torch.float64, device="cuda"), synthetic64,
+                   PackOptions(cuda_graph=True), progress=False)
     monkeypatch.undo()
-    resumed = _nets([0, 1], tmp_path / "killed", device="cuda")
-    train_pack(resumed, synthetic, PackOptions(cuda_graph=True), progress=False)
+    resumed = _nets([0, 1], tmp_path / "killed", torch.float64, device="cuda")
+    train_pack(resumed, synthetic64, PackOptions(cuda_graph=True), progress=False)
     for a, b in zip(whole, resumed):
-        assert _max_diff(a.model, b.model) <= 1e-5
+        assert max_diff(a.model, b.model) <= _bound()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("device", DEVICES)
-def test_pack_on_each_device_matches_train(synthetic, device):
-    nets = _nets([0, 1], device=device)
-    train_pack(nets, synthetic, progress=False)
+def test_pack_on_each_device_matches_train(synthetic64, device):
+    """float64: a pack on each device against train() on that device."""
+    nets = _nets([0, 1], dtype=torch.float64, device=device)
+    train_pack(nets, synthetic64, progress=False)
     for s, net in enumerate(nets):
-        alone = synthetic_model(s)
-        train(alone, synthetic, net.masks, net.config, progress=False)
-        assert _max_diff(alone, net.model) <= 1e-4
+        alone = _model(s, torch.float64)
+        train(alone, synthetic64, net.masks, net.config, progress=False)
+        assert max_diff(alone, net.model) <= _bound()

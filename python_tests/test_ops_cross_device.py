@@ -20,6 +20,8 @@ from mcwt_ext.fit import LogisticFit, LogisticModel
 from mcwt_ext.models import build_model
 from mcwt_ext.sample import sample_ticket
 
+pytestmark = pytest.mark.numerics  # compares computation paths (conftest.py)
+
 #: Largest fraction of a net's weights whose mask may differ between CPU and CUDA.
 #: Measured with this file's simulation (2-vCPU Xeon KVM, 2026-11-26; Conv-2/4/6 at 32x32,
 #: 64 images, seeds 0 and 1): at most 4.1e-7 of the weights with 4 ulps of noise, 1.7e-6 with

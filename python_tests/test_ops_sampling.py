@@ -10,6 +10,8 @@ from mcwt_ext import ops
 from mcwt_ext._reference import detmath, philox
 from mcwt_ext._reference.sampling import keep_probability
 
+pytestmark = pytest.mark.numerics  # compares computation paths (conftest.py)
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # conv, linear, and a ragged one (numel % 4 != 0; output rows straddle CPU blocks)
 SHAPES = [(64, 3, 3, 3), (10, 256), (33, 7)]

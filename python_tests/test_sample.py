@@ -29,6 +29,7 @@ def _model(ds, device="cpu", arch="conv2"):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.numerics
 def test_calibration_hits_target(device):
     w = torch.randn(64, 32, 3, 3, generator=torch.Generator().manual_seed(0)).to(device)
     g = torch.rand(32, generator=torch.Generator().manual_seed(1)).to(device) + 0.5
@@ -39,6 +40,7 @@ def test_calibration_hits_target(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.numerics
 def test_densities_hit_target(digits, device, exact):
     model = _model(digits, device, "conv4")
     masks, draws = sample_ticket(model, FIT, digits.train.tensors[0].to(device), sparsity=0.8,
@@ -55,6 +57,7 @@ def test_densities_hit_target(digits, device, exact):
             assert abs(int(mask.sum()) - 0.2 * n) <= 5 * math.sqrt(n * 0.2 * 0.8) + 1
 
 
+@pytest.mark.numerics
 def test_per_layer_sparsity_and_determinism(digits):
     model = _model(digits)
     x = digits.train.tensors[0]
@@ -127,6 +130,7 @@ def test_errors(digits):
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.numerics
 def test_same_masks_on_cpu_and_cuda(digits):
     x = digits.train.tensors[0]
     cpu = sample_masks(_model(digits), FIT, x, seed=5)

@@ -105,6 +105,7 @@ def test_history_summary_and_files(synthetic, tmp_path):
     assert not rd.exists(CHECKPOINT)  # removed once the run is finished
 
 
+@pytest.mark.numerics
 def test_deterministic_for_a_seed(synthetic):
     a, b, c = synthetic_model(), synthetic_model(), synthetic_model()
     train(a, synthetic, None, _cfg(iterations=5), progress=False)
@@ -129,6 +130,7 @@ def _kill_at(monkeypatch, iteration):
     monkeypatch.setattr(train_mod, "_batches", dying)
 
 
+@pytest.mark.numerics
 def test_resume_after_a_kill_is_bit_identical(synthetic, tmp_path, monkeypatch):
     masks = random_masks(synthetic_model(), 0.5, seed=0)
     whole = synthetic_model()
@@ -201,6 +203,7 @@ def test_resume_refuses_other_settings_or_masks(synthetic, tmp_path):
         train(synthetic_model(), synthetic, random_masks(synthetic_model(), 0.5, 0), _cfg(iterations=4), tmp_path, progress=False)
 
 
+@pytest.mark.numerics
 def test_snapshot_equals_a_run_stopped_there(synthetic, tmp_path):
     train(synthetic_model(), synthetic, None, _cfg(iterations=6), tmp_path / "long", progress=False, snapshot_iterations=[3])
     short = synthetic_model()
@@ -211,6 +214,7 @@ def test_snapshot_equals_a_run_stopped_there(synthetic, tmp_path):
         train(synthetic_model(), synthetic, None, _cfg(iterations=6), progress=False, snapshot_iterations=[3])
 
 
+@pytest.mark.numerics
 def test_worker_processes_give_the_same_batches(synthetic):
     a, b = synthetic_model(), synthetic_model()
     train(a, synthetic, None, _cfg(iterations=4), progress=False)
@@ -255,6 +259,7 @@ def test_sgd_steps_at_the_scheduled_learning_rate(synthetic, monkeypatch):
         assert torch.count_nonzero(model.get_parameter(name).detach()[~mask]) == 0
 
 
+@pytest.mark.numerics
 def test_sgd_resume_after_a_kill_is_bit_identical(synthetic, tmp_path, monkeypatch):
     masks = random_masks(synthetic_model(), 0.5, seed=0)
     whole = synthetic_model()
@@ -287,6 +292,7 @@ def test_runs_made_before_the_optimizer_settings_still_resume(synthetic, tmp_pat
         train(synthetic_model(), synthetic, None, _sgd(), rd, progress=False)
 
 
+@pytest.mark.numerics
 def test_torch_pruned_model_trains_its_own_masks(synthetic, tmp_path):
     """A model pruned with torch.nn.utils.prune trains like the unpruned model with its masks; its
     run directory holds plain weights that load into build_model's net."""
