@@ -120,7 +120,7 @@ reproduce_cmd() {  # REPRODUCE=(...) for SECONDS of --time-budget, importing STA
 }
 
 # The plan: fixed limits, and the grid gets the rest of the budget.
-INPUTS_S=15 ENV_S=10 BUILD_S=150 DATA_S=30 IMPORT_S=10 EXPORT_S=30 PACK_S=15
+INPUTS_S=15 ENV_S=10 BUILD_S=150 DATA_S=30 IMPORT_S=30 EXPORT_S=30 PACK_S=15
 (( NEED_BUILD )) || BUILD_S=0
 SEQ_DATA_S=0; (( NEED_DATA && ! NEED_BUILD )) && SEQ_DATA_S=$DATA_S  # beside the build if there is one
 GRID_S=$(( BUDGET_S - INPUTS_S - ENV_S - BUILD_S - SEQ_DATA_S - IMPORT_S - EXPORT_S - PACK_S ))
