@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import child_env, synthetic_model
+from conftest import synthetic_model
 from numerics import U64, sgd_drift_bound, sum_rounding
 from mcwt_ext import distributed
 from mcwt_ext.connectivity import measure_connectivity
@@ -123,28 +123,6 @@ def test_one_process_is_not_distributed():
     distributed.check_batch_size(7)
 
 
-def _readme_block() -> str:
-    """The README's "Scaling out" commands (torchrun and one process), runnable here: the
-    checkout's Python for .venv/bin, a free port."""
-    import re
-    import sys
-    from pathlib import Path
-
-    section = (Path(__file__).resolve().parent.parent / "README.md").read_text().split("### Scaling out", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
-    block = block.replace(".venv/bin/torchrun", f"{sys.executable} -m torch.distributed.run")
-    block = block.replace(".venv/bin/mcwt", f"{sys.executable} -m mcwt_ext.cli")
-    return re.sub(r"--master-port \d+", f"--master-port {_free_port()}", block)
-
-
-def _run_block(block, cwd):
-    import subprocess
-
-    done = subprocess.run(block, shell=True, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"rc {done.returncode}; stdout: {done.stdout[-1500:]}; stderr: {done.stderr[-3000:]}"
-    return done
-
-
 def _final(run):
     from mcwt_ext.models import build_model
     from mcwt_ext.runs import load_weights
@@ -171,9 +149,13 @@ def test_readme_torchrun_command_runs(tmp_path):
     from mcwt_ext.train import BatchOrder
     from numerics import first_step_violations, max_diff
 
-    block = _readme_block()
-    done = _run_block(block, tmp_path)
-    runs = tmp_path / "runs"
+    from readme_blocks import block, explain, run_block, sandbox
+
+    box = sandbox(tmp_path)
+    text = block("torchrun")
+    done = run_block(text, box, timeout=900)
+    assert done.returncode == 0, explain(done)
+    runs = box / "runs"
     ddp, one = (json.loads((runs / d / "summary.json").read_text()) for d in ("ddp-digits", "one-digits"))
     assert ddp["iterations"] == one["iterations"] == 200 and ddp["val_acc_final"] > 0.9
     assert done.stdout.count("val_acc_final") == 2  # one report per command: rank 0's and the single one's
@@ -182,12 +164,13 @@ def test_readme_torchrun_command_runs(tmp_path):
     for key, images in (("val_acc_final", 150), ("test_acc_final", 297)):
         assert abs(ddp[key] - one[key]) <= 2 / images, key
 
-    _run_block(_readme_block().replace("--iterations 200", "--iterations 1").replace("runs/", "step1/"), tmp_path)
+    step = run_block(text.replace("--iterations 200", "--iterations 1").replace("runs/", "step1/"), box, timeout=900)
+    assert step.returncode == 0, explain(step)
     from mcwt_ext.models import build_model
 
     ds = load_dataset("digits")
     x, y = ds.train.tensors
     idx = BatchOrder(len(y), 60, 0).indices(0)
-    step1 = tmp_path / "step1"
+    step1 = box / "step1"
     assert first_step_violations(build_model("conv2", 1, 10, 8), {}, x[idx], y[idx], lr,
                                  _final(step1 / "ddp-digits"), _final(step1 / "one-digits")) == 0
