@@ -92,7 +92,7 @@ def _kernels_line(with_cuda):
 
 
 def _source_digest():
-    """mcwt_ext/_source.py's digest of csrc/ and this file (loaded by path: nothing is built yet)."""
+    """mcwt_ext/_source.py's digest of what this build installs (loaded by path: nothing is built yet)."""
     spec = importlib.util.spec_from_file_location("_mcwt_source", os.path.join(ROOT, "mcwt_ext", "_source.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,9 +1,11 @@
-"""The digest of what the compiled extension is built from: ``csrc/`` and ``setup.py``.
+"""The digest of what ``pip install .`` builds and installs: ``setup.py``, ``pyproject.toml``,
+``csrc/`` and the package's Python files.
 
 setup.py compiles it into ``mcwt_ext._C`` (``_extension.BUILT_SOURCE_SHA256``), and
 ``python mcwt_ext/_source.py [ROOT]`` prints a checkout's (standard library only: it runs before
 anything is built); ``--check ROOT`` tells whether the importable mcwt_ext was built from it, so
-the GPU scripts skip a build that already matches the checkout. Run it by path from outside the
+``scripts/install.sh`` and the GPU scripts skip a build that already matches the checkout. Run it
+by path from outside the
 checkout, so that ``import mcwt_ext`` finds the installed package, not the source tree.
 """
 import hashlib
@@ -12,10 +14,14 @@ import sys
 
 
 def source_digest(root: str) -> str:
-    """sha256 over the relative paths and contents of ``root``'s setup.py and csrc/ files."""
-    csrc = os.path.join(root, "csrc")
-    rels = ["setup.py"] + sorted(os.path.relpath(os.path.join(d, f), root)
-                                 for d, _, files in os.walk(csrc) for f in files)
+    """sha256 over the relative paths and contents of ``root``'s setup.py, pyproject.toml, csrc/
+    files and mcwt_ext/ Python files (not the compiled ``_C``, not bytecode)."""
+    def files(folder, keep):
+        top = os.path.join(root, folder)
+        return [os.path.relpath(os.path.join(d, f), root) for d, dirs, names in os.walk(top)
+                for f in names if keep(f) and "__pycache__" not in d]
+    rels = ["setup.py", "pyproject.toml"] + sorted(files("csrc", lambda f: True) +
+                                                   files("mcwt_ext", lambda f: f.endswith(".py")))
     digest = hashlib.sha256()
     for rel in rels:
         with open(os.path.join(root, rel), "rb") as f:
@@ -31,8 +37,9 @@ def check(root: str, cuda: bool = False) -> tuple[bool, str]:
         from mcwt_ext import _extension as ext
     except ImportError as e:
         return False, f"no usable build of mcwt_ext: {' '.join(str(e).split())}"
-    if ext.BUILT_SOURCE_SHA256 != want:
-        return False, f"the installed build is of other sources ({ext.BUILT_SOURCE_SHA256}; this checkout: {want})"
+    built = getattr(ext, "BUILT_SOURCE_SHA256", None)  # None: a build older than the digest
+    if built != want:
+        return False, f"the installed build is of other sources ({built}; this checkout: {want})"
     if cuda and not ext.HAS_CUDA_KERNELS:
         return False, "the installed build has no CUDA kernels"
     return True, (f"the installed build matches this checkout (sources {want[:12]}, torch "

@@ -175,7 +175,9 @@ def test_source_check_tells_a_matching_build_from_a_stale_one(tmp_path):
     assert ok.returncode == 0 and "matches this checkout" in ok.stdout, ok.stdout + ok.stderr
     other = tmp_path / "checkout"
     shutil.copytree(ROOT / "csrc", other / "csrc")
-    shutil.copy(ROOT / "setup.py", other / "setup.py")
+    shutil.copytree(ROOT / "mcwt_ext", other / "mcwt_ext", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(ROOT / name, other / name)
     (other / "csrc" / "mcwt.cpp").write_text((other / "csrc" / "mcwt.cpp").read_text() + "\n// changed\n")
     stale = subprocess.run([*source, "--check", str(other)], capture_output=True, text=True, env=child_env(),
                            cwd=tmp_path, timeout=60)

@@ -9,9 +9,9 @@
 #   bash scripts/install.sh --test   # the same, plus pytest
 #   bash scripts/install.sh --check  # only say whether the build is this checkout's (exit 0) or not (1)
 #
-# The build is skipped when the installed mcwt_ext was built from these very sources (a hash of
-# setup.py, pyproject.toml and every file under csrc/ and mcwt_ext/, recorded in .venv after each
-# build), the test tools are there if --test asks for them, and the kernels asked for by
+# The build is skipped when the installed mcwt_ext was built from these very sources (the digest of
+# setup.py, pyproject.toml, csrc/ and the package's Python files that setup.py compiles into _C:
+# mcwt_ext/_source.py --check), the test tools are there if --test asks for them, and the kernels asked for by
 # MCWT_FORCE_CUDA / MCWT_FORCE_CPU are the ones built; so rerunning it is quick.
 #
 # Environment: PYTHON (default python3), TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"),
@@ -28,17 +28,12 @@ case "${1:-}" in
   "") ;;
   *) echo "install.sh: unknown option ${1} (use --test or --check)" >&2; exit 2 ;;
 esac
-RECORD=.venv/.mcwt_build  # the sources hash of the last build
-sources_hash() {
-  find -L setup.py pyproject.toml csrc mcwt_ext -type f ! -name '*.so' ! -name '*.pyc' \
-    ! -path '*/__pycache__/*' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16
-}
 gpu_visible() { .venv/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; }
-# Up to date: the recorded build is of these sources, has the test tools if asked, imports, and
+# Up to date: the installed build is of these sources (mcwt_ext/_source.py), has the test tools if asked, imports, and
 # has the kernels a forcing variable asks for.
 up_to_date() {
-  [[ -f $RECORD && -x .venv/bin/python ]] || return 1
-  [[ $(cat "$RECORD") == "$(sources_hash)" ]] || return 1
+  [[ -x .venv/bin/python ]] || return 1
+  (cd / && "$OLDPWD/.venv/bin/python" "$OLDPWD/mcwt_ext/_source.py" --check "$OLDPWD" >/dev/null 2>&1) || return 1
   [[ -z $extra ]] || .venv/bin/python -c "import pytest, xdist" 2>/dev/null || return 1
   local cuda
   cuda=$(cd / && "$OLDPWD/.venv/bin/python" -c "from mcwt_ext import _extension as e; print(e.BUILT_CUDA_VERSION or '')" 2>/dev/null) || return 1
@@ -79,9 +74,7 @@ if up_to_date; then
   stage "build: skipped, .venv already holds mcwt_ext$extra built from these sources"
 else
   stage "build: mcwt_ext$extra from source, $kernels"
-  rm -f "$RECORD"
   $PIP install $QUIET --no-build-isolation ".$extra"
-  sources_hash >"$RECORD"
 fi
 # Import from outside the checkout, so the installed package (not the source tree) is checked.
 (cd / && "$OLDPWD/.venv/bin/python" -c "from mcwt_ext import _extension as e; \

@@ -103,8 +103,8 @@ step() {
 # also in the background (sigint_module.py).
 PY_SIGINT=("$REPO/scripts/sigint_module.py")
 
-# build_matches [--cuda]: whether the importable mcwt_ext was built from this checkout's csrc/
-# and setup.py (with CUDA kernels); prints why (mcwt_ext/_source.py).
+# build_matches [--cuda]: whether the importable mcwt_ext was built from this checkout (setup.py,
+# pyproject.toml, csrc/, the package's Python files; with CUDA kernels); prints why (mcwt_ext/_source.py).
 build_matches() {
   (cd / && "$PYTHON" "$REPO/mcwt_ext/_source.py" --check "$REPO" "$@")
 }
