@@ -91,6 +91,18 @@ def add_out_arg(p: argparse.ArgumentParser) -> None:
                    help="run directory; rerunning the same command on it resumes the run")
 
 
+def add_distribution_arg(g) -> None:
+    """--distribution: how --sparsity spreads over the layers (:mod:`mcwt_ext.distribution`)."""
+    from .distribution import DISTRIBUTIONS
+
+    g.add_argument("--distribution", choices=DISTRIBUTIONS, default="uniform",
+                   help="uniform: every layer pruned to --sparsity (default, the paper's); erk: "
+                        "Erdos-Renyi-Kernel (Evci et al. 2020): layer l keeps a share proportional to "
+                        "(sum of its weight's dims) / (its weight count), capped at dense; the first layer "
+                        "is kept dense (as RigL) and the other layers keep in total exactly what uniform "
+                        "keeps over them")
+
+
 def _command(subparsers, func, name: str, *, model_data: bool = False, train: bool = False, **kwargs):
     """The sub-parser of command ``name`` run by ``func``, with the shared flag groups it takes."""
     p = subparsers.add_parser(name, **kwargs)
@@ -150,13 +162,15 @@ def add_random_parser(subparsers) -> None:
     p = _command(subparsers, commands.random_cmd, "random", model_data=True, train=True,
                  help="random-pruning baseline",
                  description="Prune each layer uniformly at random to the same sparsity "
-                             "(exact per-layer count), keep the initial weights, and train.")
+                             "(or to ERK's shares, --distribution erk; exact per-layer count), keep "
+                             "the initial weights, and train.")
     g = p.add_argument_group("pruning")
     how = g.add_mutually_exclusive_group()
     how.add_argument("--sparsity", type=sparsity, default=0.8,
                      help="share of every layer's weights pruned (default 0.8)")
     how.add_argument("--like", type=existing_file,
                      help="masks.safetensors whose per-layer sparsity to match (e.g. a ticket's)")
+    add_distribution_arg(g)
     g.add_argument("--mask-seed", type=seed, help="seed of the random masks (default: --seed)")
     g.add_argument("--init", type=existing_file, help="initial weights (default: a fresh init from --seed)")
     g.add_argument("--no-train", action="store_true", help="only write masks.safetensors and init.safetensors")
@@ -182,7 +196,8 @@ def add_prune_parser(subparsers) -> None:
                    help="share of every layer's weights pruned (default 0.8)")
     g.add_argument("--allocation", choices=ALLOCATIONS, default="layer",
                    help="layer: each layer keeps exactly its share (default); global: best scores "
-                        "over all layers, same total")
+                        "over all layers, same total (uniform --distribution only)")
+    add_distribution_arg(g)
     g.add_argument("--no-train", action="store_true", help="only write masks.safetensors and init.safetensors")
     add_out_arg(p)
 
@@ -243,6 +258,7 @@ def add_sample_parser(subparsers) -> None:
                    help="initial weights (default: a fresh init from --seed)")
     p.add_argument("--sparsity", type=sparsity, default=0.8,
                    help="share of every layer's weights to prune (default 0.8)")
+    add_distribution_arg(p)
     p.add_argument("--no-connectivity", dest="use_connectivity", action="store_false",
                    help="magnitude-only models (the paper's 'MCWT w/o connectivity')")
     p.add_argument("--exact", action="store_true",

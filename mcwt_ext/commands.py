@@ -92,20 +92,32 @@ def imp_cmd(args) -> int:
     return 0
 
 
+def _layer_sparsity(args, model, ds: Dataset):
+    """--sparsity spread over the model's layers by --distribution."""
+    from .distribution import layer_sparsity
+
+    with flag("--distribution"):
+        return layer_sparsity(args.arch, model, ds.example_input(), args.sparsity, args.distribution)
+
+
 def random_cmd(args) -> int:
     check_out(args.out)
+    if args.like is not None and args.distribution != "uniform":
+        raise ValueError(f"--distribution {args.distribution}: --like copies each layer's sparsity "
+                         f"from its masks; give one of them")
     ds, model = data_and_model(args, args.init)
     if args.like is not None:
         like = read_masks(args, ds, model, args.like, "--like")
         sparsity = {k: 1.0 - d for k, d in masks_lib.densities(like).items()}
     else:
-        sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)
+        sparsity = _layer_sparsity(args, model, ds)
     mask_seed = args.seed if args.mask_seed is None else args.mask_seed
     masks = masks_lib.random_masks(model, sparsity, mask_seed)
     cfg = train_config(args)
     if not args.no_train:
         check_batch_size(cfg, ds)
-    with opened(args.out, run_config(args, ds, sparsity=sparsity, mask_seed=mask_seed,
+    with opened(args.out, run_config(args, ds, sparsity=sparsity, distribution=args.distribution,
+                                     mask_seed=mask_seed,
                                      init=resolved(args.init),
                                      train=None if args.no_train else dataclasses.asdict(cfg))) as rd:
         save_starts(rd, model, masks)
@@ -125,15 +137,18 @@ def prune_cmd(args) -> int:
     from .prune_at_init import prune_at_init
 
     check_out(args.out)
+    if args.distribution != "uniform" and args.allocation == "global":
+        raise ValueError(f"--distribution {args.distribution}: sets each layer's count, and "
+                         f"--allocation global pools the layers into one total; give one of them")
     ds, model = data_and_model(args)
     cfg = train_config(args)
     start = time.perf_counter()
-    sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)  # resnet20: fc dense
+    sparsity = _layer_sparsity(args, model, ds)  # resnet20: fc dense
     masks = prune_at_init(model, args.method, ds.train.tensors, sparsity, seed=args.seed,
                           allocation=args.allocation, progress=not args.no_progress and sys.stderr.isatty())
     wall = time.perf_counter() - start
     with opened(args.out, run_config(args, ds, prune_method=args.method, sparsity=args.sparsity,
-                                     allocation=args.allocation,
+                                     allocation=args.allocation, distribution=args.distribution,
                                      train=None if args.no_train else dataclasses.asdict(cfg))) as rd:
         save_starts(rd, model, masks)
         _save_construction(rd, wall)
@@ -210,9 +225,10 @@ def sample_cmd(args) -> int:
         fit = load_fit(args.fit)
     ds, model = data_and_model(args, args.init)
     model.to(args.device)
-    sparsity = arch_sparsity(args.arch, model, ds.example_input(), args.sparsity)
+    sparsity = _layer_sparsity(args, model, ds)
     _check_fit_covers(fit, model, ds, args.use_connectivity, sparsity, args.fit)
     with opened(args.out, run_config(args, ds, fit=str(args.fit.resolve()), sparsity=args.sparsity,
+                                     distribution=args.distribution,
                                      use_connectivity=args.use_connectivity, exact=args.exact,
                                      max_samples=args.max_samples)) as rd:
         start = time.perf_counter()

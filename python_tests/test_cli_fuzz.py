@@ -194,6 +194,15 @@ CASES = {
           "--out", "{out}"], "--like"),
         (["random", *TRAIN, "--batch-size", "100000", "--out", "{out}"], "--batch-size"),
         (["random", *TRAIN, "--out", "{foreign}"], "--out"),
+        (["random", *TRAIN, "--distribution", "normal", "--out", "{out}"], "--distribution"),
+        (["random", *TRAIN, "--distribution", "erk", "--like", "{ticket}/masks.safetensors",
+          "--out", "{out}"], "--distribution"),
+    ],
+    "prune": [
+        (["prune", *TRAIN, "--method", "magnitude", "--distribution", "ERK", "--out", "{out}"],
+         "--distribution"),
+        (["prune", *TRAIN, "--method", "magnitude", "--distribution", "erk", "--allocation", "global",
+          "--out", "{out}"], "--distribution"),
     ],
     "fit": [
         (["fit", "--out", "{out}"], "--ticket"),
@@ -226,6 +235,7 @@ CASES = {
         (["sample", *MODEL, "--fit", "{fit}", "--init", "{conv4_init}", "--out", "{out}"], "of a conv4"),
         (["sample", *MODEL, "--fit", "{fit}", "--max-samples", "-1", "--out", "{out}"], "--max-samples"),
         (["sample", *MODEL, "--fit", "{fit}", "--out", "{text}"], "--out"),
+        (["sample", *MODEL, "--fit", "{fit}", "--distribution", "", "--out", "{out}"], "--distribution"),
     ],
     "plot": [
         (["plot", "--ticket", "{ticket}", "--out", "{out}"], "--mcwt"),
@@ -263,7 +273,8 @@ ALL = [(cmd, argv, match) for cmd, cases in CASES.items() for argv, match in cas
 
 
 def test_the_table_is_large_enough():
-    assert len(ALL) >= 60 and set(CASES) == {"train", "imp", "random", "fit", "sample", "plot", "reproduce"}
+    assert len(ALL) >= 60 and set(CASES) == {"train", "imp", "random", "prune", "fit", "sample", "plot",
+                                        "reproduce"}
 
 
 @pytest.fixture
