@@ -24,13 +24,14 @@ Layers the architecture keeps dense stay dense and outside the total too (rigl's
 Counts are exact: layer ``l`` keeps ``floor(eps p_l n_l)`` weights, and the weights those floors
 leave short of the total go one each to the layers of largest fractional part (ties: the earlier
 layer in forward order). The densities returned are those counts over ``n_l``, so every consumer's
-``kept_count(n, density)`` lands on them.
+``kept_count(n, density)`` lands on them. (rigl's total is ``sum of n_l - floor(s n_l)``, ours
+``sum of round(n_l (1 - s))``, the count every other path of this package keeps.)
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
-from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -101,8 +102,7 @@ def layer_sparsity(arch: str, model: nn.Module, example_input: torch.Tensor, spa
     layers = prunable_layers(model, example_input.to(device))
     names = [f"{n}.weight" for n, _ in layers]
     shares = per_layer(uniform, names, "sparsity")
-    pool = {n: tuple(m.weight.shape) for n, m in zip(names[1:], (m for _, m in layers[1:]))
-            if shares.get(n, 0.0) > 0.0}
+    pool = {n: tuple(m.weight.shape) for n, (_, m) in zip(names[1:], layers[1:]) if shares.get(n, 0.0) > 0.0}
     if not pool and shares.get(names[0], 0.0) > 0.0:
         raise ValueError(f"distribution: erk keeps the first layer dense (as rigl), and {arch} has no "
                          f"other layer to prune")
