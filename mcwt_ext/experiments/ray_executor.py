@@ -50,8 +50,8 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise ValueError("--executor ray: Ray is not installed; install the extra: "
-                         "pip install --no-build-isolation '.[ray]' (pins ray==2.60.0)") from None
+        raise ValueError("--executor ray: Ray is not installed; install the ray extra: pip install "
+                         "--no-build-isolation '.[ray]' in the checkout (scripts/install.sh --test does)") from None
     return ray
 
 
