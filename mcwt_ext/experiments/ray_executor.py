@@ -57,7 +57,6 @@ def _ray():
 
 def check_ray(grid) -> None:
     """Raise a ValueError naming the flag if ``grid`` cannot run on Ray (before anything is written)."""
-    _ray()
     if grid.shard is not None:
         raise ValueError("--shard: splits a grid over job-array tasks; with --executor ray, Ray places the "
                          "cells itself: give one or the other")
@@ -66,6 +65,7 @@ def check_ray(grid) -> None:
     device = torch.device(grid.device)
     if device.type == "cuda" and device.index is not None:
         raise ValueError(f"--device {grid.device}: with --executor ray give cuda (Ray picks each task's GPU)")
+    _ray()
 
 
 def groups(cells: list, pack: int | None) -> list[list]:

@@ -1,9 +1,9 @@
 """Job-array shards of a grid (``reproduce --shard I/N``): whole chains, so no shard waits on
 another.
 
-A *chain* is a connected component of the grid's need graph: an architecture's seed with every
-cell that needs one of its cells (the fit-transfer cells of every seed need seed 0's fit, so they
-join seed 0's chain). No cell of one chain needs a cell of another, so a shard that runs whole
+A *chain* is an architecture's seed with every cell that needs one of its cells: each connected
+component of the grid's need graph belongs to the (architecture, seed) of its first cell (the
+fit-transfer cells of every seed need seed 0's fit, so they join seed 0's chain). No cell of one chain needs a cell of another, so a shard that runs whole
 chains needs nothing another shard makes, and a killed or never-started shard holds up no other:
 its chains wait for its rerun. Chain j, in grid order, goes to shard j mod N + 1.
 """
@@ -32,21 +32,21 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def chains(cells: list[Cell]) -> list[list[Cell]]:
-    """The connected components of the cells' need graph, in grid order: no cell of one chain
-    needs a cell of another (see the module doc)."""
+    """The chains of ``cells``, in grid order: each connected component of the need graph goes
+    to the (arch, seed) of its first cell, so no cell of one chain needs a cell of another."""
     parent = {c.key: c.key for c in cells}
 
     def root(key):
         while parent[key] != key:
             key = parent[key]
         return key
-    for c in cells:
+    for c in cells:  # grid order: a need comes before the cell, so a root is its component's first
         for k in CELLS[c.kind].need_keys(c.arch, c.seed):
             if k in parent:
                 parent[root(c.key)] = root(k)
     out: dict[tuple, list[Cell]] = {}
     for c in cells:
-        out.setdefault(root(c.key), []).append(c)
+        out.setdefault(root(c.key)[:2], []).append(c)
     return list(out.values())
 
 
