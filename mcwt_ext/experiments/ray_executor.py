@@ -107,7 +107,8 @@ def _init(ray, address: str | None) -> bool:
         return True
     root = str(Path(__file__).resolve().parents[2])  # where this mcwt_ext was imported from
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    ray.init(include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+    # "local": a new instance, never one that `ray start` left running here
+    ray.init(address="local", include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
              runtime_env=dict(env_vars=dict(PYTHONPATH=path)))
     return True
 
