@@ -359,9 +359,6 @@ def test_a_spawned_worker_pool_runs_the_grid(tmp_path):
     (["--shard", "3/2"], "--shard"), (["--shard", "0/0"], "--shard"), (["--shard", "a/b"], "--shard"),
     (["--shard", "1"], "--shard"), (["--pack", "0"], "--pack"), (["--pack", "many"], "--pack"),
     (["--pack", "4", "--jobs", "2"], "pack"),
-    (["--executor", "dask"], "--executor"), (["--ray-address", "10.0.0.1"], "--ray-address"),
-    (["--ray-address", "10.0.0.1:6379"], "--ray-address"),  # without --executor ray
-    (["--executor", "ray", "--shard", "1/2"], "--shard"),
     (["--time-budget", "60"], "--time-budget"),  # on CPU, --pack auto trains cell by cell
     (["--time-budget", "0", "--pack", "4"], "--time-budget"),
     (["--import-state", "/nonexistent/state.zip"], "--import-state"),
