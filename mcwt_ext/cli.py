@@ -307,7 +307,8 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--eval-every", type=positive_int,
                    help="override the protocol's iterations between evaluations")
     p.add_argument("--jobs", type=positive_int, default=1,
-                   help="cells run in parallel processes, each with cores/jobs threads (default 1)")
+                   help="cells run in parallel processes, each with cores/jobs threads (default 1); with "
+                        "--executor ray and --device cuda: cells that share one GPU")
     p.add_argument("--device", type=device_spec, default="cpu", help="torch device (default cpu)")
     p.add_argument("--download", action="store_true",
                    help="download CIFAR-10 into --data-root through torchvision if it is absent")

@@ -62,9 +62,16 @@ def check_ray(grid) -> None:
                          "cells itself: give one or the other")
     if grid.budget is not None:
         raise ValueError("--time-budget: picks packs within one process; not with --executor ray")
+    from .. import distributed
+
+    if distributed.active():
+        raise ValueError("--executor ray: Ray starts its own processes; run it without torchrun")
     device = torch.device(grid.device)
     if device.type == "cuda" and device.index is not None:
         raise ValueError(f"--device {grid.device}: with --executor ray give cuda (Ray picks each task's GPU)")
+    if grid.jobs > 1 and device.type != "cuda":
+        raise ValueError("--jobs: with --executor ray, Ray runs as many cells at once as it has CPUs; --jobs J "
+                         "is for --device cuda (J cells share a GPU)")
     _ray()
 
 
