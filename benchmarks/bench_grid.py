@@ -1,9 +1,9 @@
 """The digits grid with the local executor and on Ray, in one run, and Ray's cost per cell.
 
-Runs ``reproduce``'s grid (conv2 on digits, the paper's five rows) twice in fresh temporary
-directories: with ``--executor local`` (this process, one cell at a time, torch's default
-threads) and with ``--executor ray`` on a local Ray instance of ``--cpus`` CPUs (one cell per
-task, one thread each, cells that are ready run side by side). Then Ray's own cost per cell: a
+Runs ``reproduce``'s grid (conv2 on digits, the paper's five rows) in fresh temporary
+directories: with ``--executor local`` (this process, one cell at a time) on torch's default
+threads and on one thread, and with ``--executor ray`` on a local Ray instance of ``--cpus`` CPUs
+(one cell per task, one thread each, cells that are ready run side by side). Then Ray's own cost per cell: a
 chain of ``--chain`` no-op tasks, each started by its predecessor's object reference, as a cell
 waits for its needs, on warm workers. Prints one Markdown table.
 
@@ -46,8 +46,15 @@ def main(argv=None):
     a = ap.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        threads = torch.get_num_threads()
         local, cells = _grid_wall(Path(tmp) / "local", a, "local")
-        rows.append(("grid, local executor", f"{local:.1f} s", f"{cells} cells, {torch.get_num_threads()} threads"))
+        rows.append(("grid, local executor", f"{local:.1f} s", f"{cells} cells, {threads} threads"))
+        torch.set_num_threads(1)
+        try:
+            local1, _ = _grid_wall(Path(tmp) / "local1", a, "local")
+        finally:
+            torch.set_num_threads(threads)
+        rows.append(("grid, local executor, 1 thread", f"{local1:.1f} s", f"{cells} cells"))
         started = not ray.is_initialized()
         began = time.perf_counter()
         if started:
@@ -56,7 +63,8 @@ def main(argv=None):
                      "(already up)", f"{a.cpus} CPUs"))
         try:
             on_ray, _ = _grid_wall(Path(tmp) / "ray", a, "ray")
-            rows.append(("grid, Ray executor", f"{on_ray:.1f} s", f"ray / local {on_ray / local:.2f}"))
+            rows.append(("grid, Ray executor", f"{on_ray:.1f} s",
+                         f"ray / local {on_ray / local:.2f}, ray / local on 1 thread {on_ray / local1:.2f}"))
 
             @ray.remote(num_cpus=1)
             def noop(*needs):

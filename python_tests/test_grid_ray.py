@@ -112,3 +112,13 @@ def test_readme_ray_block_runs_as_written(tmp_path):
     out = box / re.search(r"--out (\S+)", text).group(1)
     assert (out / "table.csv").is_file() and "ray: " in done.stderr, explain(done)
     assert all(grid_cell(out, "conv2", s, "mcwt_connectivity").done() for s in (0, 1))
+
+
+@pytest.mark.slow
+def test_bench_grid_runs(ray_local, capsys):
+    """benchmarks/bench_grid.py at a tiny size, on this module's Ray instance."""
+    from test_benchmarks import _load
+
+    _load("bench_grid").main(["--seeds", "1", "--iterations", "2", "--eval-every", "1", "--chain", "5"])
+    out = capsys.readouterr().out
+    assert "| grid, Ray executor |" in out and "| Ray's cost per cell (chain of no-op tasks) |" in out, out
