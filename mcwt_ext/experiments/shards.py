@@ -40,10 +40,12 @@ def chains(cells: list[Cell]) -> list[list[Cell]]:
         while parent[key] != key:
             key = parent[key]
         return key
-    for c in cells:  # grid order: a need comes before the cell, so a root is its component's first
+    order = {c.key: i for i, c in enumerate(cells)}
+    for c in cells:
         for k in CELLS[c.kind].need_keys(c.arch, c.seed):
-            if k in parent:
-                parent[root(c.key)] = root(k)
+            if k in parent:  # join the two components under the earlier root: a root is its component's first
+                a, b = sorted((root(c.key), root(k)), key=order.get)
+                parent[b] = a
     out: dict[tuple, list[Cell]] = {}
     for c in cells:
         out.setdefault(root(c.key)[:2], []).append(c)
