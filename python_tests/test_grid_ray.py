@@ -122,3 +122,17 @@ def test_bench_grid_runs(ray_local, capsys):
     _load("bench_grid").main(["--seeds", "1", "--iterations", "2", "--eval-every", "1", "--chain", "5"])
     out = capsys.readouterr().out
     assert "| grid, Ray executor |" in out and "| Ray's cost per cell (chain of no-op tasks) |" in out, out
+
+
+@pytest.mark.parametrize("device, jobs, pack, want", [
+    ("cpu", 1, "auto", dict(num_cpus=1, num_gpus=0)),
+    ("cuda", 1, "auto", dict(num_cpus=1, num_gpus=1)),     # packs: a task holds a GPU
+    ("cuda", 4, "auto", dict(num_cpus=1, num_gpus=0.25)),  # no packs: 4 cells share one
+    ("cuda", 1, 1, dict(num_cpus=1, num_gpus=1.0)),
+])
+def test_task_resources_follow_the_device_and_packs(tmp_path, device, jobs, pack, want):
+    from mcwt_ext.experiments.ray_executor import resources
+
+    g = Grid(archs=["conv2"], seeds=[0], dataset="synthetic", out=tmp_path / "g", device=device, jobs=jobs,
+             pack=pack, executor="ray")
+    assert resources(g) == want
