@@ -136,3 +136,16 @@ def test_task_resources_follow_the_device_and_packs(tmp_path, device, jobs, pack
     g = Grid(archs=["conv2"], seeds=[0], dataset="synthetic", out=tmp_path / "g", device=device, jobs=jobs,
              pack=pack, executor="ray")
     assert resources(g) == want
+
+
+def test_a_cells_error_reaches_the_driver_as_the_cells_own(ray_local, tmp_path):
+    """A cell that fails (here: its directory holds another run) fails the grid with its own
+    error, as under the local executor, not wrapped in Ray's."""
+    g = Grid(archs=["conv2"], seeds=[0], dataset="synthetic", out=tmp_path / "g", iterations=2, eval_every=1,
+             progress=False, methods="random", executor="ray")
+    imp = grid_cell(g.out, "conv2", 0, "imp")
+    imp.path.mkdir(parents=True)
+    imp.save_json("config.json", dict(command="train", arch="conv4"))
+    with pytest.raises(ValueError) as e:
+        g.run()
+    assert type(e.value) is ValueError and "arch" in str(e.value), e.value
