@@ -290,7 +290,9 @@ def add_plot_parser(subparsers) -> None:
 
 def add_reproduce_parser(subparsers) -> None:
     from .experiments import PROTOCOLS
-    from .experiments.grid import parse_pack, parse_shard
+    from .experiments.grid import EXECUTORS, parse_pack
+    from .experiments.ray_executor import parse_ray_address
+    from .experiments.shards import parse_shard
 
     p = _command(
         subparsers, commands.reproduce_cmd, "reproduce", help="the paper's Table 1, figures and cost, resumable",
@@ -321,7 +323,8 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--eval-every", type=positive_int,
                    help="override the protocol's iterations between evaluations")
     p.add_argument("--jobs", type=positive_int, default=1,
-                   help="cells run in parallel processes, each with cores/jobs threads (default 1)")
+                   help="cells run in parallel processes, each with cores/jobs threads (default 1); with "
+                        "--executor ray and --device cuda: cells that share one GPU")
     p.add_argument("--device", type=device_spec, default="cpu", help="torch device (default cpu)")
     p.add_argument("--download", action="store_true",
                    help="download CIFAR-10 into --data-root through torchvision if it is absent")
@@ -329,13 +332,22 @@ def add_reproduce_parser(subparsers) -> None:
                    help="nets trained in lockstep per pack (IMP round r of every seed, the random and "
                         "MCWT cells): auto (default: all ready ones on CUDA, none on CPU, where packs "
                         "measured no faster) or N; 1 trains every cell on its own")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local (default): this process runs the cells (--jobs, --pack); ray: every cell "
+                        "(with packs, every pack of cells) is a Ray task, started when the cells it needs "
+                        "are done, retried if its process or node dies; needs the ray extra "
+                        "(pip install '.[ray]')")
+    p.add_argument("--ray-address", type=library_type(parse_ray_address), metavar="HOST:PORT",
+                   help="with --executor ray: join this Ray cluster (`ray start --head` prints it; "
+                        "ray://HOST:PORT for Ray Client, auto for the one on this node); default: a "
+                        "local Ray instance for this run. --out must be on storage every node sees")
     p.add_argument("--shard", type=library_type(parse_shard), metavar="I/N",
-                   help="run the I-th of N deterministic shares of the cells (a job array over a shared "
-                        "--out): cells wait for the cells they need, a lock file keeps two tasks off one cell")
+                   help="run the I-th of N shares of the grid (a job array over a shared --out): whole "
+                        "chains (an architecture's seed with every cell that needs its cells), so no "
+                        "shard waits for another; the shard that finds every chain done writes the tables")
     p.add_argument("--lock-timeout", type=positive_int, default=600, metavar="SECONDS",
-                   help="with --shard: a cell lock not refreshed for this long is taken over, and a cell "
-                        "of another shard that this one needs, left with no lock this long, is adopted "
-                        "(default 600)")
+                   help="with --shard: a cell lock (the guard against two tasks writing one cell) "
+                        "held on another host and not refreshed for this long is taken over (default 600)")
     p.add_argument("--import-state", type=Path, metavar="FILE",
                    help="before the grid, restore the state bundle FILE (from --export-state) into --out")
     p.add_argument("--export-state", type=Path, metavar="FILE",

@@ -308,7 +308,7 @@ def reproduce_cmd(args) -> int:
                 eval_every=args.eval_every or defaults.get("eval_every"), device=args.device,
                 progress=not args.no_progress, pack=args.pack, shard=args.shard,
                 lock_timeout=args.lock_timeout, methods=args.methods, budget=budget,
-                augment=args.augment)
+                augment=args.augment, executor=args.executor, ray_address=args.ray_address)
     with locked(args.out, "mcwt reproduce", lock=grid.shard is None):  # shards lock their cells
         if args.import_state is not None:
             manifest = import_state(args.import_state, args.out)
@@ -327,8 +327,8 @@ def reproduce_cmd(args) -> int:
                       f"({Path(args.export_state).stat().st_size:,} bytes, {len(manifest['masks'])} mask sets)",
                       file=sys.stderr)
         if grid.shard is not None and not grid.done():
-            print(f"shard {grid.shard[0]}/{grid.shard[1]} done; other shards' cells remain, so no table yet",
-                  file=sys.stderr)
+            print(f"shard {grid.shard[0]}/{grid.shard[1]} done; other shards' chains remain, so no table yet "
+                  f"(the shard that finds every chain done writes it)", file=sys.stderr)
             return 0
         paths = report(grid)  # every rank: the figures measure connectivity together; rank 0 writes
     if not distributed.is_main():

@@ -267,6 +267,14 @@ CASES = {
           "--out", "{out}"], "--download"),
         (["reproduce", "--out", "{text}"], "--out"),
         (["reproduce", "--out", "{foreign}"], "--out"),
+        (["reproduce", "--executor", "dask", "--out", "{out}"], "--executor"),
+        (["reproduce", "--executor", "ray", "--ray-address", "10.0.0.1", "--out", "{out}"], "--ray-address"),
+        (["reproduce", "--ray-address", "10.0.0.1:6379", "--out", "{out}"], "--ray-address"),  # not on Ray
+        (["reproduce", "--executor", "ray", "--shard", "1/2", "--out", "{out}"], "--shard"),
+        (["reproduce", "--executor", "ray", "--jobs", "2", "--out", "{out}"], "--jobs"),
+        (["reproduce", "--executor", "ray", "--pack", "4", "--time-budget", "60", "--out", "{out}"],
+         "--time-budget"),
+        (["reproduce", "--shard", "1/2", "--lock-timeout", "0", "--out", "{out}"], "--lock-timeout"),
     ],
 }
 ALL = [(cmd, argv, match) for cmd, cases in CASES.items() for argv, match in cases]

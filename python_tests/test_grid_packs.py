@@ -1,6 +1,7 @@
-"""The reproduce scheduler's packs, shards and state bundles (issue 10 item 3, issue 13 item 5)."""
+"""The reproduce scheduler's packs, shards and state bundles (issue 10 item 3, issue 13 item 5, issue 20 item 2)."""
 import dataclasses
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -206,7 +207,7 @@ def _cli(*argv, **kw):
                             text=True, **kw)
 
 
-SHARD_GRID = ["reproduce", "--dataset", "digits", "--arch", "conv2", "--seeds", "1", "--iterations", "6",
+SHARD_GRID = ["reproduce", "--dataset", "digits", "--arch", "conv2", "--seeds", "2", "--iterations", "6",
               "--eval-every", "3", "--no-progress"]
 
 
@@ -235,44 +236,87 @@ def _ran(err: str) -> list[str]:
     return [line.split("running ", 1)[1] for line in err.splitlines() if ": running " in line]
 
 
+def _wait_for(path: Path, text: str, proc, timeout: float = 300) -> None:
+    """Until the file ``path`` holds ``text`` (fail if ``proc`` ends first or after ``timeout`` s)."""
+    deadline = time.time() + timeout
+    while text not in (path.read_text() if path.exists() else ""):
+        assert proc.poll() is None and time.time() < deadline, (path.read_text() if path.exists() else "")
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
-def test_two_shards_complete_the_grid_once_each(tmp_path):
-    """Shard 1 runs imp, fit and MCWT with connectivity; shard 2 random and MCWT without
-    connectivity, which waits for shard 1's fit. The table equals a single process's."""
-    runs = {"single": [*SHARD_GRID, "--out", str(tmp_path / "single")]}
-    runs.update({f"shard{i}": [*SHARD_GRID, "--out", str(tmp_path / "sharded"), "--shard", f"{i}/2",
-                               "--lock-timeout", "120"] for i in (1, 2)})
-    logs = _run_all(tmp_path, runs)
-    ran = _ran(logs["shard1"]) + _ran(logs["shard2"])
+def test_a_killed_shard_holds_up_no_other_and_its_rerun_finishes_the_grid(tmp_path):
+    """Two shards of a two-seed grid, one chain each (seed 0, seed 1). Shard 1 is killed in its
+    first cell (holding its lock); shard 2 runs its own chain to the end without waiting and
+    writes no table; shard 1's rerun takes its dead lock over, finishes the grid and writes the
+    table, which equals a single process's byte for byte."""
+    grid = SHARD_GRID
+    err1 = tmp_path / "shard1.err"
+    with open(err1, "w") as f:
+        killed = _cli(*grid, "--out", str(tmp_path / "sharded"), "--shard", "1/2", stdout=subprocess.DEVNULL,
+                      stderr=f)
+        _wait_for(err1, "running conv2 0 imp", killed)
+        killed.kill()
+        killed.wait()
+    assert "chains 1 of 2 (conv2 seed 0; rule: a chain is an architecture's seed" in err1.read_text()
+    assert grid_cell(tmp_path / "sharded", "conv2", 0, "imp").exists(RunDir.LOCK)  # left by the dead shard
+    logs = _run_all(tmp_path, {"single": [*grid, "--out", str(tmp_path / "single")],
+                               "shard2": [*grid, "--out", str(tmp_path / "sharded"), "--shard", "2/2"]})
     from mcwt_ext.experiments.methods import cells_for, select_methods
-    assert sorted(ran) == sorted(f"conv2 0 {k}" for k in cells_for(select_methods("paper")))
-    assert not any("adopting" in log for log in logs.values())  # both healthy: no takeover
-    # the same table, byte for byte (one seed: its paired intervals are nan, which == never equals)
+    kinds = cells_for(select_methods("paper"))
+    assert sorted(_ran(logs["shard2"])) == sorted(f"conv2 1 {k}" for k in kinds)
+    assert "no table yet" in logs["shard2"] and not (tmp_path / "sharded" / "table.csv").exists()
+    logs = _run_all(tmp_path, {"rerun1": [*grid, "--out", str(tmp_path / "sharded"), "--shard", "1/2"]})
+    assert sorted(_ran(logs["rerun1"])) == sorted(f"conv2 0 {k}" for k in kinds)
+    # one seed's cells differ between runs only if a cell was redone or lost: the tables equal
     assert (tmp_path / "single" / "table.csv").read_text() == (tmp_path / "sharded" / "table.csv").read_text()
     assert not list((tmp_path / "sharded").rglob(RunDir.LOCK))
 
 
-@pytest.mark.slow
-def test_a_shard_adopts_the_cells_it_needs_from_a_dead_shard(tmp_path):
-    """Shard 1 never runs (its task died holding imp's lock): shard 2 takes imp over at once
-    (the holder's pid is dead), fit after --lock-timeout unclaimed, and finishes its own cells;
-    shard 1's MCWT with connectivity, which shard 2 does not need, stays undone."""
+def test_shards_take_whole_chains_and_fit_transfer_joins_seed_0s(tmp_path, capsys):
+    """Every cell in exactly one shard, no need across shards (the transfer cells of seeds 1, 2
+    need seed 0's fit: they go with seed 0), and each shard says its share and the rule."""
+    from mcwt_ext.experiments.methods import CELLS
+    from mcwt_ext.experiments.shards import chains, shard_cells
+
+    g = Grid(archs=["conv2", "conv4"], seeds=[0, 1, 2], dataset="synthetic", out=tmp_path / "g", methods="all")
+    every = chains(g.cells)
+    assert [(c[0].arch, c[0].seed) for c in every] == [(a, s) for a in ("conv2", "conv4") for s in (0, 1, 2)]
+    assert {c.key for c in every[0] if c.kind == "mcwt_transfer"} == {("conv2", 1, "mcwt_transfer"),
+                                                                      ("conv2", 2, "mcwt_transfer")}
+    shares = [shard_cells(g.cells, (i, 4)) for i in (1, 2, 3, 4)]
+    assert sorted(c.key for s in shares for c in s) == sorted(c.key for c in g.cells)
+    for share in shares:
+        keys = {c.key for c in share}
+        assert all(k in keys for c in share for k in CELLS[c.kind].need_keys(c.arch, c.seed))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("shard 1/4: chains 2 of 6 (conv2 seed 0, conv4 seed 1; rule: ") and \
+        err[3].startswith("shard 4/4: chains 1 of 6 (conv4 seed 0; rule: "), err
+
+
+def test_a_cell_held_by_a_live_process_ends_the_shard_with_one_line(tmp_path, capsys):
+    """The lock is a guard, not a queue: a shard finding a cell of its chain held by a live
+    process (here this one, as another task on this host) stops at once, naming the holder."""
     out = tmp_path / "g"
-    Grid(archs=["conv2"], seeds=[0], dataset="digits", out=out, iterations=6, eval_every=3).open()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    argv = ["reproduce", "--dataset", "synthetic", "--seeds", "1", "--iterations", "2", "--eval-every", "1",
+            "--no-progress", "--shard", "1/1", "--out", str(out)]
+    Grid(archs=["conv2"], seeds=[0], dataset="synthetic", out=out, iterations=2, eval_every=1).open()
     imp = grid_cell(out, "conv2", 0, "imp")
     imp.path.mkdir(parents=True)
-    imp.file(RunDir.LOCK).write_text(json.dumps(dict(pid=dead.pid, host=socket.gethostname(), time=0)))
-    logs = _run_all(tmp_path, {"shard2": [*SHARD_GRID, "--out", str(out), "--shard", "2/2",
-                                          "--lock-timeout", "2"]})
-    err = logs["shard2"]
-    assert "adopting conv2 0 imp (its lock is stale)" in err, err
-    assert "adopting conv2 0 fit (unclaimed for 2 s)" in err, err
-    assert sorted(_ran(err)) == ["conv2 0 fit", "conv2 0 imp", "conv2 0 mcwt_magnitude", "conv2 0 random"]
-    assert all(grid_cell(out, "conv2", 0, k).done() for k in ("imp", "fit", "random", "mcwt_magnitude"))
-    assert not grid_cell(out, "conv2", 0, "mcwt_connectivity").done()
-    assert "other shards' cells remain" in err and not (out / "table.csv").exists()
+    imp.file(RunDir.LOCK).write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                                                     time=time.time(), what="another task")))
+    began = time.time()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and time.time() - began < 60
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"cell conv2 0 imp is in use by process {os.getpid()}" in err[-1] and "(another task)" in err[-1], err
+    assert not imp.exists(RunDir.CONFIG)  # nothing of the cell was written
+    imp.file(RunDir.LOCK).unlink()  # the control: free, the same shard runs it
+    g = Grid(archs=["conv2"], seeds=[0], dataset="synthetic", out=out, iterations=2, eval_every=1,
+             shard=(1, 1), methods="random", progress=False)
+    g.run()
+    assert g.done()
 
 
 @pytest.mark.slow

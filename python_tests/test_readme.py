@@ -43,6 +43,7 @@ CLAIMS = {
     "bash scripts/install.sh --test && .venv/bin/pytest": "test_test_block_is_what_ci_runs",
     "torchrun": "test_distributed.py::test_readme_torchrun_command_runs",
     "sbatch": "test_job_array_block_runs_as_written",
+    "--executor ray": "test_grid_ray.py::test_readme_ray_block_runs_as_written",
 }
 
 

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Set up mcwt_ext from a fresh clone: a virtual environment in .venv with torch, the
 # package itself built from source (C++ kernels always; CUDA kernels when a GPU is visible
-# and nvcc is found, or with MCWT_FORCE_CUDA=1), and with --test the test tools. Safe to
+# and nvcc is found, or with MCWT_FORCE_CUDA=1), and with --test the test tools and Ray. Safe to
 # re-run: what is already there is kept. Prints one line per stage; pip's own progress
 # shows on a terminal (on a pipe or in CI, pip stays quiet and the stage lines remain).
 #
 #   bash scripts/install.sh          # venv + torch + mcwt_ext (console script .venv/bin/mcwt)
-#   bash scripts/install.sh --test   # the same, plus pytest
+#   bash scripts/install.sh --test   # the same, plus pytest and Ray (the test and ray extras: the
+#                                    # suite runs reproduce --executor ray on a local Ray instance)
 #   bash scripts/install.sh --check  # only say whether the build is this checkout's (exit 0) or not (1)
 #
 # The build is skipped when the installed mcwt_ext was built from these very sources (the digest of
 # setup.py, pyproject.toml, csrc/ and the package's Python files that setup.py compiles into _C:
-# mcwt_ext/_source.py --check), the test tools are there if --test asks for them, and the kernels asked for by
+# mcwt_ext/_source.py --check), the test tools and Ray are there if --test asks for them, and the kernels asked for by
 # MCWT_FORCE_CUDA / MCWT_FORCE_CPU are the ones built; so rerunning it is quick.
 #
 # Environment: PYTHON (default python3), TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1"),
@@ -23,18 +24,18 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 extra="" check=""
 case "${1:-}" in
-  --test) extra="[test]" ;;
+  --test) extra="[test,ray]" ;;
   --check) check=1 ;;
   "") ;;
   *) echo "install.sh: unknown option ${1} (use --test or --check)" >&2; exit 2 ;;
 esac
 gpu_visible() { .venv/bin/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; }
-# Up to date: the installed build is of these sources (mcwt_ext/_source.py), has the test tools if asked, imports, and
+# Up to date: the installed build is of these sources (mcwt_ext/_source.py), has the test tools and Ray if asked, imports, and
 # has the kernels a forcing variable asks for.
 up_to_date() {
   [[ -x .venv/bin/python ]] || return 1
   (cd / && "$OLDPWD/.venv/bin/python" "$OLDPWD/mcwt_ext/_source.py" --check "$OLDPWD" >/dev/null 2>&1) || return 1
-  [[ -z $extra ]] || .venv/bin/python -c "import pytest, xdist" 2>/dev/null || return 1
+  [[ -z $extra ]] || .venv/bin/python -c "import pytest, xdist, ray" 2>/dev/null || return 1
   local cuda
   cuda=$(cd / && "$OLDPWD/.venv/bin/python" -c "from mcwt_ext import _extension as e; print(e.BUILT_CUDA_VERSION or '')" 2>/dev/null) || return 1
   if [[ -n "${MCWT_FORCE_CPU:-}" ]]; then [[ -z $cuda ]]; return; fi

@@ -3,6 +3,8 @@
     protocol.py   the full (Frankle & Carbin) and reduced (CPU) protocols
     methods.py    the registry: cells (units of work) and methods (rows of the table)
     grid.py       the grid's settings and cells, and the scheduler that runs them
+    shards.py     a job array's share of a grid: whole chains of cells
+    ray_executor.py  the cells as Ray tasks (reproduce --executor ray)
     budget.py     a call's time budget: which pack to train next in the time left
     report.py     table, cost and figures of a grid
 """

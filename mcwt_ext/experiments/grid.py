@@ -17,15 +17,11 @@ architecture never holds the next rounds of another. Only one thread runs at a t
 the cells' own work never overlaps. Each net keeps its run directory, so a killed pack resumes
 from its checkpoints and the reports read the same files.
 
-Shards (``shard=(i, n)``): this process runs the cells whose index in the grid is i-1 modulo n,
-each once its needs are done on disk (polled; they may belong to other shards, over a shared
-directory). A lock file in a cell's directory (:mod:`mcwt_ext.runlock`: created atomically,
-holding pid, host and time, refreshed while the cell runs) keeps two processes off one cell; a
-lock not refreshed for ``lock_timeout`` seconds, or held by a dead process on this host, is
-taken over. A shard also
-adopts a cell of another shard that its own cells need, when that cell is neither done nor held
-(its lock stale, or no lock for ``lock_timeout`` seconds): the other shard's task failed, was
-killed, or has not started, and waiting for it could be forever.
+Shards (``shard=(i, n)``, a job array over a shared directory) run whole chains of cells
+(:mod:`.shards`), so no shard waits on another process. A lock file in a cell's directory
+(:mod:`mcwt_ext.runlock`) guards it against a second writer (a rerun while the first task still
+runs): a cell of the shard held by a live process ends the shard with one line naming the holder.
+Beyond one machine, :mod:`.ray_executor` runs the cells as Ray tasks.
 """
 from __future__ import annotations
 
@@ -35,29 +31,31 @@ import functools
 import multiprocessing
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..models import arch_spec
-from ..runlock import RunLock
+from ..runlock import RunBusy, RunLock
 from ..runs import RUNTIME_KEYS, RunDir, grid_cell
 from ..validate import check_seed
 from .methods import CELLS, cells_for, select_methods
 from .packer import Packer, packer_of_this_thread
 from .protocol import PROTOCOLS, Protocol
+from .shards import parse_shard, shard_cells
 
-__all__ = ["CellSettings", "Cell", "Grid", "run_cell", "schedule", "parse_shard", "parse_pack"]
+__all__ = ["CellSettings", "Cell", "Grid", "run_cell", "schedule", "parse_pack", "parse_executor"]
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N), 1 <= I <= N."""
-    i, sep, n = str(text).partition("/")
-    if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 1 <= int(i) <= int(n):
-        raise ValueError(f"--shard: must be I/N with 1 <= I <= N (this task's share of N), got {text!r}")
-    return int(i), int(n)
+def parse_executor(text: str) -> str:
+    """``local`` (this process and its workers) or ``ray`` (cells as Ray tasks)."""
+    if text not in EXECUTORS:
+        raise ValueError(f"--executor: must be one of {', '.join(EXECUTORS)}, got {text!r}")
+    return text
+
+
+EXECUTORS = ("local", "ray")
 
 
 def parse_pack(text: str) -> str | int:
@@ -159,86 +157,48 @@ def run_cell(cell: Cell) -> tuple:
 # --- the scheduler -----------------------------------------------------------------------------
 
 def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: int | None = 1,
-             shard: tuple[int, int] | None = None, lock_timeout: float = 600.0,
-             poll: float = 2.0, budget=None) -> None:
-    """Run every unfinished cell of ``cells`` (or, with ``shard=(i, n)``, of this shard's share),
-    each once the cells it needs (same arch and seed) are done, in ``cells``' order where there
-    is a choice: one at a time (``jobs=1``, ``pack=1``), in ``jobs`` worker processes, or with
-    the trainings of the ready cells in packs of up to ``pack`` nets (None: no limit), each
-    pack picked by ``budget`` (a :class:`.budget.Budget`; raises its BudgetSpent when none fits)."""
+             budget=None, lock: str | None = None, lock_timeout: float = 600.0) -> None:
+    """Run every unfinished cell of ``cells``, each once the cells it needs (in ``cells`` or done
+    on disk) are done, in ``cells``' order where there is a choice: one at a time (``jobs=1``,
+    ``pack=1``), in ``jobs`` worker processes, or with the trainings of the ready cells in packs
+    of up to ``pack`` nets (None: no limit), each pack picked by ``budget`` (a
+    :class:`.budget.Budget`; raises its BudgetSpent when none fits). With ``lock`` (what holds
+    it), each cell's directory is locked while it runs; one held by a live process raises
+    :class:`~mcwt_ext.runlock.RunBusy`. Nothing here waits on another process."""
     from ..progress import Progress
 
     if jobs > 1 and pack != 1:
         raise ValueError("jobs: packs train in one process; use --jobs 1 with --pack")
-    mine = cells if shard is None else [c for i, c in enumerate(cells) if i % shard[1] == shard[0] - 1]
-    pending = {c.key: c for c in mine if not c.done()}
-    grid = {c.key: c for c in cells}
-    unclaimed_since: dict[tuple, float] = {}  # another shard's cell we need -> first seen unheld
-    finished: set[tuple] = set()  # run by this process (a need may also be done on disk)
-    bar = Progress(len(mine), "reproduce", unit="cell", noun="cell", initial=len(mine) - len(pending),
+    pending = {c.key: c for c in cells if not c.done()}
+    finished: set[tuple] = set()
+    bar = Progress(len(cells), "reproduce", unit="cell", noun="cell", initial=len(cells) - len(pending),
                    enabled=progress)
     locks: dict[tuple, RunLock] = {}  # refreshed by runlock's thread while held
 
     def ready():
-        """Pending cells whose needs are done on disk and that this process may run (locked)."""
-        out = []
-        for c in list(pending.values()):
-            if c.done():  # finished by another process
-                finish(c.key)
-            elif all(k in finished or grid_cell(c.settings.root, *k).done()
-                     for k in CELLS[c.kind].need_keys(c.arch, c.seed)) and claim(c):
-                out.append(c)
-        return out
-
-    def claim(c):
-        if shard is None or c.key in locks:
-            return True
-        lock = RunLock(c.dir(), lock_timeout, f"mcwt reproduce --shard {shard[0]}/{shard[1]}")
-        if not lock.acquire():
-            return False
-        locks[c.key] = lock
-        return True
+        """Pending cells whose needs are done (here, or on disk before this run)."""
+        return [c for c in pending.values() if all(k in finished or grid_cell(c.settings.root, *k).done()
+                                                   for k in CELLS[c.kind].need_keys(c.arch, c.seed))]
 
     def began(c):
-        if shard is not None:
-            print(f"shard {shard[0]}/{shard[1]}: running {' '.join(map(str, c.key))}", file=sys.stderr, flush=True)
+        if lock is None:
+            return
+        held = RunLock(c.dir(), lock_timeout, lock)
+        if not held.acquire():
+            raise RunBusy(held.busy(f"cell {' '.join(map(str, c.key))}"))
+        locks[c.key] = held
+        print(f"{lock}: running {' '.join(map(str, c.key))}", file=sys.stderr, flush=True)
 
     def finish(key):
         finished.add(key)
-        if pending.pop(key, None) is None:  # already seen done on disk
-            return
+        pending.pop(key)
         if key in locks:
             locks.pop(key).release()
         bar.set(last="/".join(map(str, key)))
         bar.update(1)
 
-    def adopt():
-        """Take over the cells of other shards that ours need and that nobody holds: a stale
-        lock at once, no lock after ``lock_timeout`` seconds (time for their task to start)."""
-        needed = {k for c in pending.values() for k in CELLS[c.kind].need_keys(c.arch, c.seed)}
-        for key in sorted(needed - pending.keys() - finished):
-            c = grid.get(key)
-            if c is None or c.done():
-                unclaimed_since.pop(key, None)
-                continue
-            locked = c.dir().exists(RunDir.LOCK)
-            if locked and not RunLock(c.dir(), lock_timeout).stale():
-                unclaimed_since.pop(key, None)
-                continue
-            first = unclaimed_since.setdefault(key, time.time())
-            if locked or time.time() - first >= lock_timeout:
-                why = "its lock is stale" if locked else f"unclaimed for {lock_timeout:g} s"
-                print(f"shard {shard[0]}/{shard[1]}: adopting {' '.join(map(str, key))} ({why})",
-                      file=sys.stderr, flush=True)
-                pending[key] = c
-                bar.add_total(1)
-                unclaimed_since.pop(key)
-
-    def idle():
-        if shard is None:
-            raise RuntimeError(f"cells {sorted(pending)} wait for cells that are not in the grid")
-        adopt()
-        time.sleep(poll)
+    def stuck():
+        return RuntimeError(f"cells {sorted(pending)} need cells that are neither in the grid nor done")
 
     try:
         if pack != 1:
@@ -257,16 +217,15 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
                     finish(key)
                 if not ended and not packer.requests and pending and \
                         not any(k in packer.threads for k in pending):
-                    idle()
+                    raise stuck()
             return
         if jobs == 1:
             while pending:
                 batch = ready()
-                if batch:
-                    began(batch[0])
-                    finish(run_cell(batch[0]))
-                elif pending:
-                    idle()
+                if not batch:
+                    raise stuck()
+                began(batch[0])
+                finish(run_cell(batch[0]))
             return
         # spawn: a forked child of a process that has initialised CUDA cannot use CUDA
         with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -277,15 +236,14 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
                         began(cell)
                         running[pool.submit(run_cell, cell)] = cell.key
                 if not running:
-                    idle()
-                    continue
-                done, _ = cf.wait(running, timeout=poll if shard else None, return_when=cf.FIRST_COMPLETED)
+                    raise stuck()
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
                     running.pop(fut)
                     finish(fut.result())
     finally:
-        for lock in locks.values():
-            lock.release()
+        for held in locks.values():
+            held.release()
         bar.close()
 
 
@@ -309,7 +267,8 @@ class Grid:
     pack: str | int = "auto"        # nets per pack; auto: all ready ones on CUDA, 1 (no packs) on CPU
     shard: tuple[int, int] | None = None  # (i, n): run the i-th of n shares of the cells
     lock_timeout: float = 600.0     # seconds after which a shard's unrefreshed cell lock is stale
-    poll: float = 2.0               # seconds between looks at cells other shards are running
+    executor: str = "local"         # local: schedule() in this process; ray: cells as Ray tasks
+    ray_address: str | None = None  # the Ray cluster to join; None: a local Ray instance
     methods: str | list[str] = "paper"  # rows of the table: paper, all, or method keys
     budget: object = None           # a .budget.Budget: its deadline picks the packs (packs only)
     augment: str | None = None      # training augmentation for every arch; None: each arch's own
@@ -335,6 +294,12 @@ class Grid:
             raise ValueError(f"lock_timeout: must be positive seconds, got {self.lock_timeout!r}")
         if self.jobs > 1 and self.pack not in ("auto", 1):
             raise ValueError("pack: packs train in one process; use jobs=1 with pack > 1")
+        self.executor = parse_executor(self.executor)
+        if self.executor == "ray":
+            from .ray_executor import check_ray
+            check_ray(self)
+        elif self.ray_address is not None:
+            raise ValueError("--ray-address: joins a Ray cluster; give it with --executor ray")
         if self.budget is not None and self.pack_size() == 1:
             raise ValueError("--time-budget: picks packs, and this grid trains cell by cell; give --pack N "
                              "(N > 1) on CPU (--pack auto packs on CUDA)")
@@ -344,10 +309,12 @@ class Grid:
             raise ValueError(f"seeds: the methods {self.methods} need seed 0's cells (fit transfer); "
                              f"got seeds {self.seeds}")
         self.out = Path(self.out)
-        threads = max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else 0
+        local = self.executor == "local"
+        # a Ray task holds one CPU (ray_executor); local workers share the cores
+        threads = 1 if not local else max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else 0
         shared = CellSettings(self.dataset, self.data_root, PROTOCOLS[self.protocol], str(self.out),
                               self.iterations, self.eval_every, self.device, threads,
-                              self.progress and self.jobs == 1, self.augment)
+                              self.progress and self.jobs == 1 and local, self.augment)
         self.cells = [Cell(kind, arch, seed, shared)
                       for arch in self.archs for seed in self.seeds for kind in kinds
                       if CELLS[kind].applies(seed)]
@@ -375,9 +342,14 @@ class Grid:
         return all(c.done() for c in self.cells)
 
     def run(self) -> None:
-        """Run every unfinished cell (of this shard), each after the cells it needs."""
+        """Run every unfinished cell (of this shard's chains), each after the cells it needs."""
         self.open()
+        if self.executor == "ray":
+            from .ray_executor import run_on_ray
+            return run_on_ray(self)
         if self.budget is not None:
             self.budget.learn(self.out)
-        schedule(self.cells, self.jobs, self.progress, pack=self.pack_size(), shard=self.shard,
-                 lock_timeout=self.lock_timeout, poll=self.poll, budget=self.budget)
+        shard = self.shard
+        schedule(self.cells if shard is None else shard_cells(self.cells, shard), self.jobs, self.progress,
+                 pack=self.pack_size(), budget=self.budget, lock_timeout=self.lock_timeout,
+                 lock=None if shard is None else f"mcwt reproduce --shard {shard[0]}/{shard[1]}")

@@ -1,0 +1,151 @@
+"""The grid on Ray (issue 20): ``reproduce --executor ray`` on a local Ray instance of 2 CPUs,
+one per module (its start-up costs ~10 s), whose workers import the mcwt_ext under test and
+run ``ray_hooks.worker_setup`` (checkpoints every 2 iterations, a kill on request)."""
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import IMPORT_ROOT
+from readme_blocks import block, explain, run_block, sandbox
+
+import mcwt_ext.experiments.grid as grid_mod
+from mcwt_ext.cli import main
+from mcwt_ext.experiments import Grid, report
+from mcwt_ext.experiments.ray_executor import OBJECT_STORE_BYTES, groups
+from mcwt_ext.runs import grid_cell
+
+ray = pytest.importorskip("ray")  # scripts/install.sh --test installs it, so CI runs these
+
+DIGITS = dict(archs=["conv2"], seeds=[0, 1], dataset="digits", iterations=6, eval_every=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """The local Ray instance; yields the folder of the kill flag and the workers' event log."""
+    root = tmp_path_factory.mktemp("ray")
+    env = dict(PYTHONPATH=os.pathsep.join([IMPORT_ROOT, str(Path(__file__).parent)]),
+               MCWT_TEST_KILL_FLAG=str(root / "kill"), MCWT_TEST_EVENTS=str(root / "events"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+             runtime_env=dict(env_vars=env, worker_process_setup_hook="ray_hooks.worker_setup"))
+    yield root
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_table(tmp_path_factory):
+    """The local executor's table of the grid, on one thread as a Ray task trains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = Grid(out=tmp_path_factory.mktemp("local") / "g", **DIGITS)
+        g.run()
+        report(g)
+    finally:
+        torch.set_num_threads(threads)
+    return (g.out / "table.csv").read_text()
+
+
+def _ray_grid(out, monkeypatch):
+    """The grid on Ray, its table written by the driver (this process, which runs no cell: its
+    run_cell fails, and the Ray workers are other processes)."""
+    def not_here(cell):
+        raise AssertionError(f"{cell.key} ran in the driver")
+    monkeypatch.setattr(grid_mod, "run_cell", not_here)
+    g = Grid(out=out, executor="ray", **DIGITS)
+    g.run()
+    report(g)
+    return g
+
+
+@pytest.mark.slow
+def test_ray_grid_table_equals_the_local_executors(ray_local, local_table, tmp_path, monkeypatch):
+    g = _ray_grid(tmp_path / "g", monkeypatch)
+    assert g.done() and (g.out / "table.csv").read_text() == local_table
+
+
+@pytest.mark.slow
+def test_a_killed_cell_task_is_retried_and_resumes_from_its_checkpoint(ray_local, local_table, tmp_path,
+                                                                       monkeypatch):
+    (ray_local / "kill").touch()
+    g = _ray_grid(tmp_path / "g", monkeypatch)
+    assert not (ray_local / "kill").exists()  # a worker died
+    events = (ray_local / "events").read_text().splitlines()
+    killed = [e.split(" ", 1)[1] for e in events if e.startswith("killed ")]
+    assert len(killed) == 1 and killed[0].startswith(str(g.out)), events
+    assert f"resumed {killed[0]}" in events, events  # the retry went on from the checkpoint
+    assert (g.out / "table.csv").read_text() == local_table
+
+
+def test_packs_make_one_task_per_architecture_and_depth(tmp_path):
+    g = Grid(archs=["conv2", "conv4"], seeds=[0, 1], dataset="synthetic", out=tmp_path / "g", methods="all")
+    tasks = groups(g.cells, None)
+    assert [sorted({c.kind for c in t}) for t in tasks[:3]] == [
+        sorted(k for k in {c.kind for c in g.cells} if k == "imp" or k == "random" or k.startswith("prune_")),
+        sorted(["fit", "fit_layer", "fit_pooled_raw", "ablate_shuffle_mask", "ablate_reinit",
+                "ablate_shuffle_values"]),
+        sorted(["mcwt_magnitude", "mcwt_connectivity", "mcwt_fit_layer", "mcwt_fit_pooled_raw",
+                "mcwt_transfer", "mcwt_exact"])]
+    assert [{c.arch for c in t} for t in tasks] == [{"conv2"}] * 3 + [{"conv4"}] * 3
+    assert {c.seed for c in tasks[0]} == {0, 1}
+    assert [[c.key] for c in g.cells] == [[c.key for c in t] for t in groups(g.cells, 1)]  # no packs: a cell each
+
+
+def test_without_ray_the_executor_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--dataset", "synthetic", "--executor", "ray", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "ray extra" in err[0] and "'.[ray]'" in err[0], err
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.slow
+def test_readme_ray_block_runs_as_written(tmp_path):
+    """The README's one-machine Ray command, as written (it starts its own local Ray instance)."""
+    box = sandbox(tmp_path)
+    text = block("--executor ray")
+    done = run_block(text, box, timeout=900)
+    assert done.returncode == 0, explain(done)
+    out = box / re.search(r"--out (\S+)", text).group(1)
+    assert (out / "table.csv").is_file() and "ray: " in done.stderr, explain(done)
+    assert all(grid_cell(out, "conv2", s, "mcwt_connectivity").done() for s in (0, 1))
+
+
+@pytest.mark.slow
+def test_bench_grid_runs(ray_local, capsys):
+    """benchmarks/bench_grid.py at a tiny size, on this module's Ray instance."""
+    from test_benchmarks import _load
+
+    _load("bench_grid").main(["--seeds", "1", "--iterations", "2", "--eval-every", "1", "--chain", "5"])
+    out = capsys.readouterr().out
+    assert "| grid, Ray executor |" in out and "| Ray's cost per cell (chain of no-op tasks) |" in out, out
+
+
+@pytest.mark.parametrize("device, jobs, pack, want", [
+    ("cpu", 1, "auto", dict(num_cpus=1, num_gpus=0)),
+    ("cuda", 1, "auto", dict(num_cpus=1, num_gpus=1)),     # packs: a task holds a GPU
+    ("cuda", 4, "auto", dict(num_cpus=1, num_gpus=0.25)),  # no packs: 4 cells share one
+    ("cuda", 1, 1, dict(num_cpus=1, num_gpus=1.0)),
+])
+def test_task_resources_follow_the_device_and_packs(tmp_path, device, jobs, pack, want):
+    from mcwt_ext.experiments.ray_executor import resources
+
+    g = Grid(archs=["conv2"], seeds=[0], dataset="synthetic", out=tmp_path / "g", device=device, jobs=jobs,
+             pack=pack, executor="ray")
+    assert resources(g) == want
+
+
+def test_a_cells_error_reaches_the_driver_as_the_cells_own(ray_local, tmp_path):
+    """A cell that fails (here: its directory holds another run) fails the grid with its own
+    error, as under the local executor, not wrapped in Ray's."""
+    g = Grid(archs=["conv2"], seeds=[0], dataset="synthetic", out=tmp_path / "g", iterations=2, eval_every=1,
+             progress=False, methods="random", executor="ray")
+    imp = grid_cell(g.out, "conv2", 0, "imp")
+    imp.path.mkdir(parents=True)
+    imp.save_json("config.json", dict(command="train", arch="conv4"))
+    with pytest.raises(ValueError) as e:
+        g.run()
+    assert type(e.value) is ValueError and "arch" in str(e.value), e.value
