@@ -18,18 +18,31 @@ ratios are within one run. ``--tiny``: 8x8 images, 3 timed steps (a smoke test).
 ``--cuda-graph`` adds the pack under a CUDA graph (CUDA only).
 
     .venv/bin/python benchmarks/bench_training.py --nets 1,2,4,8,16 --archs conv2,conv4,conv6 --device cuda
+
+With ``--precision-compare`` it times train()'s masked step in each arithmetic (``--precision``,
+:mod:`mcwt_ext.precision`): fp32, fp32 with model and images channels-last, bf16 autocast on
+contiguous images, and bf16 as train() runs it (channels-last images), taking turns step by step;
+then evaluation per image in fp32 and bf16. The arithmetic floor of a step is its FLOPs (forward
+and backward, counted by ``torch.utils.flop_counter``) divided by the peak rate of the step's
+dtype, measured here as the best of square matrix products (``--peak-size``) in that dtype;
+"share of floor" is floor / median step time. ``--tiny``: 8x8 images, 3 timed steps.
+
+    .venv/bin/python benchmarks/bench_training.py --precision-compare [--arch conv2] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import platform
 import statistics
 import time
+import unittest.mock
 
 import torch
 from torch.utils.data import TensorDataset
 
+import mcwt_ext.train as train_module
 from mcwt_ext.masks import random_masks
 from mcwt_ext.models import ARCHS, build_model
 from mcwt_ext.train import BatchOrder, TrainConfig, _MaskEnforcer, _step, evaluate, make_optimizer
@@ -112,6 +125,91 @@ def bench_packs(a, device):
             print(f"| {arch} | {k} | {cells} | {ratios} |", flush=True)
 
 
+def _peak_flops(dtype, device, size, repeats=5):
+    """FLOP/s of the fastest of ``repeats`` ``size``-square matrix products in ``dtype``."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    times = []
+    for _ in range(repeats + 1):  # the first warms up
+        _median_step(lambda: torch.mm(a, b), device, times)
+    return 2 * size ** 3 / min(times[1:])
+
+
+def bench_precision(a, device):
+    """Step time in fp32, fp32 channels-last, bf16 and bf16 channels-last, beside the floor."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mcwt_ext.precision import native_bf16
+
+    size, steps, warmup = (8, 3, 1) if a.tiny else (32, a.steps, a.warmup)
+    n = 600 if a.tiny else 6000
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g).to(device)
+    y = torch.randint(10, (n,), generator=g).to(device)
+    order = BatchOrder(n, a.batch_size, seed=0)
+    # name: (precision _step runs in, whether model and images are channels-last beforehand)
+    variants = {"fp32": ("fp32", False), "fp32 channels-last": ("fp32", True),
+                "bf16": ("bf16", False), "bf16 channels-last": ("bf16", None)}
+    runs = {}
+    for name, (precision, last) in variants.items():
+        model = build_model(a.arch, 3, 10, size, seed=0).to(device)
+        if last:
+            model = model.to(memory_format=torch.channels_last)
+        masks = random_masks(model, a.sparsity, seed=0)
+        enforcer = _MaskEnforcer(model, masks)
+        enforcer.weights()
+        runs[name] = (model, make_optimizer(model, ARCHS[a.arch].lr), enforcer, precision, last)
+
+    def step(name, it):
+        model, opt, enforcer, precision, last = runs[name]
+        idx = order.indices(it).to(device)
+        xb = x[idx].contiguous(memory_format=torch.channels_last) if last else x[idx]
+        # "bf16": autocast alone, the images left contiguous (train() makes them channels-last)
+        with unittest.mock.patch.object(train_module, "to_input_format", lambda _, t: t) \
+                if last is False else contextlib.nullcontext():
+            _step(model, opt, enforcer, xb, y[idx], precision)
+
+    with FlopCounterMode(display=False) as counter:
+        step("fp32", 0)
+    flops = counter.get_total_flops()
+    times = {v: [] for v in variants}
+    names = list(variants)
+    for it in range(warmup + steps):
+        for name in names[it % len(names):] + names[:it % len(names)]:  # each goes first in turn
+            _median_step(lambda: step(name, it), device, times[name] if it >= warmup else [])
+
+    peak = {dtype: _peak_flops(dtype, device, 256 if a.tiny else a.peak_size)
+            for dtype in (torch.float32, torch.bfloat16)}
+    split = TensorDataset(x[:min(n, a.eval_images)], y[:min(n, a.eval_images)])
+    model = runs["fp32"][0]
+    evals = {p: [] for p in ("fp32", "bf16")}
+    for i in range(3):
+        for p in (("fp32", "bf16") if i % 2 else ("bf16", "fp32")):
+            _median_step(lambda: evaluate(model, split, device, precision=p), device, evals[p] if i else [])
+
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {a.threads} threads, native bf16: {native_bf16()}"
+    print(f"# bench_training --precision-compare {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+          f" | {what} | torch {torch.__version__}")
+    print(f"{a.arch}, {size}x{size} inputs, batch {a.batch_size}, sparsity {a.sparsity}, {steps} timed steps "
+          f"of each (after {warmup}), taking turns; {flops / 1e9:.2f} GFLOP per step (forward + backward); "
+          f"peak {peak[torch.float32] / 1e9:.0f} GFLOP/s float32, {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s "
+          f"bfloat16 ({a.peak_size if not a.tiny else 256}-square matmuls, best of 5)\n")
+    print("| variant | median ms | min ms | floor ms | share of floor | fp32 / variant |")
+    print("|---|---|---|---|---|---|")
+    fp32 = statistics.median(times["fp32"])
+    for name, (precision, _) in variants.items():
+        med = statistics.median(times[name])
+        floor = flops / peak[torch.bfloat16 if precision == "bf16" else torch.float32]
+        print(f"| {name} | {med * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | {floor * 1e3:.1f} | "
+              f"{100 * floor / med:.0f}% | {fp32 / med:.2f}x |")
+    paired = statistics.median(f / b for f, b in zip(times["fp32"], times["bf16 channels-last"]))
+    print(f"\nbf16 (train()'s, channels-last) / fp32 speed-up: medians {fp32 / statistics.median(times['bf16 channels-last']):.2f}x, "
+          f"paired median {paired:.2f}x")
+    per = {p: statistics.median(t) / len(split) for p, t in evals.items()}
+    print(f"evaluation: fp32 {per['fp32'] * 1e3:.3f} ms/image, bf16 {per['bf16'] * 1e3:.3f} ms/image "
+          f"({per['fp32'] / per['bf16']:.2f}x)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=sorted(ARCHS), default="conv2")
@@ -125,13 +223,20 @@ def main(argv=None):
     ap.add_argument("--mask-repeats", type=int, default=20, help="timings of the mask ops alone")
     ap.add_argument("--nets", help="comma list of pack sizes K: time packs instead (see above)")
     ap.add_argument("--archs", default="conv2,conv4,conv6", help="architectures for --nets")
-    ap.add_argument("--tiny", action="store_true", help="with --nets: 8x8 images, 3 steps (smoke test)")
     ap.add_argument("--cuda-graph", action="store_true", help="with --nets: also the pack under a CUDA graph")
+    ap.add_argument("--precision-compare", action="store_true",
+                    help="time fp32, bf16 and their channels-last variants beside the floor (see above)")
+    ap.add_argument("--peak-size", type=int, default=2048, help="with --precision-compare: side of "
+                    "the square matmuls that measure the peak FLOP/s")
+    ap.add_argument("--tiny", action="store_true", help="with --nets or --precision-compare: 8x8 images, "
+                    "3 timed steps (a smoke test)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     if a.nets:
         return bench_packs(a, device)
+    if a.precision_compare:
+        return bench_precision(a, device)
 
     g = torch.Generator().manual_seed(0)
     n = 6000

@@ -16,6 +16,7 @@ from . import distributed
 from . import masks as masks_lib
 from .data import DATASETS, Dataset, load_dataset
 from .models import ARCHS, build_model
+from .precision import check_precision
 from .runlock import check_free, holding, sigterm_as_interrupt
 from .runs import RunDir, load_masks, load_ticket, load_tensors, load_weights
 from .train import TrainConfig
@@ -115,6 +116,7 @@ def train_config(args) -> TrainConfig:
                    if getattr(args, f.name) is not None})
     cfg = TrainConfig.for_arch(args.arch, **values)
     distributed.check_batch_size(cfg.batch_size)  # under torchrun: before any run directory
+    check_precision(cfg.precision, cfg.device)  # likewise
     return cfg
 
 

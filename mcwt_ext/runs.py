@@ -55,7 +55,7 @@ RUNTIME_KEYS = frozenset({"data_root", "device", "num_workers", "checkpoint_minu
 #: that lacks one of these keys is read as having this value (so old runs still resume).
 ADDED_KEYS = {"optimizer": "adam", "momentum": 0.0, "weight_decay": 0.0, "warmup_iterations": 0,
               "lr_milestones": [], "lr_gamma": 0.1, "augment": "none", "allocation": "layer",
-              "init_scheme": "glorot-normal", "distribution": "uniform"}
+              "init_scheme": "glorot-normal", "distribution": "uniform", "precision": "fp32"}
 
 #: The files a reproduce grid writes at its top level.
 GRID_FILES = dict(table_md="table.md", table_csv="table.csv", cost_md="cost.md", cost_csv="cost.csv",

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from . import distributed
 from .augment import Augment
 from .data import Dataset
+from .precision import autocast, check_precision, to_input_format
 from .train_config import TrainConfig
 from .masks import (apply_masks, check_masks, dense_state_dict, densities, from_torch_prune,
                     is_torch_pruned, load_dense_state_dict, masked_parameters)
@@ -103,8 +104,9 @@ def _batches(train_set: TensorDataset, order: BatchOrder, start: int, stop: int,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: TensorDataset, device: str | torch.device = "cpu",
-             batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``split``."""
+             batch_size: int = 1000, precision: str = "fp32") -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split``, computed in ``precision``
+    (:mod:`mcwt_ext.precision`)."""
     was_training = model.training
     model.eval()
     n = len(split)
@@ -112,7 +114,8 @@ def evaluate(model: nn.Module, split: TensorDataset, device: str | torch.device 
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        logits = model(xb)
+        with autocast(precision, torch.device(device)):
+            logits = model(to_input_format(precision, xb)).float()
         sums[0] += F.cross_entropy(logits, yb, reduction="sum").double()
         sums[1] += (logits.argmax(1) == yb).sum()
     model.train(was_training)
@@ -160,9 +163,11 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, enforcer: _MaskEnforcer,
-          xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    """One masked optimiser step; returns the batch loss (detached, not synchronised)."""
-    loss = F.cross_entropy(model(xb), yb)
+          xb: torch.Tensor, yb: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """One masked optimiser step, its forward pass and loss in ``precision``; returns the batch
+    loss (detached, not synchronised)."""
+    with autocast(precision, xb.device):  # bf16: the float32 weights are cast on the fly
+        loss = F.cross_entropy(model(to_input_format(precision, xb)).float(), yb)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     enforcer.grads()
@@ -258,6 +263,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
     if snapshots and not 0 <= snapshots[0] <= snapshots[-1] <= config.iterations:
         raise ValueError(f"snapshot_iterations must lie in [0, {config.iterations}], got {snapshots}")
     device = distributed.device_for(config.device)
+    check_precision(config.precision, device)
     digest = _masks_digest(masks)
     model.to(device)
 
@@ -295,8 +301,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
     def record(iteration):
         nonlocal loss_sum, loss_count
         distributed.broadcast_buffers(model)  # under torchrun: evaluate rank 0's net everywhere
-        val_loss, val_acc = evaluate(model, val, device)
-        test_loss, test_acc = evaluate(model, test, device)
+        val_loss, val_acc = evaluate(model, val, device, precision=config.precision)
+        test_loss, test_acc = evaluate(model, test, device, precision=config.precision)
         mean = distributed.all_reduce_sum(loss_sum.clone()).item() / distributed.world_size()
         train_loss = mean / loss_count if loss_count else float("nan")
         history.append(dict(iteration=iteration, train_loss=train_loss, val_loss=val_loss,
@@ -327,7 +333,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         batches = _batches(dataset.train, order, start, config.iterations, config.num_workers, device, augment)
         for it, (xb, yb) in enumerate(batches, start=start + 1):  # it = steps done after this one
             _set_lr(optimizer, config.lr_at(it - 1))
-            loss_sum += _step(net, optimizer, enforcer, xb, yb)
+            loss_sum += _step(net, optimizer, enforcer, xb, yb, config.precision)
             loss_count += 1
             bar.update()
             if it in snapshots:

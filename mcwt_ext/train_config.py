@@ -11,6 +11,7 @@ import torch
 
 from .augment import AUGMENTS, parse_augment
 from .models import arch_spec, scheduled_lr
+from .precision import PRECISIONS, parse_precision
 from .runs import RUNTIME_KEYS
 
 __all__ = ["TrainConfig", "OPTIMIZERS"]
@@ -82,6 +83,11 @@ class TrainConfig:
                             help="training-batch augmentation: flip-crop (random horizontal flip and "
                                  "4-pixel zero-padded random crop, open_lth's) or none (default none; "
                                  "flip-crop for resnet20)")
+    precision: str = _setting("fp32", parse=parse_precision,
+                              help="arithmetic of training and evaluation: fp32, or bf16 (forward "
+                                   "and loss autocast to bfloat16, channels-last images; weights, "
+                                   "gradients and optimiser state float32; on a CPU it needs "
+                                   "AVX512-BF16 or AMX) (default fp32)")
     eval_every: int = _setting(100, help="iterations between evaluations (default 100)", low=1)
     checkpoint_every: int = _setting(1000, help="iterations between checkpoints, 0 for none "
                                                 "(default 1000)", low=0)
@@ -118,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"augment must be one of {list(AUGMENTS)}, got {self.augment!r}")
         if self.optimizer == "adam" and self.momentum:
             raise ValueError(f"momentum {self.momentum} is SGD's; give optimizer='sgd' (--optimizer sgd)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         milestones = self.lr_milestones
         if not isinstance(milestones, (list, tuple)) or any(
                 isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) \

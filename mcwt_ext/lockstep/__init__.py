@@ -269,6 +269,10 @@ def train_pack(nets: Sequence[PackNet], dataset: Dataset, options: PackOptions |
         if other:
             raise ValueError(f"a pack trains with Adam at a constant rate; this net's config sets "
                              f"{other} (train it with mcwt_ext.train.train)")
+        if net.config.precision != "fp32":  # a pack's precision is PackOptions.precision
+            raise ValueError(f"--precision {net.config.precision}: a pack trains in "
+                             f"PackOptions.precision; train this net with mcwt_ext.train.train "
+                             f"(--pack 1)")
         if net.config.augment != "none":  # batches are gathered on the device, unaugmented
             raise ValueError(f"a pack trains without augmentation; this net's config sets augment "
                              f"{net.config.augment!r} (train it with mcwt_ext.train.train, e.g. --pack 1)")

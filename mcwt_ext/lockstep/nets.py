@@ -64,7 +64,8 @@ def _run_config(config: TrainConfig, options: PackOptions) -> dict:
 
 
 def _check_resumable(stored: dict, config: TrainConfig, options: PackOptions, digest: str, where) -> None:
-    stored_precision = stored["config"].get("precision", "float32")
+    stored_precision = stored["config"].get("precision", "fp32")
+    stored_precision = "float32" if stored_precision == "fp32" else stored_precision  # TrainConfig's name
     if stored_precision != options.precision:
         raise ValueError(f"{where} was trained in {stored_precision}, not {options.precision}; "
                          f"use the same precision or a fresh run directory")
