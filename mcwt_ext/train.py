@@ -114,9 +114,9 @@ def evaluate(model: nn.Module, split: TensorDataset, device: str | torch.device 
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct
     for i in range(0, len(y), batch_size):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        with autocast(precision, torch.device(device)):
-            logits = model(to_input_format(precision, xb)).float()
-        sums[0] += F.cross_entropy(logits, yb, reduction="sum").double()
+        with autocast(precision, torch.device(device)):  # which computes the loss in float32
+            logits = model(to_input_format(precision, xb))
+            sums[0] += F.cross_entropy(logits, yb, reduction="sum").double()
         sums[1] += (logits.argmax(1) == yb).sum()
     model.train(was_training)
     loss, correct = distributed.all_reduce_sum(sums).tolist()
@@ -166,8 +166,8 @@ def _step(model: nn.Module, optimizer: torch.optim.Optimizer, enforcer: _MaskEnf
           xb: torch.Tensor, yb: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """One masked optimiser step, its forward pass and loss in ``precision``; returns the batch
     loss (detached, not synchronised)."""
-    with autocast(precision, xb.device):  # bf16: the float32 weights are cast on the fly
-        loss = F.cross_entropy(model(to_input_format(precision, xb)).float(), yb)
+    with autocast(precision, xb.device):  # bf16: the float32 weights are cast on the fly, the loss
+        loss = F.cross_entropy(model(to_input_format(precision, xb)), yb)  # is float32
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     enforcer.grads()

@@ -154,6 +154,7 @@ CASES = {
         (["train", *TRAIN, "--checkpoint-minutes", "-1", "--out", "{out}"], "--checkpoint-minutes"),
         (["train", *TRAIN, "--checkpoint-minutes", "soon", "--out", "{out}"], "--checkpoint-minutes"),
         (["train", *TRAIN, "--augment", "rotate", "--out", "{out}"], "--augment"),
+        (["train", *TRAIN, "--precision", "fp16", "--out", "{out}"], "--precision"),
         (["train", *TRAIN, "--out", "{text}"], "--out"),
         (["train", *TRAIN, "--out", "{foreign}"], "--out"),
         (["train", *TRAIN, "--out", "{text}/run"], "--out"),
@@ -184,6 +185,7 @@ CASES = {
     ],
     "random": [
         (["random", *TRAIN, "--sparsity", "1.5", "--out", "{out}"], "--sparsity"),
+        (["random", *TRAIN, "--precision", "half", "--out", "{out}"], "--precision"),
         (["random", *TRAIN, "--like", "{root}/absent.safetensors", "--out", "{out}"], "--like"),
         (["random", *TRAIN, "--like", "{conv4_masks}", "--out", "{out}"], "of a conv4"),
         (["random", *TRAIN, "--like", "{text}", "--out", "{out}"], "--like"),

@@ -1,0 +1,121 @@
+"""--precision: bf16 autocasts the forward pass and the loss while weights, gradients and Adam
+state stay float32 and masks stay exact; it is part of the run's identity, resumes bit for bit,
+and is refused (one line naming the flag) where oneDNN has no bfloat16 instructions or in a pack.
+
+bf16 runs anywhere (emulated where the CPU lacks bfloat16 instructions, as under CI's
+``ONEDNN_MAX_CPU_ISA=SSE41``), so the tests that train in it declare it native (``bf16_allowed``)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mcwt_ext.precision as precision_mod
+from conftest import DEVICES, child_env, synthetic_model
+from mcwt_ext.cli import main
+from mcwt_ext.masks import random_masks
+from mcwt_ext.runs import RunDir
+from mcwt_ext.train import TrainConfig, _MaskEnforcer, _step, make_optimizer, train
+from test_train import _cfg, _kill_at, _Killed, _same_weights
+
+
+@pytest.fixture
+def bf16_allowed(monkeypatch):
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda: True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_bf16_step_computes_in_bf16_and_keeps_float32_state(synthetic, device, bf16_allowed):
+    x, y = (t[:60].to(device) for t in synthetic.train.tensors)
+    seen = {}
+    for precision in ("fp32", "bf16"):
+        model = synthetic_model().to(device)
+        masks = random_masks(model, 0.8, seed=0)
+        enforcer = _MaskEnforcer(model, masks)
+        enforcer.weights()
+        optimizer = make_optimizer(model, 1e-3)
+        conv = model[0]
+        hooks = [conv.register_forward_pre_hook(lambda m, a: seen.__setitem__((precision, "in"), a[0])),
+                 conv.register_forward_hook(lambda m, a, out: seen.__setitem__((precision, "out"), out))]
+        loss = _step(model, optimizer, enforcer, x, y, precision)
+        for h in hooks:
+            h.remove()
+        seen[precision, "loss"] = loss
+        assert loss.dtype == torch.float32
+        for name, p in model.named_parameters():
+            state = optimizer.state[p]
+            assert p.dtype == p.grad.dtype == state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+            assert p.is_contiguous()  # the weights keep their layout: saved files are unchanged
+            if name in masks:
+                assert torch.count_nonzero(p.detach()[~masks[name].to(device)]) == 0
+    # negative control: fp32 computes in float32 on contiguous images, bf16 does not
+    assert seen["fp32", "out"].dtype == torch.float32 and seen["fp32", "in"].is_contiguous()
+    assert seen["bf16", "out"].dtype == torch.bfloat16
+    assert seen["bf16", "in"].is_contiguous(memory_format=torch.channels_last)
+    assert seen["fp32", "loss"] != seen["bf16", "loss"]
+
+
+@pytest.mark.numerics
+def test_bf16_is_recorded_and_resumes_bit_identical(synthetic, tmp_path, monkeypatch, bf16_allowed):
+    masks = random_masks(synthetic_model(), 0.5, seed=0)
+    cfg = _cfg(precision="bf16")
+    whole = synthetic_model()
+    expected = train(whole, synthetic, masks, cfg, tmp_path / "whole", progress=False)
+    assert expected.summary["config"]["precision"] == "bf16"
+    fp32 = synthetic_model()
+    train(fp32, synthetic, masks, _cfg(), progress=False)
+    assert not _same_weights(whole, fp32)  # negative control: the precision changed the result
+
+    _kill_at(monkeypatch, 10)  # after the checkpoint at 8
+    with pytest.raises(_Killed):
+        train(synthetic_model(), synthetic, masks, cfg, tmp_path / "killed", progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda: True)
+    rd = RunDir(tmp_path / "killed")
+    with pytest.raises(ValueError, match="precision 'bf16' there, 'fp32' now"):
+        train(synthetic_model(), synthetic, masks, _cfg(), rd, progress=False)
+    resumed = synthetic_model()
+    result = train(resumed, synthetic, masks, cfg, rd, progress=False)
+    assert _same_weights(whole, resumed)
+    assert repr(result.history) == repr(expected.history)
+
+
+def test_bf16_without_bfloat16_instructions_is_refused(synthetic, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="--precision bf16"):
+        train(synthetic_model(), synthetic, None, _cfg(precision="bf16"), tmp_path / "lib", progress=False)
+    assert not (tmp_path / "lib").exists()
+    out = tmp_path / "cli"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--arch", "conv2", "--dataset", "synthetic", "--iterations", "2", "--quiet",
+              "--precision", "bf16", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--precision bf16" in err, err
+    assert not out.exists()
+    train(synthetic_model(), synthetic, None, _cfg(iterations=2), progress=False)  # fp32 is unaffected
+
+
+def test_native_bf16_follows_onednn_isa_cap():
+    """oneDNN capped below AVX-512 has no bfloat16 instructions on any CPU."""
+    code = "import mcwt_ext.precision as p; print(p.native_bf16())"
+    capped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env=child_env(ONEDNN_MAX_CPU_ISA="AVX2")).stdout.split()
+    assert capped == ["False"]
+    flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        env = child_env()
+        env.pop("ONEDNN_MAX_CPU_ISA", None)
+        free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=env).stdout.split()
+        assert free == ["True"]
+
+
+def test_config_and_packs_take_precision(synthetic, bf16_allowed):
+    from mcwt_ext.lockstep import PackNet, train_pack
+
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(iterations=1, lr=1e-3, precision="fp16")
+    assert TrainConfig(iterations=1, lr=1e-3).identity()["precision"] == "fp32"
+    net = PackNet(synthetic_model(), None, _cfg(iterations=2, precision="bf16"))
+    with pytest.raises(ValueError, match="--precision bf16"):
+        train_pack([net], synthetic, progress=False)
