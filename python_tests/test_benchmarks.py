@@ -31,6 +31,13 @@ def test_bench_training(capsys, threads):
     assert "masked" in out and "dense" in out
 
 
+def test_bench_training_precision(capsys, threads):
+    _load("bench_training").main(["--device", "cpu", "--threads", "1", "--precision-compare", "--tiny",
+                                  "--eval-images", "60"])
+    out = capsys.readouterr().out
+    assert out.count("| bf16") == 2 and "floor / min" in out and "bf16/fp32 speed-up" in out
+
+
 def test_bench_connectivity(capsys, threads):
     _load("bench_connectivity").main(["--device", "cpu", "--threads", "1", "--quick", "--batch", "4", "--samples", "60"])
     out = capsys.readouterr().out
