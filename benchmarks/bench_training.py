@@ -24,7 +24,8 @@ With ``--precision-compare`` it times train()'s masked step in each arithmetic (
 contiguous images, and bf16 as train() runs it (channels-last images), taking turns step by step;
 then evaluation per image in fp32 and bf16. The arithmetic floor of a step is its FLOPs (forward
 and backward, counted by ``torch.utils.flop_counter``) divided by the peak rate of the step's
-dtype, measured here as the fastest of square matrix products (``--peak-size``) in that dtype;
+dtype, measured here as the fastest of square matrix products and 1x1 convolutions
+(``--peak-size``) in that dtype;
 the floor's share of the median and of the fastest step is shown. ``--tiny``: 8x8 images, 3 timed steps.
 
     .venv/bin/python benchmarks/bench_training.py --precision-compare [--arch conv2] [--threads 2]
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import platform
 import statistics
 import time
@@ -126,14 +128,24 @@ def bench_packs(a, device):
 
 
 def _peak_flops(dtypes, device, size, repeats):
-    """FLOP/s of the fastest of ``repeats`` ``size``-square matrix products in each of ``dtypes``
-    (taking turns; on a shared machine the fastest is the one no other process disturbed)."""
-    pairs = {d: [torch.randn(size, size, device=device).to(d) for _ in range(2)] for d in dtypes}
-    times = {d: [] for d in dtypes}
+    """The best FLOP/s in each of ``dtypes`` of two dense kernels: a ``size``-square matrix
+    product and a 1x1 convolution of the same work (channels-last, oneDNN's GEMM on a CPU; the
+    matrix product may take a BLAS that runs float32 far slower on some CPUs). Each is timed
+    ``repeats`` times, taking turns; on a shared machine the fastest is the undisturbed one."""
+    side = max(1, math.isqrt(size // 64))  # the 1x1 conv: a (64 * side^2) x size by size x size product
+    kernels = {}
+    for d in dtypes:
+        a, b = (torch.randn(size, size, device=device).to(d) for _ in range(2))
+        x = torch.randn(64, size, side, side, device=device).to(d).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(size, size, 1, 1, device=device).to(d).contiguous(memory_format=torch.channels_last)
+        kernels[d, "matmul"] = (lambda a=a, b=b: torch.mm(a, b), 2 * size ** 3)
+        kernels[d, "conv1x1"] = (lambda x=x, w=w: torch.nn.functional.conv2d(x, w), 2 * 64 * side * side * size ** 2)
+    times = {k: [] for k in kernels}
     for i in range(repeats + 1):  # the first round warms up
-        for d, (a, b) in pairs.items():
-            _median_step(lambda: torch.mm(a, b), device, times[d] if i else [])
-    return {d: 2 * size ** 3 / min(t) for d, t in times.items()}
+        for k, (fn, _) in kernels.items():
+            _median_step(fn, device, times[k] if i else [])
+    return {d: max(work / min(times[d, kind]) for (dd, kind), (_, work) in kernels.items() if dd == d)
+            for d in dtypes}
 
 
 def bench_precision(a, device):
@@ -195,7 +207,8 @@ def bench_precision(a, device):
     print(f"{a.arch}, {size}x{size} inputs, batch {a.batch_size}, sparsity {a.sparsity}, {steps} timed steps "
           f"of each (after {warmup}), taking turns; {flops / 1e9:.2f} GFLOP per step (forward + backward); "
           f"peak {peak[torch.float32] / 1e9:.0f} GFLOP/s float32, {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s "
-          f"bfloat16 (fastest {peak_size}-square matmul of {3 if a.tiny else a.peak_repeats}); "
+          f"bfloat16 (the fastest of {3 if a.tiny else a.peak_repeats} {peak_size}-square matmuls "
+          f"and 1x1 convs); "
           f"floor = FLOPs / peak of the step's dtype\n")
     # On a loaded machine the medians carry the other processes; the minima are the undisturbed
     # costs, so both are shown, with the floor's share of each.
