@@ -55,6 +55,7 @@ def test_a_bf16_step_computes_in_bf16_and_keeps_float32_state(synthetic, device,
     assert seen["fp32", "loss"] != seen["bf16", "loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_bf16_is_recorded_and_resumes_bit_identical(synthetic, tmp_path, monkeypatch, bf16_allowed):
     masks = random_masks(synthetic_model(), 0.5, seed=0)
