@@ -6,7 +6,7 @@ float32 (autocast casts the float32 master weights on the fly), so masks are enf
 in fp32. Image batches then enter channels-last: oneDNN's bfloat16 convolutions are fastest in
 that layout, and the input's layout alone sets it (the weights keep theirs, so checkpoints and
 saved weights are unchanged). Evaluation uses the run's precision too: it is the net as trained,
-and on a CPU about as long as training (benchmarks/RESULTS.md).
+and on a CPU the full protocol's evaluations take longer than its steps (benchmarks/RESULTS.md).
 
 On a CPU, bf16 is fast only where oneDNN has bfloat16 instructions (AVX512-BF16 or AMX); elsewhere
 autocast still works, emulated, slower than fp32 (benchmarks/RESULTS.md), so a bf16 run on such a
