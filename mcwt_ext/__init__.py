@@ -28,7 +28,7 @@ _LAZY = {
     "export_state": "mcwt_ext.state",
     "import_state": "mcwt_ext.state",
 }
-_SUBMODULES = {"ops", "ablate"}
+_SUBMODULES = {"ops", "ablate", "dst"}
 
 # The function shadows its module of the same name, so that ``mcwt_ext.prune_at_init(...)`` is
 # the function however the module was first imported (an import of the submodule after this line

@@ -158,6 +158,7 @@ class RunDir:
     INIT = "init.safetensors"
     MASKS = "masks.safetensors"
     FINAL = "final.safetensors"
+    FINAL_MASKS = "final_masks.safetensors"  # dynamic sparse training: the masks it ended with
     METRICS = "metrics.csv"
     SUMMARY = "summary.json"
     CHECKPOINTS = "checkpoints"

@@ -16,6 +16,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .masks import (apply_masks, check_masks, dense_state_dict, densities, from_
 from .progress import Progress, note
 from .runs import RunDir, atomic_write, check_identity, snapshot_name
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "BatchOrder", "make_optimizer"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "BatchOrder", "make_optimizer", "StepHook"]
 
 METRICS_FIELDS = ["iteration", "train_loss", "val_loss", "val_acc", "test_loss", "test_acc"]
 
@@ -127,9 +128,10 @@ class _MaskEnforcer:
     """Zeroes pruned gradients and weights with one fused multiply per list (the hot path)."""
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]):
-        pairs = [(p, m) for p, m in masked_parameters(model, masks) if not bool(m.all())]
-        self.params = [p for p, _ in pairs]
-        self.masks = [m.to(p.dtype) for p, m in pairs]
+        named = [(n, p, m) for n, (p, m) in zip(masks, masked_parameters(model, masks)) if not bool(m.all())]
+        self.names = [n for n, _, _ in named]
+        self.params = [p for _, p, _ in named]
+        self.masks = [m.to(p.dtype) for _, p, m in named]
 
     def grads(self):
         if self.params:
@@ -162,14 +164,35 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+class StepHook(Protocol):
+    """What changes the masks while training (dynamic sparse training, :mod:`mcwt_ext.dst`).
+
+    ``bind`` receives the start masks, the masked layers (names, weights, and the float masks
+    training multiplies by, which ``update`` changes in place) and the optimiser. On a step where
+    ``due(step)``, ``update(step)`` runs after the backward pass, while the weights' gradients are
+    still dense, and before they are masked and the optimiser steps. ``state_dict`` goes into each
+    checkpoint; ``save_final``/``load_final`` keep what a finished run needs beside its weights."""
+
+    def bind(self, masks, names, params, float_masks, optimizer) -> None: ...
+    def due(self, step: int) -> bool: ...
+    def update(self, step: int) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def save_final(self, rd: RunDir) -> None: ...
+    def load_final(self, rd: RunDir) -> None: ...
+
+
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, enforcer: _MaskEnforcer,
-          xb: torch.Tensor, yb: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+          xb: torch.Tensor, yb: torch.Tensor, precision: str = "fp32", update=None) -> torch.Tensor:
     """One masked optimiser step, its forward pass and loss in ``precision``; returns the batch
-    loss (detached, not synchronised)."""
+    loss (detached, not synchronised). ``update``: called between the backward pass and the
+    masking of the gradient."""
     with autocast(precision, xb.device):  # bf16: the float32 weights are cast on the fly, the loss
         loss = F.cross_entropy(model(to_input_format(precision, xb)), yb)  # is float32
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if update is not None:
+        update()
     enforcer.grads()
     optimizer.step()
     enforcer.weights()
@@ -240,7 +263,7 @@ def _read_history(rd: RunDir) -> list[dict]:
 def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] | None = None,
           config: TrainConfig | None = None, run_dir: RunDir | str | None = None,
           progress: bool = True, desc: str = "train", *,
-          snapshot_iterations: Iterable[int] = ()) -> TrainResult:
+          snapshot_iterations: Iterable[int] = (), step_hook: StepHook | None = None) -> TrainResult:
     """Train ``model`` in place on ``dataset`` with its pruned weights held at zero.
 
     Evaluates on the validation and test splits at iteration 0, every ``eval_every`` iterations
@@ -249,7 +272,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
     ``final.safetensors`` and ``summary.json``. A run
     directory with a checkpoint resumes from it; one with a summary is finished, and its final
     weights are loaded instead of training again. ``snapshot_iterations``: save the weights after
-    those many steps as ``weights_XXXXXX.safetensors`` (IMP's rewind point).
+    those many steps as ``weights_XXXXXX.safetensors`` (IMP's rewind point). ``step_hook``: changes
+    the masks while training (:class:`StepHook`); ``masks`` are then the start masks.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -271,11 +295,17 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         summary = rd.load_json(RunDir.SUMMARY)
         _check_same_run(summary, config, digest, rd.summary_path)
         load_dense_state_dict(model, rd.load_tensors(RunDir.FINAL, device))
+        if step_hook is not None:
+            enforcer = _MaskEnforcer(model, masks)
+            step_hook.bind(masks, enforcer.names, enforcer.params, enforcer.masks, None)
+            step_hook.load_final(rd)
         return TrainResult(summary, _read_history(rd))
 
     apply_masks(model, masks)
     enforcer = _MaskEnforcer(model, masks)
     optimizer = make_optimizer(model, config)
+    if step_hook is not None:
+        step_hook.bind(masks, enforcer.names, enforcer.params, enforcer.masks, optimizer)
     start, history, wall_time = 0, [], 0.0
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     loss_count = 0
@@ -290,6 +320,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         optimizer.load_state_dict(ckpt["optimizer"])
         start, history, wall_time = ckpt["iteration"], ckpt["history"], ckpt["wall_time_s"]
         loss_sum, loss_count = ckpt["loss_sum"].to(device), ckpt["loss_count"]
+        if step_hook is not None:
+            step_hook.load_state_dict(ckpt["step_hook"])
         note(f"resuming {rd.path} from iteration {start}", progress)
     net = distributed.wrap(model)  # under torchrun: DDP, which averages the gradients over ranks
 
@@ -319,6 +351,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
                      history=history, loss_sum=loss_sum, loss_count=loss_count,
                      wall_time_s=wall_time + time.perf_counter() - began,
                      config=dataclasses.asdict(config), masks_sha256=digest)
+        if step_hook is not None:
+            state["step_hook"] = step_hook.state_dict()
         atomic_write(rd.file(RunDir.CHECKPOINT), lambda tmp: torch.save(state, tmp))
 
     if start == 0:
@@ -333,7 +367,9 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         batches = _batches(dataset.train, order, start, config.iterations, config.num_workers, device, augment)
         for it, (xb, yb) in enumerate(batches, start=start + 1):  # it = steps done after this one
             _set_lr(optimizer, config.lr_at(it - 1))
-            loss_sum += _step(net, optimizer, enforcer, xb, yb, config.precision)
+            update = None if step_hook is None or not step_hook.due(it) else \
+                (lambda step=it: step_hook.update(step))
+            loss_sum += _step(net, optimizer, enforcer, xb, yb, config.precision, update)
             loss_count += 1
             bar.update()
             if it in snapshots:
@@ -350,6 +386,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
     summary = _summary(history, config, masks, wall_time + time.perf_counter() - began)
     if rd is not None:
         rd.save_tensors(RunDir.FINAL, dense_state_dict(model))
+        if step_hook is not None:
+            step_hook.save_final(rd)
         rd.save_json(RunDir.SUMMARY, summary)
         if distributed.is_main() and rd.exists(RunDir.CHECKPOINT):  # the finished run needs it no more
             rd.file(RunDir.CHECKPOINT).unlink()
