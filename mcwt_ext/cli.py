@@ -14,7 +14,7 @@ from pathlib import Path
 from . import commands
 from .cli_types import (arch_list, device_spec, existing_file, int_at_least, library_type, methods_help,
                         methods_spec, nonnegative_int, positive_float, positive_int, rates_spec, seed,
-                        sparsity)
+                        sparsity, unit_share)
 from .augment import AUGMENTS
 from .data import DATASETS
 from .fit import GRANULARITIES
@@ -202,6 +202,44 @@ def add_prune_parser(subparsers) -> None:
     add_out_arg(p)
 
 
+# --- dst (dynamic sparse training) ---------------------------------------------------------------
+
+def add_dst_parser(subparsers) -> None:
+    from .dst import DST_METHODS
+
+    p = _command(subparsers, commands.dst_cmd, "dst", model_data=True, train=True,
+                 help="dynamic sparse training: RigL or SET, one training whose masks change",
+                 description="Train from a random mask at --sparsity (or from --start) and, every "
+                             "--update-every steps until --stop-at of the training, replace the "
+                             "fraction alpha/2 * (1 + cos(pi t / T_end)) of each layer's kept weights "
+                             "of least magnitude by as many new ones (RigL: largest |dense gradient|; "
+                             "SET: at random), grown at zero with fresh optimiser moments. Per-layer "
+                             "counts stay exact; final_masks.safetensors holds the masks it ends with.")
+    g = p.add_argument_group("dynamic sparsity")
+    g.add_argument("--method", choices=DST_METHODS, required=True,
+                   help="rigl: grow by the largest |gradient of the loss w.r.t. the masked weight|; "
+                        "set: grow at random")
+    start = g.add_mutually_exclusive_group()
+    start.add_argument("--sparsity", type=sparsity, default=0.8,
+                       help="share of every layer's weights pruned in the random start (default 0.8)")
+    start.add_argument("--start", type=existing_file, metavar="MASKS",
+                       help="masks.safetensors to start from (e.g. an `mcwt sample` run's); its "
+                            "per-layer counts are kept")
+    g.add_argument("--update-every", type=positive_int, default=100,
+                   help="training steps between mask updates (default 100)")
+    g.add_argument("--stop-at", type=unit_share, default=0.75,
+                   help="share of the training after which the masks stay fixed, in (0, 1] (default 0.75)")
+    g.add_argument("--alpha", type=unit_share, default=0.3,
+                   help="share of each layer's kept weights replaced at the first update, "
+                        "cosine-annealed to 0 at --stop-at, in (0, 1] (default 0.3)")
+    g.add_argument("--mask-seed", type=seed,
+                   help="seed of the random start and of SET's growth (default: --seed)")
+    g.add_argument("--init", type=existing_file,
+                   help="initial weights (default: the init.safetensors next to --start if there is "
+                        "one, else a fresh init from --seed)")
+    add_out_arg(p)
+
+
 # --- ablate (winning-ticket ablations) -------------------------------------------------------------
 
 def add_ablate_parser(subparsers) -> None:
@@ -369,7 +407,8 @@ def add_reproduce_parser(subparsers) -> None:
 
 # --- entry point ---------------------------------------------------------------------------------
 
-COMMANDS = [add_train_parser, add_imp_parser, add_random_parser, add_prune_parser, add_ablate_parser,
+COMMANDS = [add_train_parser, add_imp_parser, add_random_parser, add_prune_parser, add_dst_parser,
+            add_ablate_parser,
             add_fit_parser, add_sample_parser,
             add_plot_parser, add_reproduce_parser]
 

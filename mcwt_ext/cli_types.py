@@ -51,6 +51,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def unit_share(text: str) -> float:
+    """A share in (0, 1]."""
+    value = _number(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} does not lie in (0, 1]")
+    return value
+
+
 def _checked(check, parse):
     """An argument type from a :mod:`mcwt_ext.validate` check."""
     def arg(text: str):

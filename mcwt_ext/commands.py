@@ -28,7 +28,7 @@ from .models import ARCHS, arch_sparsity
 from .runs import RunDir, load_masks
 from .train import TrainConfig, train
 
-__all__ = ["train_cmd", "imp_cmd", "random_cmd", "prune_cmd", "ablate_cmd", "fit_cmd", "sample_cmd",
+__all__ = ["train_cmd", "imp_cmd", "random_cmd", "prune_cmd", "dst_cmd", "ablate_cmd", "fit_cmd", "sample_cmd",
            "plot_cmd", "reproduce_cmd",
            "load_data", "train_config", "run_config"]
 
@@ -51,11 +51,16 @@ def train_and_report(args, ds: Dataset, model, masks, cfg: TrainConfig, rd: RunD
 
 # --- the commands --------------------------------------------------------------------------------
 
+def _init_beside(init: Path | None, masks: Path | None, masks_flag: str) -> tuple[Path | None, str]:
+    """``--init``, else the init.safetensors beside the masks file of ``masks_flag`` (if any)."""
+    if init is None and masks and (masks.parent / RunDir.INIT).is_file():
+        return masks.parent / RunDir.INIT, f"{masks_flag} (its {RunDir.INIT})"
+    return init, "--init"
+
+
 def train_cmd(args) -> int:
     check_out(args.out)
-    init, init_flag = args.init, "--init"
-    if init is None and args.masks and (args.masks.parent / RunDir.INIT).is_file():
-        init, init_flag = args.masks.parent / RunDir.INIT, f"--masks (its {RunDir.INIT})"
+    init, init_flag = _init_beside(args.init, args.masks, "--masks")
     ds, model = data_and_model(args, init, init_flag)
     masks = read_masks(args, ds, model, args.masks) if args.masks else None
     cfg = train_config(args)
@@ -125,6 +130,32 @@ def random_cmd(args) -> int:
             print(f"wrote {rd.masks_path} and {rd.init_path}")
             return 0
         return train_and_report(args, ds, model, masks, cfg, rd, "random")
+
+
+def dst_cmd(args) -> int:
+    from .dst import DstConfig, train_dst
+
+    check_out(args.out)
+    init, init_flag = _init_beside(args.init, args.start, "--start")
+    ds, model = data_and_model(args, init, init_flag)
+    mask_seed = args.seed if args.mask_seed is None else args.mask_seed
+    if args.start is not None:
+        masks = read_masks(args, ds, model, args.start, "--start")
+    else:
+        masks = masks_lib.random_masks(model, arch_sparsity(args.arch, model, ds.example_input(), args.sparsity),
+                                       mask_seed)
+    dst = DstConfig(args.method, args.update_every, args.stop_at, args.alpha, mask_seed)
+    cfg = train_config(args)
+    check_batch_size(cfg, ds)
+    with opened(args.out, run_config(args, ds, start=resolved(args.start), init=resolved(init),
+                                     sparsity=None if args.start else args.sparsity,
+                                     dst=dataclasses.asdict(dst), train=dataclasses.asdict(cfg))) as rd:
+        save_starts(rd, model, masks)
+        result, _ = train_dst(model, ds, masks, cfg, dst, rd, progress=not args.no_progress,
+                              desc=f"dst {args.method} {args.arch}")
+    print_summary(result.summary)
+    print(f"final masks: {rd.file(RunDir.FINAL_MASKS)}")
+    return 0
 
 
 def _save_construction(rd: RunDir, wall: float) -> None:

@@ -206,6 +206,24 @@ CASES = {
         (["prune", *TRAIN, "--method", "magnitude", "--distribution", "erk", "--allocation", "global",
           "--out", "{out}"], "--distribution"),
     ],
+    "dst": [
+        (["dst", *TRAIN, "--out", "{out}"], "--method"),
+        (["dst", *TRAIN, "--method", "snip", "--out", "{out}"], "--method"),
+        (["dst", *TRAIN, "--method", "rigl", "--update-every", "0", "--out", "{out}"], "--update-every"),
+        (["dst", *TRAIN, "--method", "rigl", "--stop-at", "0", "--out", "{out}"], "--stop-at"),
+        (["dst", *TRAIN, "--method", "rigl", "--stop-at", "1.5", "--out", "{out}"], "--stop-at"),
+        (["dst", *TRAIN, "--method", "set", "--alpha", "nan", "--out", "{out}"], "--alpha"),
+        (["dst", *TRAIN, "--method", "set", "--alpha", "-0.3", "--out", "{out}"], "--alpha"),
+        (["dst", *TRAIN, "--method", "rigl", "--sparsity", "1", "--out", "{out}"], "--sparsity"),
+        (["dst", *TRAIN, "--method", "rigl", "--start", "{root}/absent.safetensors", "--out", "{out}"],
+         "--start"),
+        (["dst", *TRAIN, "--method", "rigl", "--start", "{conv4_masks}", "--out", "{out}"], "of a conv4"),
+        (["dst", *TRAIN, "--method", "rigl", "--start", "{text}", "--out", "{out}"], "--start"),
+        (["dst", *TRAIN, "--method", "rigl", "--sparsity", "0.5", "--start", "{sample}/masks.safetensors",
+          "--out", "{out}"], "--start"),
+        (["dst", *TRAIN, "--method", "set", "--mask-seed", "-1", "--out", "{out}"], "--mask-seed"),
+        (["dst", *TRAIN, "--method", "rigl", "--out", "{foreign}"], "--out"),
+    ],
     "fit": [
         (["fit", "--out", "{out}"], "--ticket"),
         (["fit", "--ticket", "{root}/absent", "--out", "{out}"], "--ticket"),
@@ -283,8 +301,8 @@ ALL = [(cmd, argv, match) for cmd, cases in CASES.items() for argv, match in cas
 
 
 def test_the_table_is_large_enough():
-    assert len(ALL) >= 60 and set(CASES) == {"train", "imp", "random", "prune", "fit", "sample", "plot",
-                                        "reproduce"}
+    assert len(ALL) >= 60 and set(CASES) == {"train", "imp", "random", "prune", "dst", "fit", "sample",
+                                            "plot", "reproduce"}
 
 
 @pytest.fixture
