@@ -6,6 +6,7 @@ import math
 import statistics
 
 import pytest
+import torch
 
 from mcwt_ext.cli import main
 from mcwt_ext.experiments import CELLS, METHODS, Grid, report
@@ -65,9 +66,13 @@ def test_mcwt_cells_sample_on_the_grids_device(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
+    from mcwt_ext.experiments import methods
+
     g = Grid(archs=["conv2"], seeds=[0, 1], dataset="synthetic", iterations=4, eval_every=2,
              out=tmp_path_factory.mktemp("all"), progress=False, methods="all")
-    g.run()
+    with pytest.MonkeyPatch.context() as m:  # 4 iterations: the dst rows update their masks twice
+        m.setitem(methods.DST_SETTINGS, "update_every", 1)
+        g.run()
     report(g)
     return g
 
@@ -94,6 +99,32 @@ def test_overlap_csv_has_every_layer(grid):
     assert len(wt) == 2 * 5 and all(float(r["overlap"]) == 1.0 for r in wt)
     assert {r["method"] for r in rows} == set(METHODS) - {"dense"}
     assert math.isnan(float({r["method"]: r for r in _csv(grid.out / GRID_FILES["methods_csv"])}["dense"]["overlap_mean"]))
+
+
+@pytest.mark.slow
+def test_dst_rows_are_compared_by_the_masks_they_end_with(grid):
+    """RigL, SET and RigL from the MCWT sample: the masks changed while training at the start's
+    per-layer counts; the overlap with the WT is that of the final masks; the cost table counts
+    one training."""
+    from mcwt_ext.experiments.report import method_masks
+
+    for key in ("rigl", "set", "rigl_mcwt"):
+        for seed in (0, 1):
+            rd = grid_cell(grid.out, "conv2", seed, METHODS[key].cell)
+            start, final = rd.load_tensors(RunDir.MASKS), rd.load_tensors(RunDir.FINAL_MASKS)
+            assert any(not torch.equal(start[n], final[n]) for n in start), key
+            assert {n: int(m.sum()) for n, m in final.items()} == {n: int(m.sum()) for n, m in start.items()}
+            ended = method_masks(grid.out, "conv2", seed, key)
+            assert all(torch.equal(ended[n], final[n]) for n in final)
+            assert rd.load_json(RunDir.CONFIG)["dst"]["update_every"] == 1
+    mcwt = grid_cell(grid.out, "conv2", 0, "mcwt_connectivity").load_tensors(RunDir.MASKS)
+    start = grid_cell(grid.out, "conv2", 0, "rigl_mcwt").load_tensors(RunDir.MASKS)
+    assert all(torch.equal(mcwt[n], start[n]) for n in mcwt)
+    costs = {r["method"]: r for r in _csv(grid.out / GRID_FILES["cost_csv"])}
+    for key in ("rigl", "set", "rigl_mcwt"):
+        assert float(costs[METHODS[key].label]["train_iterations"]) == 4
+    assert float(costs[METHODS["rigl_mcwt"].label]["wall_time_s"]) > \
+        float(costs["MCWT with connectivity: fit + sampling"]["wall_time_s"])
 
 
 @pytest.mark.slow

@@ -31,12 +31,18 @@ and, for ``reproduce --methods all`` (issue 12; group in brackets)::
     mcwt_transfer       [transfer] MCWT for seeds 1..N-1 sampled from the fit of seed 0's
                         ticket (no cell at seed 0)
     mcwt_exact          [fit] MCWT with connectivity, exactly the target count per layer
+    rigl, set           [dst] dynamic sparse training (issue 21) from a random start at the
+                        protocol's per-layer sparsity: RigL, SET (mcwt_ext.dst defaults)
+    rigl_mcwt           [dst] RigL started from this seed's MCWT (with connectivity) sample
 
 A method's ``cost`` is what constructing one of its masks took (seconds, one arch and seed):
-the IMP rounds before the ticket for the WT and its ablations, the fit plus sampling for MCWT.
+the IMP rounds before the ticket for the WT and its ablations, the fit plus sampling for MCWT,
+the one training (mask updates and RigL's dense gradients included) for dynamic sparse training.
+A dst row's masks, for its overlap with the WT, are those it ends training with.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -82,7 +88,7 @@ CELLS: dict[str, CellKind] = {}
 METHODS: dict[str, Method] = {}
 
 
-GROUPS = ("paper", "baseline", "ablation", "fit", "transfer")
+GROUPS = ("paper", "baseline", "ablation", "fit", "transfer", "dst")
 
 
 def register_cell(name: str, needs: tuple[str, ...] = (), *, needs_seed0: tuple[str, ...] = (),
@@ -306,6 +312,35 @@ register_cell("mcwt_transfer", needs_seed0=("fit",), applies=lambda seed: seed !
 register_cell("mcwt_exact", needs=("fit",))(lambda cell: _run_mcwt_cell(cell, True, exact=True))
 
 
+#: settings of the grid's DstConfig beyond mcwt_ext.dst's defaults (RigL's: update every 100 steps
+#: until 75% of the training, alpha 0.3); none by default
+DST_SETTINGS: dict = {}
+
+
+def _run_dst_cell(cell, method: str, start: str | None = None) -> None:
+    """Dynamic sparse training from a random start, or from the masks of cell ``start``. It trains
+    in its own loop (never in a pack: its masks change while it trains)."""
+    from ..dst import DstConfig, train_dst
+    from ..masks import random_masks
+
+    ds, model, train_cfg, config = cell.context()
+    dst = DstConfig(method, seed=cell.seed, **DST_SETTINGS)
+    rd = RunDir.open(cell.dir().path, dict(config, dst=dataclasses.asdict(dst), start=start or "random"))
+    rd.save_tensors(RunDir.INIT, model.state_dict())
+    if start is None:
+        masks = _timed_masks(rd, lambda: random_masks(model, _sparsity(cell, ds, model), cell.seed))
+    else:
+        masks = cell.dir(start).load_tensors(RunDir.MASKS)
+        rd.save_or_check_tensors(RunDir.MASKS, masks, "start masks")
+    train_dst(model, ds, masks, train_cfg, dst, rd, progress=cell.progress, desc=_desc(cell))
+
+
+register_cell("rigl")(lambda cell: _run_dst_cell(cell, "rigl"))
+register_cell("set")(lambda cell: _run_dst_cell(cell, "set"))
+register_cell("rigl_mcwt", needs=("mcwt_connectivity",))(
+    lambda cell: _run_dst_cell(cell, "rigl", "mcwt_connectivity"))
+
+
 # --- what constructing one mask costs (seconds) ---------------------------------------------------
 
 def _json(rd: RunDir, name: str, key: str = "wall_time_s") -> float | None:
@@ -338,6 +373,15 @@ def _mcwt(cell: str, fit: str = "fit"):
 
 def _ablation(cell: str):
     return lambda cell_dir, seeds: _sum(imp_cost(cell_dir), _json(cell_dir(cell, None), RunDir.CONSTRUCTION))
+
+
+def _dst(cell: str, start=None):
+    """The training (its summary's wall time) plus making the start: a random mask's
+    construction, or ``start``'s cost."""
+    def cost(cell_dir, seeds):
+        made = _json(cell_dir(cell, None), RunDir.CONSTRUCTION) if start is None else start(cell_dir, seeds)
+        return _sum(made, _json(cell_dir(cell, None), RunDir.SUMMARY))
+    return cost
 
 
 def _transfer(cell_dir, seeds) -> float | None:
@@ -384,3 +428,10 @@ register_method(Method("mcwt_transfer", "MCWT from seed 0's fit (transfer)", "mc
                        group="transfer", cost=_transfer))
 register_method(Method("mcwt_exact", "MCWT with connectivity, exact count", "mcwt_exact", group="fit",
                        cost=_mcwt("mcwt_exact")))
+
+# --- the rows issue 21 adds: dynamic sparse training (one training each) ---------------------------
+
+register_method(Method("rigl", "RigL (dynamic sparse training)", "rigl", group="dst", cost=_dst("rigl")))
+register_method(Method("set", "SET (dynamic sparse training)", "set", group="dst", cost=_dst("set")))
+register_method(Method("rigl_mcwt", "RigL from the MCWT sample", "rigl_mcwt", group="dst",
+                       cost=_dst("rigl_mcwt", _mcwt("mcwt_connectivity"))))

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..compare import dead_units, overlap_with_ticket, total_dead, total_overlap
@@ -175,6 +176,8 @@ def method_masks(grid_out: Path, arch: str, seed: int, method: str) -> dict | No
         return None
     if method == "wt":
         rd = grid_cell(grid_out, arch, seed, "imp")
+    if rd.exists(RunDir.FINAL_MASKS):  # dynamic sparse training: the masks it ended with
+        return rd.load_tensors(RunDir.FINAL_MASKS)
     return rd.load_tensors(RunDir.MASKS) if rd.exists(RunDir.MASKS) else None
 
 
@@ -268,17 +271,20 @@ def comparison_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def extra_cost_rows(comparison: list[dict], imp_rows: list[dict]) -> list[dict]:
-    """Cost-table rows for the methods beyond the paper's (their numbers are the comparison's)."""
+def extra_cost_rows(comparison: list[dict], imp_rows: list[dict],
+                    iterations: Mapping[str, int] | None = None) -> list[dict]:
+    """Cost-table rows for the methods beyond the paper's (their numbers are the comparison's);
+    ``iterations``: of one Table 1 training per arch (dynamic sparse training's rows train once)."""
     imp = {r["arch"]: r for r in imp_rows if r["ratio_to_imp"] == 1.0}
     out = []
     for r in comparison:
         if r["group"] == "paper":
             continue
         base = imp.get(r["arch"], {})
-        iterations = base.get("train_iterations", math.nan) if r["group"] == "ablation" else 0
+        iterations_ = {"ablation": base.get("train_iterations", math.nan),
+                       "dst": (iterations or {}).get(r["arch"], math.nan)}.get(r["group"], 0)
         out.append(dict(arch=r["arch"], method=r["label"], wall_time_s=r["cost_s_mean"],
-                        train_iterations=iterations,
+                        train_iterations=iterations_,
                         ratio_to_imp=r["cost_s_mean"] / base.get("wall_time_s", math.nan)))
     return out
 
@@ -351,7 +357,9 @@ def report(grid: Grid) -> dict[str, Path]:
     _save_csv(paths["methods_csv"], comparison, COMPARISON_FIELDS)
     _save_csv(paths["overlap_csv"], overlaps, OVERLAP_FIELDS)
     costs = cost_rows(grid)
-    costs += extra_cost_rows(comparison, costs)
+    settings = grid.cells[0].settings if grid.cells else None
+    costs += extra_cost_rows(comparison, costs, {a: settings.protocol.train_config(
+        a, 0, iterations=settings.iterations).iterations for a in grid.archs} if settings else None)
     atomic_write(paths["cost_md"], cost_markdown(costs, f"## Cost on {what}\n\n{protocol}"))
     _save_csv(paths["cost_csv"], costs)
     figures(grid)
