@@ -2,6 +2,7 @@
 per-layer counts after every update, fresh moments for grown weights, seeded SET growth and
 bit-identical resume after a kill."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +206,50 @@ def test_resume_after_a_kill_is_bit_identical(synthetic, tmp_path, monkeypatch, 
     assert _same_weights(again, resumed) and all(torch.equal(read[n], final[n]) for n in start)
     with pytest.raises(ValueError, match="alpha"):  # other dst settings are another run
         train_dst(synthetic_model(), synthetic, start, _cfg(), _dst(method, alpha=0.5), rd, progress=False)
+
+
+@pytest.mark.slow
+def test_dst_cells_train_on_their_own_in_packed_grids(tmp_path):
+    """With packs the dst cell trains in its own thread (its masks change: no lockstep pack), to
+    the same final weights and masks as without packs; the WT's IMP still trains in packs."""
+    import mcwt_ext.lockstep as lockstep_mod
+    from mcwt_ext.experiments import Grid
+    from mcwt_ext.experiments import methods
+    from mcwt_ext.runs import grid_cell
+
+    packed = []
+    real = lockstep_mod.train_pack
+
+    def spy(nets, *args, **kwargs):
+        packed.extend(str(net.run_dir) for net in nets)
+        return real(nets, *args, **kwargs)
+
+    grids = {}
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(methods.DST_SETTINGS, "update_every", 2)
+        m.setattr(lockstep_mod, "train_pack", spy)
+        for pack in (1, 2):
+            grids[pack] = Grid(archs=["conv2"], seeds=[0], dataset="synthetic", iterations=6, eval_every=3,
+                               progress=False, methods="set", pack=pack, out=tmp_path / f"pack{pack}")
+            grids[pack].run()
+    assert packed and not any(Path(p).name == "set" for p in packed)
+    one, two = (grid_cell(grids[p].out, "conv2", 0, "set") for p in (1, 2))
+    for name in (RunDir.FINAL, RunDir.FINAL_MASKS):
+        assert one.file(name).read_bytes() == two.file(name).read_bytes()
+
+
+@pytest.mark.slow
+def test_readme_block_runs_as_written(tmp_path):
+    """The README's dynamic sparse training commands, as written: RigL from a random start, then SET
+    from RigL's start masks (the same counts)."""
+    from readme_blocks import block, explain, run_block, sandbox
+
+    box = sandbox(tmp_path)
+    done = run_block(block("mcwt dst"), box, timeout=600)
+    assert done.returncode == 0, explain(done)
+    rigl, set_ = (RunDir(box / "runs" / name) for name in ("rigl", "set"))
+    start = rigl.load_tensors(RunDir.MASKS)
+    for rd in (rigl, set_):
+        final = rd.load_tensors(RunDir.FINAL_MASKS)
+        assert {n: int(m.sum()) for n, m in final.items()} == {n: int(m.sum()) for n, m in start.items()}
+        assert any(not torch.equal(final[n], start[n]) for n in start)

@@ -44,6 +44,7 @@ CLAIMS = {
     "torchrun": "test_distributed.py::test_readme_torchrun_command_runs",
     "sbatch": "test_job_array_block_runs_as_written",
     "--executor ray": "test_grid_ray.py::test_readme_ray_block_runs_as_written",
+    "mcwt dst": "test_dst.py::test_readme_block_runs_as_written",
 }
 
 
