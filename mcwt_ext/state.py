@@ -6,7 +6,8 @@ state is its masks plus its records. ``export_state(root, file)`` walks every ru
 
 - every ``.json``, ``.csv``, ``.md`` and ``.txt`` file as it is (configs, summaries, metrics,
   fits, tables);
-- every ``masks.safetensors`` as bits (``np.packbits``), each layer's bits in the order of
+- every ``masks.safetensors`` (and ``final_masks.safetensors``, the masks dynamic sparse training
+  ends with) as bits (``np.packbits``), each layer's bits in the order of
   decreasing initial magnitude (the init rebuilt from the nearest ``config.json``; kept weights
   cluster at the front, which LZMA turns into fewer bytes), in one of three encodings per layer: ``dense`` (all kept: no bits), ``nested`` (the layer's bits at the weights its parent
   set keeps, the parent being the previous IMP round, or the round a ticket copies: IMP only ever
@@ -46,6 +47,7 @@ MANIFEST = "manifest.json"
 TEXT_SUFFIXES = (".json", ".csv", ".md", ".txt")
 SKIPPED = ("final.safetensors", "checkpoints", "figures")  # trained weights, resumable only locally
 UNDERIVABLE = ("rewind.safetensors",)
+MASK_FILES = (RunDir.MASKS, RunDir.FINAL_MASKS)
 
 
 def _bits(mask: torch.Tensor) -> bytes:
@@ -178,7 +180,7 @@ def export_state(root_dir: str | os.PathLike, file: str | os.PathLike) -> dict:
         is_round = round_index(p.parent.name) is not None
         group = p.relative_to(root).parent.parent if is_round else p.relative_to(root).parent
         return group.as_posix(), not is_round, p.as_posix()
-    mask_paths = sorted((p for p in paths if p.name == RunDir.MASKS), key=order)
+    mask_paths = sorted((p for p in paths if p.name in MASK_FILES), key=order)
     decoded: dict[Path, dict] = {}
     cache: dict = {}
     with zipfile.ZipFile(_tmp_path(file), "w", zipfile.ZIP_LZMA) as zf:
@@ -190,7 +192,7 @@ def export_state(root_dir: str | os.PathLike, file: str | os.PathLike) -> dict:
         for p in mask_paths:
             rel = p.relative_to(root)
             rd = RunDir(p.parent)
-            masks = rd.load_tensors(RunDir.MASKS)
+            masks = rd.load_tensors(p.name)
             config = _config_for(p.parent, root)
             entry, blob = _encode_masks(rd, rel, masks, decoded, _orders(config, cache))
             decoded[rel] = masks
@@ -298,12 +300,12 @@ def import_state(file: str | os.PathLike, root_dir: str | os.PathLike) -> dict:
             orders = _orders(root / entry["config"] if "config" in entry else None, cache)
             masks = _decode_masks(entry, blob, decoded, rd, orders)
             decoded[name] = masks
-            if rd.exists(RunDir.MASKS):
-                there = rd.load_tensors(RunDir.MASKS)
+            if rd.exists(rel.name):
+                there = rd.load_tensors(rel.name)
                 if there.keys() != masks.keys() or not all(torch.equal(there[k], masks[k]) for k in masks):
-                    raise ValueError(f"{rd.masks_path} exists with other masks than the bundle's")
+                    raise ValueError(f"{rd.file(rel.name)} exists with other masks than the bundle's")
             else:
-                rd.save_tensors(RunDir.MASKS, masks)
+                rd.save_tensors(rel.name, masks)
         for name in manifest["inits"]:
             _safe(name)
             rd = RunDir(root / name)

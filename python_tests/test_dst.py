@@ -253,3 +253,21 @@ def test_readme_block_runs_as_written(tmp_path):
         final = rd.load_tensors(RunDir.FINAL_MASKS)
         assert {n: int(m.sum()) for n, m in final.items()} == {n: int(m.sum()) for n, m in start.items()}
         assert any(not torch.equal(final[n], start[n]) for n in start)
+
+
+def test_state_bundle_carries_the_final_masks(tmp_path):
+    """export_state/import_state carry final_masks.safetensors bit for bit (a grid resumed
+    elsewhere reports a dst row's overlap with the masks it ended with, not its start)."""
+    from mcwt_ext.cli import main
+    from mcwt_ext.state import export_state, import_state
+
+    run = tmp_path / "grid" / "run"
+    assert main(["dst", "--method", "set", "--arch", "conv2", "--dataset", "synthetic", "--iterations", "6",
+                 "--eval-every", "3", "--update-every", "2", "--quiet", "--out", str(run)]) == 0
+    export_state(tmp_path / "grid", tmp_path / "state.zip")
+    import_state(tmp_path / "state.zip", tmp_path / "copy")
+    here, there = RunDir(run), RunDir(tmp_path / "copy" / "run")
+    final = here.load_tensors(RunDir.FINAL_MASKS)
+    assert any(not torch.equal(final[n], m) for n, m in here.load_tensors(RunDir.MASKS).items())
+    copied = there.load_tensors(RunDir.FINAL_MASKS)
+    assert copied.keys() == final.keys() and all(torch.equal(copied[n], final[n]) for n in final)
