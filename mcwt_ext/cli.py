@@ -225,6 +225,7 @@ def add_dst_parser(subparsers) -> None:
     start.add_argument("--start", type=existing_file, metavar="MASKS",
                        help="masks.safetensors to start from (e.g. an `mcwt sample` run's); its "
                             "per-layer counts are kept")
+    add_distribution_arg(g)
     g.add_argument("--update-every", type=positive_int, default=100,
                    help="training steps between mask updates (default 100)")
     g.add_argument("--stop-at", type=unit_share, default=0.75,

@@ -136,20 +136,22 @@ def dst_cmd(args) -> int:
     from .dst import DstConfig, train_dst
 
     check_out(args.out)
+    if args.start is not None and args.distribution != "uniform":
+        raise ValueError(f"--distribution {args.distribution}: --start keeps each layer's count "
+                         f"from its masks; give one of them")
     init, init_flag = _init_beside(args.init, args.start, "--start")
     ds, model = data_and_model(args, init, init_flag)
     mask_seed = args.seed if args.mask_seed is None else args.mask_seed
     if args.start is not None:
         masks = read_masks(args, ds, model, args.start, "--start")
     else:
-        masks = masks_lib.random_masks(model, arch_sparsity(args.arch, model, ds.example_input(), args.sparsity),
-                                       mask_seed)
+        masks = masks_lib.random_masks(model, _layer_sparsity(args, model, ds), mask_seed)
     dst = DstConfig(args.method, args.update_every, args.stop_at, args.alpha, mask_seed)
     cfg = train_config(args)
     check_batch_size(cfg, ds)
     with opened(args.out, run_config(args, ds, start=resolved(args.start), init=resolved(init),
                                      sparsity=None if args.start else args.sparsity,
-                                     dst=dataclasses.asdict(dst), train=dataclasses.asdict(cfg))) as rd:
+                                     distribution=args.distribution, dst=dataclasses.asdict(dst), train=dataclasses.asdict(cfg))) as rd:
         save_starts(rd, model, masks)
         result, _ = train_dst(model, ds, masks, cfg, dst, rd, progress=not args.no_progress,
                               desc=f"dst {args.method} {args.arch}")

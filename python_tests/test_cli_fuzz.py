@@ -222,6 +222,9 @@ CASES = {
         (["dst", *TRAIN, "--method", "rigl", "--sparsity", "0.5", "--start", "{sample}/masks.safetensors",
           "--out", "{out}"], "--start"),
         (["dst", *TRAIN, "--method", "set", "--mask-seed", "-1", "--out", "{out}"], "--mask-seed"),
+        (["dst", *TRAIN, "--method", "set", "--distribution", "normal", "--out", "{out}"], "--distribution"),
+        (["dst", *TRAIN, "--method", "set", "--distribution", "erk", "--start", "{sample}/masks.safetensors",
+          "--out", "{out}"], "--distribution"),
         (["dst", *TRAIN, "--method", "rigl", "--out", "{foreign}"], "--out"),
     ],
     "fit": [

@@ -271,3 +271,19 @@ def test_state_bundle_carries_the_final_masks(tmp_path):
     assert any(not torch.equal(final[n], m) for n, m in here.load_tensors(RunDir.MASKS).items())
     copied = there.load_tensors(RunDir.FINAL_MASKS)
     assert copied.keys() == final.keys() and all(torch.equal(copied[n], final[n]) for n in final)
+
+
+def test_erk_distribution_sets_the_start_counts(tmp_path):
+    """`mcwt dst --distribution erk` starts from ERK's per-layer counts (the random baseline's
+    masks for the same flags) and keeps them through the updates."""
+    from mcwt_ext.cli import main
+
+    flags = ["--arch", "conv2", "--dataset", "synthetic", "--iterations", "4", "--eval-every", "2",
+             "--distribution", "erk", "--quiet"]
+    assert main(["random", *flags, "--no-train", "--out", str(tmp_path / "random")]) == 0
+    assert main(["dst", "--method", "rigl", *flags, "--update-every", "1", "--out", str(tmp_path / "dst")]) == 0
+    random = RunDir(tmp_path / "random").load_tensors(RunDir.MASKS)
+    start, final = (RunDir(tmp_path / "dst").load_tensors(f) for f in (RunDir.MASKS, RunDir.FINAL_MASKS))
+    assert all(torch.equal(start[n], random[n]) for n in random)
+    assert {n: int(m.sum()) for n, m in final.items()} == {n: int(m.sum()) for n, m in random.items()}
+    assert len({round(float(m.float().mean()), 3) for m in random.values()}) > 2  # not uniform
