@@ -81,6 +81,20 @@ def test_drop_and_grow_equals_the_reference(fraction):
     assert changed > 0  # negative control: the case does change masks
 
 
+def test_drop_and_grow_equals_the_reference_on_many_ties():
+    """Random layers whose magnitudes and scores take 4 values (ties everywhere, at every
+    boundary), at random fractions: the same masks as the transcription, every time."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        shape = tuple(rng.integers(1, 7, size=rng.integers(1, 4)))
+        mask = rng.uniform(size=shape) < rng.uniform(0.1, 0.9)
+        w = (rng.integers(1, 5, size=shape) * rng.choice([-1, 1], size=shape) * mask).astype(np.float32)
+        g = rng.integers(0, 4, size=shape).astype(np.float32)
+        fraction = float(rng.uniform(0, 1))
+        ours = drop_and_grow(torch.from_numpy(mask), torch.from_numpy(w), torch.from_numpy(g), fraction)
+        assert np.array_equal(ours.numpy().ravel(), _reference_update(mask, w, g, fraction))
+
+
 def test_hand_case_exercises_ties_and_regrowth():
     """The hand-made case is what it claims: at 0.34 layer 1 drops 2 of its 6, -0.10 (grown back:
     the largest gradient) and 0.25 (the near-tie -0.2500003 stays); of the two candidates with

@@ -49,7 +49,8 @@ def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Te
     """One layer's new mask: drop the ``drop_count(kept, fraction)`` kept weights of least
     ``|weight|``, then grow as many positions outside the remaining kept set with the largest
     ``grow_score`` (RigL: ``|dense gradient|``; SET: uniform noise). The kept count is unchanged.
-    Ties: the lower flat index stays, and is grown, first. All tensors of one shape and device."""
+    Ties: the lower flat index stays, and is grown, first (a stable descending sort's order, as TF's
+    ``top_k``). All tensors of one shape and device."""
     if not mask.shape == weight.shape == grow_score.shape:
         raise ValueError(f"mask, weight and grow_score must have one shape, got {tuple(mask.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(grow_score.shape)}")
@@ -58,11 +59,21 @@ def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_score: torch.Te
     n = drop_count(kept, fraction)
     if n == 0:
         return mask.clone()
-    # stable descending sorts: among equal scores the lower index comes first, as in TF's top_k
-    score = torch.where(flat, weight.detach().flatten().abs().double(), -math.inf)
-    stay = torch.zeros_like(flat)
-    stay[torch.sort(score, descending=True, stable=True).indices[:kept - n]] = True
-    score = torch.where(stay, -math.inf, grow_score.detach().flatten().double())
-    new = stay.clone()
-    new[torch.sort(score, descending=True, stable=True).indices[:n]] = True
-    return new.view_as(mask)
+    # at least float32: exact for float32 and bfloat16 values (no ties made by rounding)
+    dtype = torch.promote_types(torch.promote_types(weight.dtype, grow_score.dtype), torch.float32)
+    drop = _top(torch.where(flat, -weight.detach().flatten().abs().to(dtype), -math.inf), n, low_index_first=False)
+    stay = flat & ~drop
+    grow = _top(torch.where(stay, -math.inf, grow_score.detach().flatten().to(dtype)), n, low_index_first=True)
+    return (stay | grow).view_as(mask)
+
+
+def _top(score: torch.Tensor, k: int, *, low_index_first: bool) -> torch.Tensor:
+    """The ``k`` largest of a flat ``score`` as a bool mask; among scores equal to the ``k``-th
+    largest, the lowest indices (else the highest) are taken. A stable sort's order, without
+    sorting: one ``topk`` for the threshold."""
+    threshold = torch.topk(score, k).values[-1]
+    top = score > threshold
+    tied = (score == threshold).nonzero().flatten()
+    need = k - int(top.sum())
+    top[tied[:need] if low_index_first else tied[tied.numel() - need:]] = True
+    return top
