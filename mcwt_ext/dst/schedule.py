@@ -16,7 +16,7 @@ Grown weights start at zero and every optimiser state tensor of the weight's sha
 regrown weight starts with fresh moments, as the reference's ``reset_momentum``. Adam's step count
 is per tensor and is left as it is (the reference's TF Adam keeps one ``beta1_power``/``beta2_power``
 per optimizer, untouched by updates): a grown weight's first updates are bias-corrected as late
-steps, i.e. about ``sqrt(1 - beta2) / (1 - beta1)`` (~3.2x at Adam's defaults) larger than a fresh
+steps, i.e. about ``(1 - beta1) / sqrt(1 - beta2)`` times (~3.2x at Adam's defaults) a fresh
 Adam's first step, exactly as in the reference.
 
 SET's grow scores come from a ``torch.Generator`` seeded with ``DstConfig.seed`` (drawn on the CPU,
@@ -87,7 +87,6 @@ class MaskSchedule:
         self.end = config.end(iterations)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.names: list[str] = []
-        self.updates = 0  # mask updates done by this process (tests and progress)
 
     def bind(self, masks: Mapping[str, torch.Tensor], names: list[str], params: list[nn.Parameter],
              float_masks: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
@@ -118,7 +117,6 @@ class MaskSchedule:
                 if isinstance(state, torch.Tensor) and state.shape == p.shape:
                     state.masked_fill_(changed, 0.0)  # fresh moments
             m.copy_(new)
-        self.updates += 1
 
     def current(self) -> dict[str, torch.Tensor]:
         """The masks now (bool, on the CPU), all layers of the start masks."""
