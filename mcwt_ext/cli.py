@@ -401,7 +401,7 @@ def add_reproduce_parser(subparsers) -> None:
                         "flip-crop for resnet20, none for conv2/4/6)")
     p.add_argument("--methods", type=methods_spec, default="paper",
                    help="rows: paper (the paper's five, default), all (adds pruning at init per layer "
-                        "and global, WT ablations, fit variants, fit transfer, exact count, RigL and SET) "
+                        "and global, WT ablations, fit variants, fit transfer, exact count, RigL and SET, random and RigL under ERK) "
                         f"or a comma list of method keys: {methods_help()}")
     p.add_argument("--out", type=Path, required=True, help="grid directory; rerun to resume")
 

@@ -301,3 +301,14 @@ def test_erk_distribution_sets_the_start_counts(tmp_path):
     assert all(torch.equal(start[n], random[n]) for n in random)
     assert {n: int(m.sum()) for n, m in final.items()} == {n: int(m.sum()) for n, m in random.items()}
     assert len({round(float(m.float().mean()), 3) for m in random.values()}) > 2  # not uniform
+
+
+def test_the_grid_makes_at_least_20_updates_and_rigls_100_steps_at_most():
+    from mcwt_ext.experiments.methods import MIN_DST_UPDATES, dst_update_every
+
+    for iterations in (40, 300, 1_000, 1_500, 20_000, 30_000):
+        every = dst_update_every(iterations)
+        updates = DstConfig("rigl", update_every=every).update_steps(iterations)
+        assert 1 <= every <= 100
+        assert len(updates) >= MIN_DST_UPDATES or every == 1, iterations
+    assert dst_update_every(300) == 11 and dst_update_every(20_000) == 100

@@ -108,7 +108,7 @@ def test_dst_rows_are_compared_by_the_masks_they_end_with(grid):
     one training."""
     from mcwt_ext.experiments.report import method_masks
 
-    for key in ("rigl", "set", "rigl_mcwt"):
+    for key in ("rigl", "set", "rigl_mcwt", "rigl_erk"):
         for seed in (0, 1):
             rd = grid_cell(grid.out, "conv2", seed, METHODS[key].cell)
             start, final = rd.load_tensors(RunDir.MASKS), rd.load_tensors(RunDir.FINAL_MASKS)
@@ -121,10 +121,28 @@ def test_dst_rows_are_compared_by_the_masks_they_end_with(grid):
     start = grid_cell(grid.out, "conv2", 0, "rigl_mcwt").load_tensors(RunDir.MASKS)
     assert all(torch.equal(mcwt[n], start[n]) for n in mcwt)
     costs = {r["method"]: r for r in _csv(grid.out / GRID_FILES["cost_csv"])}
-    for key in ("rigl", "set", "rigl_mcwt"):
+    for key in ("rigl", "set", "rigl_mcwt", "rigl_erk"):
         assert float(costs[METHODS[key].label]["train_iterations"]) == 4
     assert float(costs[METHODS["rigl_mcwt"].label]["wall_time_s"]) > \
         float(costs["MCWT with connectivity: fit + sampling"]["wall_time_s"])
+
+
+@pytest.mark.slow
+def test_erk_rows_start_from_the_erk_counts(grid):
+    """random (ERK) and RigL (ERK): the first conv whole, and over the layers uniform prunes
+    (the first aside) the same total as the uniform random cell, spread otherwise (on these tiny
+    inputs ERK also keeps a small layer whole)."""
+    for seed in (0, 1):
+        uniform = grid_cell(grid.out, "conv2", seed, "random").load_tensors(RunDir.MASKS)
+        for cell in ("random_erk", "rigl_erk"):
+            rd = grid_cell(grid.out, "conv2", seed, cell)
+            erk = rd.load_tensors(RunDir.MASKS)
+            first = next(n for n, m in erk.items() if m.dim() == 4 and m.shape[1] == 3)  # 3 image channels
+            assert bool(erk[first].all()) and not bool(uniform[first].all()), cell
+            pooled = [n for n in erk if n != first and not bool(uniform[n].all())]
+            kept = lambda masks: [int(masks[n].sum()) for n in pooled]  # noqa: E731
+            assert sum(kept(erk)) == sum(kept(uniform)) and kept(erk) != kept(uniform), cell
+            assert rd.load_json(RunDir.CONFIG)["distribution"] == "erk"
 
 
 @pytest.mark.slow

@@ -144,11 +144,12 @@ def _desc(cell) -> str:
     return f"{cell.arch} seed {cell.seed} {cell.kind}"
 
 
-def _sparsity(cell, ds, model):
-    """The protocol's sparsity, per layer where the architecture keeps some layers dense."""
-    from ..models import arch_sparsity
+def _sparsity(cell, ds, model, distribution: str = "uniform"):
+    """The protocol's sparsity, per layer where the architecture keeps some layers dense, or
+    spread over the layers by ERK (:mod:`mcwt_ext.distribution`)."""
+    from ..distribution import layer_sparsity
 
-    return arch_sparsity(cell.arch, model, ds.example_input(), cell.settings.protocol.sparsity)
+    return layer_sparsity(cell.arch, model, ds.example_input(), cell.settings.protocol.sparsity, distribution)
 
 
 @register_cell("imp")
@@ -174,15 +175,18 @@ def _timed_masks(rd: RunDir, make) -> dict:
     return masks
 
 
-@register_cell("random")
-def run_random_cell(cell) -> None:
+def _run_random_cell(cell, distribution: str = "uniform") -> None:
     from ..masks import random_masks
 
     ds, model, train_cfg, config = cell.context()
-    rd = RunDir.open(cell.dir().path, config)
+    rd = RunDir.open(cell.dir().path, config if distribution == "uniform" else dict(config, distribution=distribution))
     rd.save_tensors(RunDir.INIT, model.state_dict())
-    masks = _timed_masks(rd, lambda: random_masks(model, _sparsity(cell, ds, model), cell.seed))
+    masks = _timed_masks(rd, lambda: random_masks(model, _sparsity(cell, ds, model, distribution), cell.seed))
     cell.train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
+
+
+register_cell("random")(_run_random_cell)
+register_cell("random_erk")(lambda cell: _run_random_cell(cell, "erk"))
 
 
 def _run_fit_cell(cell, granularity: str) -> None:
@@ -313,22 +317,33 @@ register_cell("mcwt_exact", needs=("fit",))(lambda cell: _run_mcwt_cell(cell, Tr
 
 
 #: settings of the grid's DstConfig beyond mcwt_ext.dst's defaults (RigL's: update every 100 steps
-#: until 75% of the training, alpha 0.3); none by default
+#: until 75% of the training, alpha 0.3) and :func:`dst_update_every`; none by default
 DST_SETTINGS: dict = {}
+#: the fewest mask updates a grid's DST cell makes before it stops updating
+MIN_DST_UPDATES = 20
 
 
-def _run_dst_cell(cell, method: str, start: str | None = None) -> None:
+def dst_update_every(iterations: int, stop_at: float = 0.75) -> int:
+    """RigL's 100 steps between updates, shortened so a short training still makes
+    :data:`MIN_DST_UPDATES` updates (the reduced protocols train for 300-1,500 steps, where every
+    100 steps would give 2-11; RigL's CIFAR-10 runs make hundreds)."""
+    return max(1, min(100, int(stop_at * iterations) // MIN_DST_UPDATES))
+
+
+def _run_dst_cell(cell, method: str, start: str | None = None, distribution: str = "uniform") -> None:
     """Dynamic sparse training from a random start, or from the masks of cell ``start``. It trains
     in its own loop (never in a pack: its masks change while it trains)."""
     from ..dst import DstConfig, train_dst
     from ..masks import random_masks
 
     ds, model, train_cfg, config = cell.context()
-    dst = DstConfig(method, seed=cell.seed, **DST_SETTINGS)
-    rd = RunDir.open(cell.dir().path, dict(config, dst=dataclasses.asdict(dst), start=start or "random"))
+    dst = DstConfig(method, seed=cell.seed,
+                    **{"update_every": dst_update_every(train_cfg.iterations), **DST_SETTINGS})
+    extra = {} if distribution == "uniform" else dict(distribution=distribution)
+    rd = RunDir.open(cell.dir().path, dict(config, dst=dataclasses.asdict(dst), start=start or "random", **extra))
     rd.save_tensors(RunDir.INIT, model.state_dict())
     if start is None:
-        masks = _timed_masks(rd, lambda: random_masks(model, _sparsity(cell, ds, model), cell.seed))
+        masks = _timed_masks(rd, lambda: random_masks(model, _sparsity(cell, ds, model, distribution), cell.seed))
     else:
         masks = cell.dir(start).load_tensors(RunDir.MASKS)
         rd.save_or_check_tensors(RunDir.MASKS, masks, "start masks")
@@ -339,6 +354,7 @@ register_cell("rigl")(lambda cell: _run_dst_cell(cell, "rigl"))
 register_cell("set")(lambda cell: _run_dst_cell(cell, "set"))
 register_cell("rigl_mcwt", needs=("mcwt_connectivity",))(
     lambda cell: _run_dst_cell(cell, "rigl", "mcwt_connectivity"))
+register_cell("rigl_erk")(lambda cell: _run_dst_cell(cell, "rigl", distribution="erk"))
 
 
 # --- what constructing one mask costs (seconds) ---------------------------------------------------
@@ -435,3 +451,6 @@ register_method(Method("rigl", "RigL (dynamic sparse training)", "rigl", group="
 register_method(Method("set", "SET (dynamic sparse training)", "set", group="dst", cost=_dst("set")))
 register_method(Method("rigl_mcwt", "RigL from the MCWT sample", "rigl_mcwt", group="dst",
                        cost=_dst("rigl_mcwt", _mcwt("mcwt_connectivity"))))
+register_method(Method("random_erk", "Randomly pruned network (ERK)", "random_erk", group="baseline",
+                       cost=_construction("random_erk")))
+register_method(Method("rigl_erk", "RigL (ERK)", "rigl_erk", group="dst", cost=_dst("rigl_erk")))
