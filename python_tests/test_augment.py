@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import synthetic_model
-from test_train import _Killed, _kill_at, _same_weights
+from test_train import _same_weights, kill_then_resume
 from mcwt_ext.augment import PAD, Augment, flip_crop
 from mcwt_ext.lockstep import PackNet, train_pack
 from mcwt_ext.masks import random_masks
@@ -67,12 +67,8 @@ def test_augmented_training_resumes_bit_identically(synthetic, tmp_path, monkeyp
     plain = synthetic_model()
     train(plain, synthetic, masks, _cfg(augment="none"), progress=False)
     assert not _same_weights(whole, plain)  # the augmentation is applied
-    _kill_at(monkeypatch, 10)  # after the checkpoint at 8
-    with pytest.raises(_Killed):
-        train(synthetic_model(), synthetic, masks, _cfg(), tmp_path / "killed", progress=False)
-    monkeypatch.undo()
-    resumed = synthetic_model()
-    train(resumed, synthetic, masks, _cfg(), tmp_path / "killed", progress=False)
+    resumed, _ = kill_then_resume(  # after the checkpoint at 8
+        monkeypatch, 10, lambda m, out: train(m, synthetic, masks, _cfg(), out, progress=False), tmp_path / "killed")
     assert _same_weights(whole, resumed)
     assert RunDir(tmp_path / "killed").load_json("summary.json")["config"]["augment"] == "flip-crop"
     with pytest.raises(ValueError, match="augment"):  # another augmentation is another run

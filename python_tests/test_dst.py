@@ -13,7 +13,7 @@ from mcwt_ext.dst import DstConfig, MaskSchedule, drop_and_grow, drop_fraction, 
 from mcwt_ext.masks import random_masks
 from mcwt_ext.runs import RunDir
 from mcwt_ext.train import TrainConfig, train
-from test_train import _Killed, _kill_at, _same_weights
+from test_train import _same_weights, kill_then_resume
 
 
 # --- the reference, transcribed ------------------------------------------------------------------
@@ -200,15 +200,13 @@ def test_resume_after_a_kill_is_bit_identical(synthetic, tmp_path, monkeypatch, 
     start = random_start(synthetic_model(), 0.2, seed=0)
     whole = synthetic_model()
     _, expected = train_dst(whole, synthetic, start, _cfg(), _dst(method), tmp_path / "whole", progress=False)
-    _kill_at(monkeypatch, 14)
-    with pytest.raises(_Killed):
-        train_dst(synthetic_model(), synthetic, start, _cfg(), _dst(method), tmp_path / "killed",
-                  progress=False)
+    def killed(rd):
+        assert torch.load(rd.file(RunDir.CHECKPOINT), weights_only=True)["iteration"] == 12
+
     rd = RunDir(tmp_path / "killed")
-    assert torch.load(rd.file(RunDir.CHECKPOINT), weights_only=True)["iteration"] == 12
-    monkeypatch.undo()
-    resumed = synthetic_model()
-    _, final = train_dst(resumed, synthetic, start, _cfg(), _dst(method), rd, progress=False)
+    resumed, (_, final) = kill_then_resume(
+        monkeypatch, 14, lambda m, out: train_dst(m, synthetic, start, _cfg(), _dst(method), out, progress=False),
+        rd.path, killed)
     assert _same_weights(whole, resumed)
     assert all(torch.equal(final[n], expected[n]) for n in start)
     assert any(not torch.equal(final[n], start[n]) for n in start)  # the masks did change

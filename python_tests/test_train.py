@@ -130,22 +130,32 @@ def _kill_at(monkeypatch, iteration):
     monkeypatch.setattr(train_mod, "_batches", dying)
 
 
+def kill_then_resume(monkeypatch, iteration, run, out, check_killed=lambda rd: None):
+    """``run(model, out)`` on a fresh synthetic model, killed when it asks for the batch of
+    ``iteration`` (``check_killed(RunDir(out))`` looks at what the kill left), then again on a
+    fresh model, as a new process would: (that model, what the second run returned)."""
+    _kill_at(monkeypatch, iteration)
+    with pytest.raises(_Killed):
+        run(synthetic_model(), out)
+    check_killed(RunDir(out))
+    monkeypatch.undo()
+    resumed = synthetic_model()
+    return resumed, run(resumed, out)
+
+
 @pytest.mark.numerics
 def test_resume_after_a_kill_is_bit_identical(synthetic, tmp_path, monkeypatch):
     masks = random_masks(synthetic_model(), 0.5, seed=0)
     whole = synthetic_model()
     expected = train(whole, synthetic, masks, _cfg(), tmp_path / "whole", progress=False)
 
-    _kill_at(monkeypatch, 10)  # after the checkpoint at 8
-    with pytest.raises(_Killed):
-        train(synthetic_model(), synthetic, masks, _cfg(), tmp_path / "killed", progress=False)
-    rd = RunDir(tmp_path / "killed")
-    assert torch.load(rd.file(CHECKPOINT), weights_only=True)["iteration"] == 8
-    assert not rd.exists("summary.json")
-    monkeypatch.undo()
+    def killed(rd):
+        assert torch.load(rd.file(CHECKPOINT), weights_only=True)["iteration"] == 8
+        assert not rd.exists("summary.json")
 
-    resumed = synthetic_model()  # a fresh process would start from a fresh model
-    result = train(resumed, synthetic, masks, _cfg(), rd, progress=False)
+    rd = RunDir(tmp_path / "killed")
+    resumed, result = kill_then_resume(  # after the checkpoint at 8
+        monkeypatch, 10, lambda m, out: train(m, synthetic, masks, _cfg(), out, progress=False), rd.path, killed)
     assert _same_weights(whole, resumed)
     assert repr(result.history) == repr(expected.history)  # repr: nan == nan
     assert rd.metrics_path.read_text() == RunDir(tmp_path / "whole").metrics_path.read_text()
@@ -264,12 +274,8 @@ def test_sgd_resume_after_a_kill_is_bit_identical(synthetic, tmp_path, monkeypat
     masks = random_masks(synthetic_model(), 0.5, seed=0)
     whole = synthetic_model()
     train(whole, synthetic, masks, _sgd(), tmp_path / "whole", progress=False)
-    _kill_at(monkeypatch, 10)  # after the checkpoint at 8, past the warm-up and a milestone
-    with pytest.raises(_Killed):
-        train(synthetic_model(), synthetic, masks, _sgd(), tmp_path / "killed", progress=False)
-    monkeypatch.undo()
-    resumed = synthetic_model()
-    train(resumed, synthetic, masks, _sgd(), tmp_path / "killed", progress=False)
+    resumed, _ = kill_then_resume(  # after the checkpoint at 8, past the warm-up and a milestone
+        monkeypatch, 10, lambda m, out: train(m, synthetic, masks, _sgd(), out, progress=False), tmp_path / "killed")
     assert _same_weights(whole, resumed)
     with pytest.raises(ValueError, match="lr_milestones"):  # another schedule is another run
         train(synthetic_model(), synthetic, masks, _sgd(lr_milestones=[5]), tmp_path / "whole",
