@@ -141,9 +141,12 @@ def accuracy_vs_cost(points: Mapping[str, Mapping[str, float]], out: str | Path,
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = "osD^v<>Pp*hX"
-    for i, (label, p) in enumerate(points.items()):  # 20 colours x 12 markers: no two points alike
+    for i, (label, p) in enumerate(points.items()):
+        # 10 distinct colours, then the next marker: no two points alike, up to 120 (tab20's light
+        # and dark shades of one hue were hard to tell apart once the rows passed 20)
         ax.errorbar(p["cost_s"], p["val_acc"], xerr=p["cost_s_std"], yerr=p["val_acc_std"],
-                    fmt=markers[i % len(markers)], color=plt.cm.tab20(i % 20), capsize=3, label=label)
+                    fmt=markers[i // 10 % len(markers)], color=plt.cm.tab10(i % 10), markersize=7,
+                    capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("construction cost of one mask (s, log scale)")
     ax.set_ylabel("validation accuracy at early stop (%)")
