@@ -149,3 +149,27 @@ def test_a_cells_error_reaches_the_driver_as_the_cells_own(ray_local, tmp_path):
     with pytest.raises(ValueError) as e:
         g.run()
     assert type(e.value) is ValueError and "arch" in str(e.value), e.value
+
+
+@pytest.mark.slow
+def test_workers_import_the_installed_package_not_a_checkout_in_the_working_directory(tmp_path):
+    """Ray puts the driver's working directory first on its workers' path; the README's commands
+    run in a source checkout whose mcwt_ext may be unbuilt. A driver (a script, so its own path
+    does not hold its working directory) in a folder whose mcwt_ext/ cannot be imported still
+    runs the grid on a local Ray instance that mcwt_ext starts."""
+    import subprocess
+
+    from conftest import child_env
+
+    (tmp_path / "mcwt_ext").mkdir()
+    (tmp_path / "mcwt_ext" / "__init__.py").write_text("raise ImportError('the unbuilt checkout was imported')\n")
+    driver = tmp_path / "driver" / "run.py"
+    driver.parent.mkdir()
+    driver.write_text(
+        "from mcwt_ext.experiments import Grid\n"
+        "Grid(archs=['conv2'], seeds=[0], dataset='synthetic', iterations=2, eval_every=2, progress=False,\n"
+        "     executor='ray', out='grid', methods='random').run()\n")
+    out = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env=child_env(RAY_ADDRESS=""))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert grid_cell(tmp_path / "grid", "conv2", 0, "random").done()

@@ -105,18 +105,26 @@ def _run_group(cells: list, pack: int | None, *needs) -> list[tuple]:
     return [c.key for c in cells]
 
 
+def worker_setup() -> None:
+    """Each Ray worker's first step (runtime_env's ``worker_process_setup_hook``): importing this
+    module has imported the installed mcwt_ext. Ray puts the driver's working directory first on
+    a worker's path when its first task arrives, and a source checkout there (the README's
+    commands run in one, its mcwt_ext unbuilt) would otherwise shadow the installed package."""
+
+
 def _init(ray, address: str | None) -> bool:
     """Join the cluster at ``address``, or start a local instance; False if Ray was already up."""
     if ray.is_initialized():
         return False
+    hook = f"{__name__}.{worker_setup.__name__}"
     if address is not None:
-        ray.init(address=address, include_dashboard=False)
+        ray.init(address=address, include_dashboard=False, runtime_env=dict(worker_process_setup_hook=hook))
         return True
     root = str(Path(__file__).resolve().parents[2])  # where this mcwt_ext was imported from
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     # "local": a new instance, never one that `ray start` left running here
     ray.init(address="local", include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-             runtime_env=dict(env_vars=dict(PYTHONPATH=path)))
+             runtime_env=dict(env_vars=dict(PYTHONPATH=path), worker_process_setup_hook=hook))
     return True
 
 
