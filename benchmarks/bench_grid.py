@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mcwt_ext.experiments import Grid
-from mcwt_ext.experiments.ray_executor import OBJECT_STORE_BYTES
+from mcwt_ext.experiments.ray_executor import init_ray
 
 
 def _grid_wall(out: Path, a, executor: str) -> tuple[float, int]:
@@ -55,10 +55,8 @@ def main(argv=None):
         finally:
             torch.set_num_threads(threads)
         rows.append(("grid, local executor, 1 thread", f"{local1:.1f} s", f"{cells} cells"))
-        started = not ray.is_initialized()
         began = time.perf_counter()
-        if started:
-            ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES)
+        started = init_ray(ray, None, num_cpus=a.cpus)  # as reproduce starts it
         rows.append(("ray.init (a local instance)", f"{time.perf_counter() - began:.1f} s" if started else
                      "(already up)", f"{a.cpus} CPUs"))
         try:

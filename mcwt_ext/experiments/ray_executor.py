@@ -27,7 +27,7 @@ import torch
 
 from .methods import CELLS
 
-__all__ = ["RETRIES", "parse_ray_address", "check_ray", "groups", "resources", "run_on_ray"]
+__all__ = ["RETRIES", "parse_ray_address", "check_ray", "groups", "resources", "init_ray", "run_on_ray"]
 
 #: Ray retries a task whose process or node died this many times (a cell's error is not retried:
 #: it would fail again).
@@ -112,8 +112,9 @@ def worker_setup() -> None:
     commands run in one, its mcwt_ext unbuilt) would otherwise shadow the installed package."""
 
 
-def _init(ray, address: str | None) -> bool:
-    """Join the cluster at ``address``, or start a local instance; False if Ray was already up."""
+def init_ray(ray, address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the cluster at ``address``, or start a local instance (of ``num_cpus`` CPUs; None:
+    all); False if Ray was already up."""
     if ray.is_initialized():
         return False
     hook = f"{__name__}.{worker_setup.__name__}"
@@ -123,7 +124,7 @@ def _init(ray, address: str | None) -> bool:
     root = str(Path(__file__).resolve().parents[2])  # where this mcwt_ext was imported from
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     # "local": a new instance, never one that `ray start` left running here
-    ray.init(address="local", include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
              runtime_env=dict(env_vars=dict(PYTHONPATH=path), worker_process_setup_hook=hook))
     return True
 
@@ -133,7 +134,7 @@ def run_on_ray(grid) -> None:
     from ..progress import Progress
 
     ray = _ray()
-    started = _init(ray, grid.ray_address)
+    started = init_ray(ray, grid.ray_address)
     pack = grid.pack_size()
     task = ray.remote(max_retries=RETRIES, retry_exceptions=False, **resources(grid))(_run_group)
     refs, owner = [], {}  # owner: cell key -> the reference of the task that runs it
