@@ -82,13 +82,15 @@ def test_a_killed_cell_task_is_retried_and_resumes_from_its_checkpoint(ray_local
 def test_packs_make_one_task_per_architecture_and_depth(tmp_path):
     g = Grid(archs=["conv2", "conv4"], seeds=[0, 1], dataset="synthetic", out=tmp_path / "g", methods="all")
     tasks = groups(g.cells, None)
-    assert [sorted({c.kind for c in t}) for t in tasks[:3]] == [
-        sorted(k for k in {c.kind for c in g.cells} if k == "imp" or k == "random" or k.startswith("prune_")),
+    assert [sorted({c.kind for c in t}) for t in tasks[:4]] == [
+        sorted(k for k in {c.kind for c in g.cells}
+               if k in ("imp", "random", "random_erk", "rigl", "set", "rigl_erk") or k.startswith("prune_")),
         sorted(["fit", "fit_layer", "fit_pooled_raw", "ablate_shuffle_mask", "ablate_reinit",
                 "ablate_shuffle_values"]),
         sorted(["mcwt_magnitude", "mcwt_connectivity", "mcwt_fit_layer", "mcwt_fit_pooled_raw",
-                "mcwt_transfer", "mcwt_exact"])]
-    assert [{c.arch for c in t} for t in tasks] == [{"conv2"}] * 3 + [{"conv4"}] * 3
+                "mcwt_transfer", "mcwt_exact"]),
+        ["rigl_mcwt"]]
+    assert [{c.arch for c in t} for t in tasks] == [{"conv2"}] * 4 + [{"conv4"}] * 4
     assert {c.seed for c in tasks[0]} == {0, 1}
     assert [[c.key] for c in g.cells] == [[c.key for c in t] for t in groups(g.cells, 1)]  # no packs: a cell each
 
@@ -129,7 +131,7 @@ def test_bench_grid_runs(ray_local, capsys):
     ("cuda", 1, "auto", dict(num_cpus=1, num_gpus=1)),     # packs: a task holds a GPU
     ("cuda", 4, "auto", dict(num_cpus=1, num_gpus=0.25)),  # no packs: 4 cells share one
     ("cuda", 1, 1, dict(num_cpus=1, num_gpus=1.0)),
-])
+], ids=["cpu", "gpu-packs", "gpu-jobs4", "gpu-pack1"])  # no "cuda" id: needs no GPU, so not in -m needs_cuda
 def test_task_resources_follow_the_device_and_packs(tmp_path, device, jobs, pack, want):
     from mcwt_ext.experiments.ray_executor import resources
 
