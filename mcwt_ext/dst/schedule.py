@@ -85,6 +85,7 @@ class MaskSchedule:
     def __init__(self, config: DstConfig, iterations: int):
         self.config, self.iterations = config, iterations
         self.end = config.end(iterations)
+        self.updates = frozenset(config.update_steps(iterations))  # the one statement of the schedule
         self.generator = torch.Generator().manual_seed(config.seed)
         self.names: list[str] = []
 
@@ -97,8 +98,7 @@ class MaskSchedule:
 
     def due(self, step: int) -> bool:
         """Whether step ``step`` (1-based) updates the masks."""
-        t = step - 1
-        return 0 < t < self.end and t % self.config.update_every == 0
+        return step - 1 in self.updates
 
     @torch.no_grad()
     def update(self, step: int) -> None:
