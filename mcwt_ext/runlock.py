@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .runs import RunDir
 
-__all__ = ["RunLock", "RunBusy", "holding", "check_free", "sigterm_as_interrupt", "DEFAULT_TIMEOUT_S"]
+__all__ = ["RunLock", "RunBusy", "holding", "check_free", "sigterm_as_interrupt", "Terminated", "DEFAULT_TIMEOUT_S"]
 
 #: Seconds without a refresh after which a lock held on another host counts as abandoned.
 DEFAULT_TIMEOUT_S = 600.0
@@ -190,12 +190,20 @@ def holding(run_dir: str | os.PathLike, name: str, what: str | None = None,
                 Path(run_dir).rmdir()
 
 
+class Terminated(KeyboardInterrupt):
+    """What SIGTERM raises: handled wherever Ctrl-C is. A subclass, not KeyboardInterrupt itself,
+    because CPython remembers an exact KeyboardInterrupt leaving any ``exec`` of a string (which
+    dataclasses run while a module is imported) and then ends the process by SIGINT, even when
+    the interrupt was caught and the command returned its own exit code."""
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (a scheduler's time limit, ``timeout``, ``kill``) raises KeyboardInterrupt in the
-    block, so cleanup runs and locks are released (the default action ends the process at once)."""
+    """SIGTERM (a scheduler's time limit, ``timeout``, ``kill``) raises :class:`Terminated` (a
+    KeyboardInterrupt) in the block, so cleanup runs and locks are released (the default action
+    ends the process at once)."""
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(f"signal {signum}")
     try:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
