@@ -91,16 +91,21 @@ def add_out_arg(p: argparse.ArgumentParser) -> None:
                    help="run directory; rerunning the same command on it resumes the run")
 
 
-def add_distribution_arg(g) -> None:
-    """--distribution: how --sparsity spreads over the layers (:mod:`mcwt_ext.distribution`)."""
+def add_mask_target_args(g, sparsity_group=None, *, pruned: str = "pruned", no_train: bool = False) -> None:
+    """--sparsity and --distribution (:mod:`mcwt_ext.distribution`): how many weights each layer
+    keeps; ``sparsity_group`` holds --sparsity where it excludes another flag; --no-train too."""
     from .distribution import DISTRIBUTIONS
 
+    (sparsity_group or g).add_argument("--sparsity", type=sparsity, default=0.8,
+                                       help=f"share of every layer's weights {pruned} (default 0.8)")
     g.add_argument("--distribution", choices=DISTRIBUTIONS, default="uniform",
                    help="uniform: every layer pruned to --sparsity (default, the paper's); erk: "
                         "Erdos-Renyi-Kernel (Evci et al. 2020): layer l keeps a share proportional to "
                         "(sum of its weight's dims) / (its weight count), capped at dense; the first layer "
                         "is kept dense (as RigL) and the other layers keep in total exactly what uniform "
                         "keeps over them")
+    if no_train:
+        g.add_argument("--no-train", action="store_true", help="only write masks.safetensors and init.safetensors")
 
 
 def _command(subparsers, func, name: str, *, model_data: bool = False, train: bool = False, **kwargs):
@@ -166,14 +171,11 @@ def add_random_parser(subparsers) -> None:
                              "the initial weights, and train.")
     g = p.add_argument_group("pruning")
     how = g.add_mutually_exclusive_group()
-    how.add_argument("--sparsity", type=sparsity, default=0.8,
-                     help="share of every layer's weights pruned (default 0.8)")
     how.add_argument("--like", type=existing_file,
                      help="masks.safetensors whose per-layer sparsity to match (e.g. a ticket's)")
-    add_distribution_arg(g)
+    add_mask_target_args(g, how, no_train=True)
     g.add_argument("--mask-seed", type=seed, help="seed of the random masks (default: --seed)")
     g.add_argument("--init", type=existing_file, help="initial weights (default: a fresh init from --seed)")
-    g.add_argument("--no-train", action="store_true", help="only write masks.safetensors and init.safetensors")
     add_out_arg(p)
 
 
@@ -192,13 +194,10 @@ def add_prune_parser(subparsers) -> None:
     g.add_argument("--method", choices=METHODS, required=True,
                    help="magnitude: top |w|; snip: |w * dL/dw|; grasp: -w * Hg; synflow: iterative, "
                         "data-free, 100 rounds")
-    g.add_argument("--sparsity", type=sparsity, default=0.8,
-                   help="share of every layer's weights pruned (default 0.8)")
     g.add_argument("--allocation", choices=ALLOCATIONS, default="layer",
                    help="layer: each layer keeps exactly its share (default); global: best scores "
                         "over all layers, same total (uniform --distribution only)")
-    add_distribution_arg(g)
-    g.add_argument("--no-train", action="store_true", help="only write masks.safetensors and init.safetensors")
+    add_mask_target_args(g, no_train=True)
     add_out_arg(p)
 
 
@@ -220,12 +219,10 @@ def add_dst_parser(subparsers) -> None:
                    help="rigl: grow by the largest |gradient of the loss w.r.t. the masked weight|; "
                         "set: grow at random")
     start = g.add_mutually_exclusive_group()
-    start.add_argument("--sparsity", type=sparsity, default=0.8,
-                       help="share of every layer's weights pruned in the random start (default 0.8)")
     start.add_argument("--start", type=existing_file, metavar="MASKS",
                        help="masks.safetensors to start from (e.g. an `mcwt sample` run's); its "
                             "per-layer counts are kept")
-    add_distribution_arg(g)
+    add_mask_target_args(g, start, pruned="pruned in the random start")
     g.add_argument("--update-every", type=positive_int, default=100,
                    help="training steps between mask updates (default 100)")
     g.add_argument("--stop-at", type=unit_share, default=0.75,
@@ -295,9 +292,7 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--fit", type=existing_file, required=True, help="fit JSON from `mcwt fit`")
     p.add_argument("--init", type=existing_file,
                    help="initial weights (default: a fresh init from --seed)")
-    p.add_argument("--sparsity", type=sparsity, default=0.8,
-                   help="share of every layer's weights to prune (default 0.8)")
-    add_distribution_arg(p)
+    add_mask_target_args(p, pruned="to prune")
     p.add_argument("--no-connectivity", dest="use_connectivity", action="store_false",
                    help="magnitude-only models (the paper's 'MCWT w/o connectivity')")
     p.add_argument("--exact", action="store_true",

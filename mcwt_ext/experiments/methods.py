@@ -48,6 +48,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..runs import RunDir, grid_cell, load_ticket
+from . import costs
 
 __all__ = ["CellKind", "Method", "CELLS", "METHODS", "GROUPS", "register_cell", "register_method",
            "select_methods", "cells_for"]
@@ -152,6 +153,12 @@ def _sparsity(cell, ds, model, distribution: str = "uniform"):
     return layer_sparsity(cell.arch, model, ds.example_input(), cell.settings.protocol.sparsity, distribution)
 
 
+def _distribution_entry(distribution: str) -> dict:
+    """What a cell's config records of its distribution: nothing for uniform, so the uniform
+    cells keep the identity they had before ERK existed (and resume from their runs)."""
+    return {} if distribution == "uniform" else dict(distribution=distribution)
+
+
 @register_cell("imp")
 def run_imp_cell(cell) -> None:
     from ..imp import run_imp
@@ -179,7 +186,7 @@ def _run_random_cell(cell, distribution: str = "uniform") -> None:
     from ..masks import random_masks
 
     ds, model, train_cfg, config = cell.context()
-    rd = RunDir.open(cell.dir().path, config if distribution == "uniform" else dict(config, distribution=distribution))
+    rd = RunDir.open(cell.dir().path, dict(config, **_distribution_entry(distribution)))
     rd.save_tensors(RunDir.INIT, model.state_dict())
     masks = _timed_masks(rd, lambda: random_masks(model, _sparsity(cell, ds, model, distribution), cell.seed))
     cell.train(model, ds, masks, train_cfg, rd, progress=cell.progress, desc=_desc(cell))
@@ -339,8 +346,8 @@ def _run_dst_cell(cell, method: str, start: str | None = None, distribution: str
     ds, model, train_cfg, config = cell.context()
     dst = DstConfig(method, seed=cell.seed,
                     **{"update_every": dst_update_every(train_cfg.iterations), **DST_SETTINGS})
-    extra = {} if distribution == "uniform" else dict(distribution=distribution)
-    rd = RunDir.open(cell.dir().path, dict(config, dst=dataclasses.asdict(dst), start=start or "random", **extra))
+    rd = RunDir.open(cell.dir().path, dict(config, dst=dataclasses.asdict(dst), start=start or "random",
+                                           **_distribution_entry(distribution)))
     rd.save_tensors(RunDir.INIT, model.state_dict())
     if start is None:
         masks = _timed_masks(rd, lambda: random_masks(model, _sparsity(cell, ds, model, distribution), cell.seed))
@@ -357,100 +364,49 @@ register_cell("rigl_mcwt", needs=("mcwt_connectivity",))(
 register_cell("rigl_erk")(lambda cell: _run_dst_cell(cell, "rigl", distribution="erk"))
 
 
-# --- what constructing one mask costs (seconds) ---------------------------------------------------
-
-def _json(rd: RunDir, name: str, key: str = "wall_time_s") -> float | None:
-    return rd.load_json(name)[key] if rd.exists(name) else None
-
-
-def _sum(*parts):
-    return None if any(p is None for p in parts) else sum(parts)
-
-
-def imp_cost(cell_dir, seed=None) -> float | None:
-    """IMP's rounds before the ticket (the last round trains the finished ticket: evaluation)."""
-    imp = cell_dir("imp", seed)
-    if not imp.done():
-        return None
-    return sum(imp.round(r).load_json(RunDir.SUMMARY)["wall_time_s"] for r in range(imp.ticket_round()))
-
-
-def fit_cost(cell_dir, fit: str = "fit", seed=None) -> float | None:
-    return _json(cell_dir(fit, seed), RunDir.SUMMARY)
-
-
-def _construction(cell: str):
-    return lambda cell_dir, seeds: _json(cell_dir(cell, None), RunDir.CONSTRUCTION)
-
-
-def _mcwt(cell: str, fit: str = "fit"):
-    return lambda cell_dir, seeds: _sum(fit_cost(cell_dir, fit), _json(cell_dir(cell, None), RunDir.SAMPLE))
-
-
-def _ablation(cell: str):
-    return lambda cell_dir, seeds: _sum(imp_cost(cell_dir), _json(cell_dir(cell, None), RunDir.CONSTRUCTION))
-
-
-def _dst(cell: str, start=None):
-    """The training (its summary's wall time) plus making the start: a random mask's
-    construction, or ``start``'s cost."""
-    def cost(cell_dir, seeds):
-        made = _json(cell_dir(cell, None), RunDir.CONSTRUCTION) if start is None else start(cell_dir, seeds)
-        return _sum(made, _json(cell_dir(cell, None), RunDir.SUMMARY))
-    return cost
-
-
-def _transfer(cell_dir, seeds) -> float | None:
-    """One IMP and one fit (of seed 0) shared by the transfer samples (seeds other than 0),
-    plus this sample's own sampling time."""
-    shared = _sum(imp_cost(cell_dir, 0), fit_cost(cell_dir, "fit", 0))
-    n = max(1, len([s for s in seeds if s != 0]))
-    return _sum(None if shared is None else shared / n, _json(cell_dir("mcwt_transfer", None), RunDir.SAMPLE))
-
-
 # --- the rows of Table 1 (paper: validation accuracy, %, CIFAR-10, 80% pruned per layer) ---------
 
 register_method(Method("dense", "Unpruned network", "imp",
                        {"conv2": 67.20, "conv4": 74.62, "conv6": 77.40},
                        trained=lambda imp: imp.imp_dense()))
 register_method(Method("random", "Randomly pruned network", "random",
-                       {"conv2": 66.90, "conv4": 73.20, "conv6": 73.14}, cost=_construction("random")))
+                       {"conv2": 66.90, "conv4": 73.20, "conv6": 73.14}, cost=costs.construction("random")))
 register_method(Method("wt", "Original Winning Ticket (IMP)", "imp",
                        {"conv2": 70.42, "conv4": 74.92, "conv6": 78.04},
                        trained=lambda imp: imp.round(imp.ticket_round()),
-                       cost=lambda cell_dir, seeds: imp_cost(cell_dir)))
+                       cost=lambda cell_dir, seeds: costs.imp_cost(cell_dir)))
 register_method(Method("mcwt_magnitude", "MCWT w/o connectivity", "mcwt_magnitude",
-                       {"conv2": 69.47, "conv4": 76.39, "conv6": 78.10}, cost=_mcwt("mcwt_magnitude")))
+                       {"conv2": 69.47, "conv4": 76.39, "conv6": 78.10}, cost=costs.mcwt("mcwt_magnitude")))
 register_method(Method("mcwt_connectivity", "MCWT with connectivity", "mcwt_connectivity",
-                       {"conv2": 68.40, "conv4": 76.21, "conv6": 78.17}, cost=_mcwt("mcwt_connectivity")))
+                       {"conv2": 68.40, "conv4": 76.21, "conv6": 78.17}, cost=costs.mcwt("mcwt_connectivity")))
 
 # --- the rows issue 12 adds (`reproduce --methods all`) ------------------------------------------
 
 _PRUNE_LABELS = dict(zip(PRUNE_METHODS, ("Magnitude at init", "SNIP", "GraSP", "SynFlow")))
 for _m in PRUNE_METHODS:
     register_method(Method(f"prune_{_m}", f"{_PRUNE_LABELS[_m]} (pruning at init, per layer)", f"prune_{_m}",
-                           group="baseline", cost=_construction(f"prune_{_m}")))
+                           group="baseline", cost=costs.construction(f"prune_{_m}")))
 for _m in GLOBAL_PRUNE_METHODS:
     register_method(Method(f"prune_{_m}_global", f"{_PRUNE_LABELS[_m]} (pruning at init, global)",
-                           f"prune_{_m}_global", group="baseline", cost=_construction(f"prune_{_m}_global")))
+                           f"prune_{_m}_global", group="baseline", cost=costs.construction(f"prune_{_m}_global")))
 for _k, _label in zip(ABLATIONS, ("WT, mask shuffled per layer", "WT mask, re-initialised weights",
                                   "WT, kept values shuffled per layer")):
     register_method(Method(f"ablate_{_key(_k)}", _label, f"ablate_{_key(_k)}", group="ablation",
-                           cost=_ablation(f"ablate_{_key(_k)}")))
+                           cost=costs.ablation(f"ablate_{_key(_k)}")))
 for _g, _label in zip(FIT_VARIANTS, ("MCWT, one fit per layer", "MCWT, raw magnitude pooled per kind")):
     register_method(Method(f"mcwt_fit_{_key(_g)}", _label, f"mcwt_fit_{_key(_g)}", group="fit",
-                           cost=_mcwt(f"mcwt_fit_{_key(_g)}", f"fit_{_key(_g)}")))
+                           cost=costs.mcwt(f"mcwt_fit_{_key(_g)}", f"fit_{_key(_g)}")))
 register_method(Method("mcwt_transfer", "MCWT from seed 0's fit (transfer)", "mcwt_transfer",
-                       group="transfer", cost=_transfer))
+                       group="transfer", cost=costs.transfer))
 register_method(Method("mcwt_exact", "MCWT with connectivity, exact count", "mcwt_exact", group="fit",
-                       cost=_mcwt("mcwt_exact")))
+                       cost=costs.mcwt("mcwt_exact")))
 
 # --- the rows issue 21 adds: dynamic sparse training (one training each) ---------------------------
 
-register_method(Method("rigl", "RigL (dynamic sparse training)", "rigl", group="dst", cost=_dst("rigl")))
-register_method(Method("set", "SET (dynamic sparse training)", "set", group="dst", cost=_dst("set")))
+register_method(Method("rigl", "RigL (dynamic sparse training)", "rigl", group="dst", cost=costs.dst("rigl")))
+register_method(Method("set", "SET (dynamic sparse training)", "set", group="dst", cost=costs.dst("set")))
 register_method(Method("rigl_mcwt", "RigL from the MCWT sample", "rigl_mcwt", group="dst",
-                       cost=_dst("rigl_mcwt", _mcwt("mcwt_connectivity"))))
+                       cost=costs.dst("rigl_mcwt", costs.mcwt("mcwt_connectivity"))))
 register_method(Method("random_erk", "Randomly pruned network (ERK)", "random_erk", group="baseline",
-                       cost=_construction("random_erk")))
-register_method(Method("rigl_erk", "RigL (ERK)", "rigl_erk", group="dst", cost=_dst("rigl_erk")))
+                       cost=costs.construction("random_erk")))
+register_method(Method("rigl_erk", "RigL (ERK)", "rigl_erk", group="dst", cost=costs.dst("rigl_erk")))
