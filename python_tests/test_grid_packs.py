@@ -336,6 +336,43 @@ def test_sigterm_exports_the_state_so_far(tmp_path):
     assert (tmp_path / "h" / "conv2" / "seed_0" / "imp" / "round_00" / "masks.safetensors").exists()
 
 
+# A child whose main thread is interrupted (SIGTERM) while a pack's cell thread computes in torch,
+# then ends as `mcwt` ends (cli.entry). Ended the usual way, Python 3.11 unwinds that daemon thread
+# out of torch's C++ frames at exit and the process aborts (exit 134, once in CI's lease rehearsal).
+_INTERRUPTED_MID_CELL = """
+import os, signal, threading, torch
+import mcwt_ext.cli as cli
+from mcwt_ext.experiments.packer import Packer
+from mcwt_ext.runlock import sigterm_as_interrupt
+
+class Cell:
+    key = ("conv2", 0, "busy")
+
+def busy(cell):
+    a = torch.randn(256, 256)
+    while True:
+        a = torch.tanh(a @ a)
+
+def main():
+    try:
+        with sigterm_as_interrupt():
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            Packer(None, False, busy).start(Cell())  # returns when the cell blocks or ends: never
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        return 130
+
+cli.main = main
+cli.entry()
+"""
+
+
+def test_a_grid_interrupted_mid_cell_exits_130_not_aborted():
+    child = subprocess.run([sys.executable, "-c", _INTERRUPTED_MID_CELL], capture_output=True, text=True,
+                           env=child_env(), timeout=120)
+    assert (child.returncode, child.stdout.strip()) == (130, "interrupted"), child.stderr[-2000:]
+
+
 def test_worker_processes_are_spawned_not_forked(tmp_path, monkeypatch):
     """--jobs N: a child forked after CUDA is initialised cannot use CUDA, so the pool spawns."""
     class Pool(Exception):

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-__all__ = ["Packer", "packer_of_this_thread"]
+__all__ = ["Packer", "packer_of_this_thread", "cell_threads_alive"]
 
 
 def packer_of_this_thread() -> "Packer | None":
@@ -17,6 +17,13 @@ def packer_of_this_thread() -> "Packer | None":
 
 
 _PACKERS: dict[int, "Packer"] = {}  # cell thread -> the packer its Cell.train asks
+
+
+def cell_threads_alive() -> bool:
+    """Whether a cell thread has not ended: after an interrupt (which only the main thread sees)
+    one may still be inside torch's C++ code, where Python 3.11 ends a daemon thread at exit by
+    unwinding it, which aborts the process (SIGABRT)."""
+    return bool(_PACKERS)
 
 
 class Packer:
