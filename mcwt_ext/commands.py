@@ -341,7 +341,8 @@ def reproduce_cmd(args) -> int:
                 eval_every=args.eval_every or defaults.get("eval_every"), device=args.device,
                 progress=not args.no_progress, pack=args.pack, shard=args.shard,
                 lock_timeout=args.lock_timeout, methods=args.methods, budget=budget,
-                augment=args.augment, executor=args.executor, ray_address=args.ray_address)
+                augment=args.augment, executor=args.executor, ray_address=args.ray_address,
+                precision=args.precision)
     with locked(args.out, "mcwt reproduce", lock=grid.shard is None):  # shards lock their cells
         if args.import_state is not None:
             manifest = import_state(args.import_state, args.out)

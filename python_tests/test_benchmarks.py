@@ -1,6 +1,5 @@
 """Smoke runs of the benchmark scripts at a tiny size: they run to the end and print their tables."""
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest

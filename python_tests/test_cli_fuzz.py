@@ -12,7 +12,6 @@ import urllib.error
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from mcwt_ext import commands

@@ -10,7 +10,6 @@ import torch
 
 from conftest import DEVICES, synthetic_model
 from mcwt_ext.dst import DstConfig, MaskSchedule, drop_and_grow, drop_fraction, random_start, train_dst
-from mcwt_ext.masks import random_masks
 from mcwt_ext.runs import RunDir
 from mcwt_ext.train import TrainConfig, train
 from test_train import _same_weights, kill_then_resume

@@ -15,7 +15,7 @@ import mcwt_ext.experiments.grid as grid_mod
 from mcwt_ext.cli import main
 from mcwt_ext.experiments import Grid, report
 from mcwt_ext.experiments.ray_executor import OBJECT_STORE_BYTES, groups
-from mcwt_ext.runs import grid_cell
+from mcwt_ext.runs import RunDir, grid_cell
 
 ray = pytest.importorskip("ray")  # scripts/install.sh --test installs it, so CI runs these
 
@@ -48,13 +48,13 @@ def local_table(tmp_path_factory):
     return (g.out / "table.csv").read_text()
 
 
-def _ray_grid(out, monkeypatch):
+def _ray_grid(out, monkeypatch, **kw):
     """The grid on Ray, its table written by the driver (this process, which runs no cell: its
     run_cell fails, and the Ray workers are other processes)."""
     def not_here(cell):
         raise AssertionError(f"{cell.key} ran in the driver")
     monkeypatch.setattr(grid_mod, "run_cell", not_here)
-    g = Grid(out=out, executor="ray", **DIGITS)
+    g = Grid(out=out, executor="ray", **DIGITS, **kw)
     g.run()
     report(g)
     return g
@@ -77,6 +77,26 @@ def test_a_killed_cell_task_is_retried_and_resumes_from_its_checkpoint(ray_local
     assert len(killed) == 1 and killed[0].startswith(str(g.out)), events
     assert f"resumed {killed[0]}" in events, events  # the retry went on from the checkpoint
     assert (g.out / "table.csv").read_text() == local_table
+
+
+@pytest.mark.slow
+def test_packs_on_ray_train_as_the_local_executors_packs_and_give_its_table(ray_local, tmp_path, monkeypatch):
+    """--pack 8: one task per depth of the need graph trains its cells as packs (IMP round 0 of
+    both seeds with both random cells, then the four MCWT cells), as the local executor does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Ray task trains
+    try:
+        local = Grid(out=tmp_path / "local", pack=8, **DIGITS)
+        local.run()
+        report(local)
+    finally:
+        torch.set_num_threads(threads)
+    g = _ray_grid(tmp_path / "ray", monkeypatch, pack=8)
+    assert g.done() and (g.out / "table.csv").read_text() == (local.out / "table.csv").read_text()
+    for kind, size in (("random", 4), ("mcwt_magnitude", 4), ("mcwt_connectivity", 4)):
+        for seed in (0, 1):
+            summary = grid_cell(g.out, "conv2", seed, kind).load_json(RunDir.SUMMARY)
+            assert summary["lockstep"]["pack_size"] == size, (kind, seed, summary.get("lockstep"))
 
 
 def test_packs_make_one_task_per_architecture_and_depth(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mcwt_ext.cli import main
-from mcwt_ext.experiments import CELLS, METHODS, Grid, report
+from mcwt_ext.experiments import METHODS, Grid, report
 from mcwt_ext.experiments.methods import cells_for, select_methods
 from mcwt_ext.runs import FIGURE_FILES, GRID_FILES, RunDir, grid_cell
 

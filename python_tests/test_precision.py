@@ -120,3 +120,46 @@ def test_config_and_packs_take_precision(synthetic, bf16_allowed):
     net = PackNet(synthetic_model(), None, _cfg(iterations=2, precision="bf16"))
     with pytest.raises(ValueError, match="--precision bf16"):
         train_pack([net], synthetic, progress=False)
+
+
+def _bf16_grid(out, **kw):
+    from mcwt_ext.experiments import Grid
+
+    return Grid(archs=["conv2"], seeds=[0], dataset="synthetic", iterations=4, eval_every=2, progress=False,
+                out=out, **kw)
+
+
+def test_reproduce_trains_every_cell_in_bf16_and_leaves_fp32_grids_as_they_were(tmp_path, bf16_allowed):
+    from mcwt_ext.experiments import report
+
+    g = _bf16_grid(tmp_path / "g", precision="bf16")
+    g.run()
+    report(g)
+    trained = [c for c in g.cells if c.kind != "fit"]
+    assert {c.kind for c in trained} == {"imp", "random", "mcwt_magnitude", "mcwt_connectivity"}
+    for c in trained:
+        assert c.dir().load_json(RunDir.CONFIG)["train"]["precision"] == "bf16", c.key
+    assert '"precision": "bf16"' in (g.out / "table.md").read_text()
+    fp32 = _bf16_grid(tmp_path / "g")
+    assert "precision" not in fp32.settings()  # grids made before --precision keep their identity
+    with pytest.raises(ValueError):  # and a grid does not mix the two
+        fp32.run()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pack", "2"], "--precision bf16: packs train in float32; give --pack 1"),
+    (["--time-budget", "60", "--pack", "2"], "--precision bf16: packs train in float32"),
+])
+def test_reproduce_in_bf16_is_refused_with_packs(tmp_path, capsys, bf16_allowed, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "--dataset", "synthetic", "--precision", "bf16", *argv, "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "g").exists()
+
+
+def test_reproduce_in_bf16_without_bfloat16_instructions_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(precision_mod, "native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="--precision bf16: this CPU has no bfloat16 instructions"):
+        _bf16_grid(tmp_path / "g", precision="bf16")
+    assert not (tmp_path / "g").exists()

@@ -1,7 +1,6 @@
 """torch.nn.utils.prune interop: masks <-> torch-pruned models, and pruned models everywhere."""
 import pytest
 import torch
-from torch import nn
 from torch.nn.utils import prune
 
 from mcwt_ext import sample_masks

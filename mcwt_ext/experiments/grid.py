@@ -88,6 +88,7 @@ class CellSettings:
     threads: int = 0                # torch threads per worker process; 0: leave as is
     progress: bool = False          # training progress bars (only with one job: bars would interleave)
     augment: str | None = None      # overrides the architecture's training augmentation
+    precision: str = "fp32"         # training arithmetic (mcwt_ext.precision)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ class Cell:
         ds = _dataset(s.dataset, s.data_root)
         model = build_model(self.arch, ds.in_channels, ds.num_classes, ds.image_size, self.seed)
         train_cfg = s.protocol.train_config(self.arch, self.seed, iterations=s.iterations,
-                                            eval_every=s.eval_every, device=s.device, augment=s.augment)
+                                            eval_every=s.eval_every, device=s.device, augment=s.augment,
+                                            precision=s.precision)
         config = dict(command=f"reproduce:{self.kind}", arch=self.arch, dataset=s.dataset,
                       data_root=s.data_root, split_seed=0, val_size=None,
                       in_channels=ds.in_channels, image_size=ds.image_size,
@@ -272,6 +274,7 @@ class Grid:
     methods: str | list[str] = "paper"  # rows of the table: paper, all, or method keys
     budget: object = None           # a .budget.Budget: its deadline picks the packs (packs only)
     augment: str | None = None      # training augmentation for every arch; None: each arch's own
+    precision: str = "fp32"         # training arithmetic (mcwt_ext.precision); bf16: no packs
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self):
@@ -303,6 +306,7 @@ class Grid:
         if self.budget is not None and self.pack_size() == 1:
             raise ValueError("--time-budget: picks packs, and this grid trains cell by cell; give --pack N "
                              "(N > 1) on CPU (--pack auto packs on CUDA)")
+        self._check_precision()
         self.methods = select_methods(self.methods)
         kinds = cells_for(self.methods)
         if any(CELLS[k].needs_seed0 for k in kinds) and 0 not in self.seeds:
@@ -314,16 +318,29 @@ class Grid:
         threads = 1 if not local else max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else 0
         shared = CellSettings(self.dataset, self.data_root, PROTOCOLS[self.protocol], str(self.out),
                               self.iterations, self.eval_every, self.device, threads,
-                              self.progress and self.jobs == 1 and local, self.augment)
+                              self.progress and self.jobs == 1 and local, self.augment, self.precision)
         self.cells = [Cell(kind, arch, seed, shared)
                       for arch in self.archs for seed in self.seeds for kind in kinds
                       if CELLS[kind].applies(seed)]
 
+    def _check_precision(self) -> None:
+        from ..precision import PRECISIONS, check_precision
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision != "fp32" and self.pack_size() != 1:
+            raise ValueError(f"--precision {self.precision}: packs train in float32; give --pack 1 (--pack auto "
+                             f"packs on CUDA) to train every cell on its own in {self.precision}")
+        check_precision(self.precision, self.device)
+
     def settings(self) -> dict:
-        """The grid's identity: cells made under other settings do not mix."""
+        """The grid's identity: cells made under other settings do not mix (a setting at its
+        default is left out, so grids made before it existed keep their identity)."""
         augment = {} if self.augment is None else dict(augment_override=self.augment)
+        precision = {} if self.precision == "fp32" else dict(precision=self.precision)
         return dict(dataset=self.dataset, protocol=PROTOCOLS[self.protocol].describe(),
-                    iterations_override=self.iterations, eval_every_override=self.eval_every, **augment)
+                    iterations_override=self.iterations, eval_every_override=self.eval_every, **augment,
+                    **precision)
 
     def open(self) -> RunDir:
         """The grid directory, its config written, or checked against the grid's there (more

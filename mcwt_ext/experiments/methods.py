@@ -277,7 +277,6 @@ def ablation_seed(kind: str, seed: int) -> int:
 def _run_ablate_cell(cell, kind: str) -> None:
     from ..ablate import ablate
     from ..models import build_model
-    from ..train import train
 
     ds, model, train_cfg, config = cell.context()
     ticket = load_ticket(cell.dir("imp").path)

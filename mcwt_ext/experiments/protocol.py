@@ -26,15 +26,16 @@ class Protocol:
         return dataclasses.asdict(self)
 
     def train_config(self, arch: str, seed: int, *, iterations: int | None = None,
-                     eval_every: int | None = None, device: str = "cpu", augment: str | None = None):
+                     eval_every: int | None = None, device: str = "cpu", augment: str | None = None,
+                     precision: str = "fp32"):
         """The TrainConfig of ``arch`` under this protocol; ``iterations`` and ``eval_every``
-        override the protocol's, ``augment`` the architecture's."""
+        override the protocol's, ``augment`` the architecture's; ``precision``: :mod:`mcwt_ext.precision`."""
         from ..train import TrainConfig
 
         return TrainConfig.for_arch(arch, iterations=iterations or self.table_iterations
                                     or (self.iterations or {}).get(arch),
                                     seed=seed, eval_every=eval_every or self.eval_every, device=device,
-                                    augment=augment)
+                                    augment=augment, precision=precision)
 
     def imp_config(self, arch: str, train, sparsity=None):
         """The ImpConfig of ``arch`` under this protocol, training with ``train`` (a Table 1
