@@ -91,9 +91,10 @@ lease_begin
 RUNDIR=$WORK/rundir  # no mcwt_ext/ here: imports find the installed package
 mkdir -p "$RUNDIR" && cd "$RUNDIR" || exit 2
 
-step env bash -c "nvidia-smi || echo 'no nvidia-smi'; $PYTHON -c 'import sys, torch; print(sys.version); \
-print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"GPU\", torch.cuda.is_available() and torch.cuda.get_device_name())'; \
-$CUDA_HOME/bin/nvcc --version || true; nproc; free -g"
+# env reads versions without importing torch (a cold import took 16 s on a loaded CPU); the
+# import step, with the longer limit, says what torch sees.
+step env bash -c "nvidia-smi || echo 'no nvidia-smi'; $PYTHON -c 'import sys, importlib.metadata as m; \
+print(sys.version); print(\"torch\", m.version(\"torch\"))'; $CUDA_HOME/bin/nvcc --version || true; nproc; free -g"
 
 CUDA_FLAG=--cuda; [[ $MODE == rehearse ]] && CUDA_FLAG=""
 t0=$(date +%s)
@@ -107,7 +108,8 @@ else
   say "building: $WHY"
   SPENT=$spent step build "${BUILD_CMD[@]}"
 fi
-step import "$PYTHON" -c "from mcwt_ext import _extension as e; \
+step import "$PYTHON" -c "import torch; from mcwt_ext import _extension as e; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU', torch.cuda.is_available() and torch.cuda.get_device_name()); \
 assert e.HAS_CUDA_KERNELS or '$MODE' == 'rehearse', 'no CUDA kernels'; \
 print('mcwt_ext', e.BUILT_TORCH_VERSION, 'CUDA', e.BUILT_CUDA_VERSION, 'sources', e.BUILT_SOURCE_SHA256)"
 

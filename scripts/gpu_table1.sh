@@ -126,7 +126,7 @@ SEQ_DATA_S=0; (( NEED_DATA && ! NEED_BUILD )) && SEQ_DATA_S=$DATA_S  # beside th
 GRID_S=$(( BUDGET_S - INPUTS_S - ENV_S - BUILD_S - SEQ_DATA_S - IMPORT_S - EXPORT_S - PACK_S ))
 reproduce_cmd $(( GRID_S - EXPORT_GRACE_S - STOP_MARGIN_S ))
 plan_add inputs $INPUTS_S "whether the installed build matches (a cold torch import); DATA_DIR ($DATA_DIR: a real folder with cifar10-jpeg.npz and materialize.py), STATE_IN, budget"
-plan_add env $ENV_S "nvidia-smi; python, torch, CUDA versions"
+plan_add env $ENV_S "nvidia-smi; python and torch versions"
 if (( NEED_BUILD )); then
   plan_add build $BUILD_S "${BUILD_CMD[*]} ($BUILD_WHY)"
   (( NEED_DATA )) && plan_add data $DATA_S "${DATA_CMD[*]}" build
@@ -134,7 +134,7 @@ else
   plan_add build 0 "skipped: $BUILD_WHY"
   (( NEED_DATA )) && plan_add data $DATA_S "${DATA_CMD[*]}"
 fi
-plan_add import $IMPORT_S "import mcwt_ext from outside the checkout"
+plan_add import $IMPORT_S "import torch (what it sees) and mcwt_ext from outside the checkout"
 plan_add grid $GRID_S "the rest of the budget (more if a step ends early): timeout -s TERM $(( GRID_S - EXPORT_GRACE_S )) (KILL $EXPORT_GRACE_S s later) ${REPRODUCE[*]}"
 plan_add export $EXPORT_S "if reproduce left no state.zip: mcwt_ext.state.export_state(GRID, OUT/state.zip)"
 plan_add pack $PACK_S "the exit trap: tables, cost, figures, finished runs and logs into OUT/$NAME-logs.tar.gz"
@@ -178,8 +178,10 @@ if [[ -n $STATE_IN ]]; then  # a copy: OUT/state.zip (maybe STATE_IN itself) is 
 fi
 record inputs 0 "$(elapsed)" "$(plan_limit inputs)"
 
+# env reads versions without importing torch (a cold import took over 5 s on a loaded CPU); the
+# import step, with the longer limit, says what torch sees.
 step env bash -c "nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo 'no nvidia-smi'; \
-$PYTHON -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, torch.cuda.is_available())'"
+$PYTHON -c 'import sys, importlib.metadata as m; print(sys.version); print(\"torch\", m.version(\"torch\"))'"
 
 # 2. The build, with CIFAR-10 decoded beside it.
 if (( NEED_BUILD )) && [[ $MODE == rehearse ]]; then
@@ -193,7 +195,8 @@ else
 fi
 wait
 [[ $DATASET != cifar10 || -d $WORK/data/cifar-10-batches-py ]] || { say "no data; see data.log"; exit 1; }
-(cd "$WORK" && step import "$PYTHON" -c "from mcwt_ext import _extension as e; \
+(cd "$WORK" && step import "$PYTHON" -c "import torch; from mcwt_ext import _extension as e; \
+print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.is_available()); \
 print('mcwt_ext', e.BUILT_TORCH_VERSION, 'CUDA', e.BUILT_CUDA_VERSION, 'sources', e.BUILT_SOURCE_SHA256)") || exit 1
 
 # 3. The grid, for what is left of the budget less the export and the packing. reproduce stops
