@@ -28,9 +28,9 @@ __all__ = ["main", "build_parser", "add_model_data_args", "add_train_args"]
 
 def add_train_parser(subparsers) -> None:
     p = command_parser(subparsers, commands.train_cmd, "train", model_data=True, train=True,
-                 help="train a dense net or a given ticket",
-                 description="Train a net, dense or with the masks of --masks, from a "
-                             "fresh init (--seed) or from --init.")
+                       help="train a dense net or a given ticket",
+                       description="Train a net, dense or with the masks of --masks, from a "
+                                   "fresh init (--seed) or from --init.")
     p.add_argument("--masks", type=existing_file, help="masks.safetensors to train (default: dense)")
     p.add_argument("--init", type=existing_file,
                    help="initial weights (default: the init.safetensors next to --masks if there is one, "
@@ -42,10 +42,10 @@ def add_train_parser(subparsers) -> None:
 
 def add_imp_parser(subparsers) -> None:
     p = command_parser(subparsers, commands.imp_cmd, "imp", model_data=True, train=True,
-                 help="find a winning ticket by iterative magnitude pruning",
-                 description="Iterative magnitude pruning: train, prune a share of each "
-                             "layer's remaining weights, rewind, repeat until every layer "
-                             "reaches --sparsity.")
+                       help="find a winning ticket by iterative magnitude pruning",
+                       description="Iterative magnitude pruning: train, prune a share of each "
+                                   "layer's remaining weights, rewind, repeat until every layer "
+                                   "reaches --sparsity.")
     g = p.add_argument_group("pruning")
     g.add_argument("--sparsity", type=sparsity, default=0.8,
                    help="share of every layer's weights pruned in the ticket (default 0.8)")
@@ -67,10 +67,10 @@ def add_imp_parser(subparsers) -> None:
 
 def add_random_parser(subparsers) -> None:
     p = command_parser(subparsers, commands.random_cmd, "random", model_data=True, train=True,
-                 help="random-pruning baseline",
-                 description="Prune each layer uniformly at random to the same sparsity "
-                             "(or to ERK's shares, --distribution erk; exact per-layer count), keep "
-                             "the initial weights, and train.")
+                       help="random-pruning baseline",
+                       description="Prune each layer uniformly at random to the same sparsity "
+                                   "(or to ERK's shares, --distribution erk; exact per-layer count), keep "
+                                   "the initial weights, and train.")
     g = p.add_argument_group("pruning")
     how = g.add_mutually_exclusive_group()
     how.add_argument("--like", type=existing_file,
@@ -87,11 +87,11 @@ def add_prune_parser(subparsers) -> None:
     from .prune_at_init import ALLOCATIONS, METHODS
 
     p = command_parser(subparsers, commands.prune_cmd, "prune", model_data=True, train=True,
-                 help="pruning-at-initialisation baselines (magnitude, SNIP, GraSP, SynFlow)",
-                 description="Score every weight of the untrained net (--seed) by --method, keep the "
-                             "best to --sparsity (exactly each layer's share, or the same total over "
-                             "all layers with --allocation global) and train like `mcwt random`. "
-                             "construction.json records how long the masks took.")
+                       help="pruning-at-initialisation baselines (magnitude, SNIP, GraSP, SynFlow)",
+                       description="Score every weight of the untrained net (--seed) by --method, keep the "
+                                   "best to --sparsity (exactly each layer's share, or the same total over "
+                                   "all layers with --allocation global) and train like `mcwt random`. "
+                                   "construction.json records how long the masks took.")
     g = p.add_argument_group("pruning")
     g.add_argument("--method", choices=METHODS, required=True,
                    help="magnitude: top |w|; snip: |w * dL/dw|; grasp: -w * Hg; synflow: iterative, "
@@ -109,13 +109,13 @@ def add_dst_parser(subparsers) -> None:
     from .dst import DST_METHODS
 
     p = command_parser(subparsers, commands.dst_cmd, "dst", model_data=True, train=True,
-                 help="dynamic sparse training: RigL or SET, one training whose masks change",
-                 description="Train from a random mask at --sparsity (or from --start) and, every "
-                             "--update-every steps until --stop-at of the training, replace the "
-                             "fraction alpha/2 * (1 + cos(pi t / T_end)) of each layer's kept weights "
-                             "of least magnitude by as many new ones (RigL: largest |dense gradient|; "
-                             "SET: at random), grown at zero with fresh optimiser moments. Per-layer "
-                             "counts stay exact; final_masks.safetensors holds the masks it ends with.")
+                       help="dynamic sparse training: RigL or SET, one training whose masks change",
+                       description="Train from a random mask at --sparsity (or from --start) and, every "
+                                   "--update-every steps until --stop-at of the training, replace the "
+                                   "fraction alpha/2 * (1 + cos(pi t / T_end)) of each layer's kept weights "
+                                   "of least magnitude by as many new ones (RigL: largest |dense gradient|; "
+                                   "SET: at random), grown at zero with fresh optimiser moments. Per-layer "
+                                   "counts stay exact; final_masks.safetensors holds the masks it ends with.")
     g = p.add_argument_group("dynamic sparsity")
     g.add_argument("--method", choices=DST_METHODS, required=True,
                    help="rigl: grow by the largest |gradient of the loss w.r.t. the masked weight|; "
@@ -146,11 +146,11 @@ def add_ablate_parser(subparsers) -> None:
     from .ablate import KINDS as ABLATIONS
 
     p = command_parser(subparsers, commands.ablate_cmd, "ablate", train=True,
-                 help="winning-ticket ablations: shuffled mask, fresh weights, shuffled kept values",
-                 description="Change one thing of a winning ticket and train it like any ticket: "
-                             "shuffle-mask permutes each layer's mask; reinit keeps the mask with fresh "
-                             "initial weights; shuffle-values permutes the kept initial values among "
-                             "the kept positions of each layer. Trains with the ticket's seed.")
+                       help="winning-ticket ablations: shuffled mask, fresh weights, shuffled kept values",
+                       description="Change one thing of a winning ticket and train it like any ticket: "
+                                   "shuffle-mask permutes each layer's mask; reinit keeps the mask with fresh "
+                                   "initial weights; shuffle-values permutes the kept initial values among "
+                                   "the kept positions of each layer. Trains with the ticket's seed.")
     add_ticket_args(p)
     p.add_argument("--kind", choices=ABLATIONS, required=True, help="which ablation")
     p.add_argument("--ablation-seed", type=seed,
@@ -163,11 +163,11 @@ def add_ablate_parser(subparsers) -> None:
 
 def add_fit_parser(subparsers) -> None:
     p = command_parser(subparsers, commands.fit_cmd, "fit",
-                 help="fit the logistic keep-models to a winning ticket",
-                 description="Fit the four logistic models ({conv, linear} x {magnitude, "
-                             "magnitude + connectivity}) of 'kept in the ticket' on the "
-                             "ticket's initial weights and the connectivity measured on "
-                             "its training data. Writes JSON.")
+                       help="fit the logistic keep-models to a winning ticket",
+                       description="Fit the four logistic models ({conv, linear} x {magnitude, "
+                                   "magnitude + connectivity}) of 'kept in the ticket' on the "
+                                   "ticket's initial weights and the connectivity measured on "
+                                   "its training data. Writes JSON.")
     add_ticket_args(p)
     p.add_argument("--max-samples", type=positive_int,
                    help="measure connectivity on this many training images (default: all)")
@@ -185,12 +185,12 @@ def add_fit_parser(subparsers) -> None:
 
 def add_sample_parser(subparsers) -> None:
     p = command_parser(subparsers, commands.sample_cmd, "sample", model_data=True,
-                 help="sample a Monte Carlo Winning Ticket from a fit",
-                 description="Sample masks greedily, layer by layer from input to output: "
-                             "each layer's connectivity is measured on the net masked so "
-                             "far, its intercept calibrated to the target density, its mask "
-                             "drawn with the fused Bernoulli kernel. Writes a run directory "
-                             "that `mcwt train --masks OUT/masks.safetensors` trains.")
+                       help="sample a Monte Carlo Winning Ticket from a fit",
+                       description="Sample masks greedily, layer by layer from input to output: "
+                                   "each layer's connectivity is measured on the net masked so "
+                                   "far, its intercept calibrated to the target density, its mask "
+                                   "drawn with the fused Bernoulli kernel. Writes a run directory "
+                                   "that `mcwt train --masks OUT/masks.safetensors` trains.")
     p.add_argument("--fit", type=existing_file, required=True, help="fit JSON from `mcwt fit`")
     p.add_argument("--init", type=existing_file,
                    help="initial weights (default: a fresh init from --seed)")
@@ -209,10 +209,10 @@ def add_sample_parser(subparsers) -> None:
 
 def add_plot_parser(subparsers) -> None:
     p = command_parser(subparsers, commands.plot_cmd, "plot",
-                 help="the paper's Fig. 1 and Fig. 2b for a ticket and samples",
-                 description="Fig. 1: initial values of kept weights (dense, WT, MCWT); "
-                             "Fig. 2b: connectivity of kept weights (WT, MCWT, random). "
-                             "PNG with the numbers beside it as JSON.")
+                       help="the paper's Fig. 1 and Fig. 2b for a ticket and samples",
+                       description="Fig. 1: initial values of kept weights (dense, WT, MCWT); "
+                                   "Fig. 2b: connectivity of kept weights (WT, MCWT, random). "
+                                   "PNG with the numbers beside it as JSON.")
     add_ticket_args(p)
     p.add_argument("--mcwt", type=Path, required=True, help="an `mcwt sample` run directory")
     p.add_argument("--random", type=Path, help="an `mcwt random` run directory (default: random "
