@@ -16,7 +16,7 @@ from .augment import AUGMENTS
 from .cli_flags import (ArgumentParser, add_mask_target_args, add_model_data_args, add_out_arg, add_ticket_args,
                         add_train_args, command_parser, dataset_help)
 from .cli_types import (arch_list, device_spec, existing_file, library_type, methods_help, methods_spec,
-                        nonnegative_int, positive_int, rates_spec, seed, sparsity, unit_share)
+                        nonnegative_int, positive_float, positive_int, rates_spec, seed, sparsity, unit_share)
 from .data import DATASETS
 from .fit import GRANULARITIES
 from .models import ARCHS
@@ -289,10 +289,17 @@ def add_reproduce_parser(subparsers) -> None:
                    help="before the grid, restore the state bundle FILE (from --export-state) into --out")
     p.add_argument("--export-state", type=Path, metavar="FILE",
                    help="after the grid (also when stopped by Ctrl-C, SIGTERM or a timeout) write --out's "
-                        "state (masks as bits, metrics, summaries) to the bundle FILE, to resume elsewhere")
+                        "state (masks as bits, metrics, summaries; when cells train one by one, also the "
+                        "checkpoints of unfinished trainings) to the bundle FILE, to resume elsewhere")
+    p.add_argument("--export-every-minutes", type=positive_float, metavar="M",
+                   help="with --export-state: also rewrite the bundle (atomically, checkpoints included) "
+                        "while the grid runs, so a kill (a preempted machine, a job's time limit) loses at "
+                        "most about M minutes of training; trainings then checkpoint every M/2 minutes")
     p.add_argument("--time-budget", type=positive_int, metavar="SECONDS",
-                   help="with packs: start only a pack that can finish (else reach a checkpoint) within "
-                        "SECONDS of the start, conv2 first; when none can, stop, export and exit 0")
+                   help="stop the grid SECONDS after the start, export (--export-state) and exit 0. Cell by "
+                        "cell, the training under way checkpoints and stops, and resumes from the bundle "
+                        "elsewhere; with packs, only a pack that can finish (else reach a checkpoint) in the "
+                        "time left starts, conv2 first")
     p.add_argument("--augment", choices=AUGMENTS,
                    help="training-batch augmentation of every architecture: flip-crop (open_lth's random "
                         "flip and 4-pixel padded crop) or none (default: each architecture's own, "

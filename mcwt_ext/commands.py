@@ -322,10 +322,23 @@ def plot_cmd(args) -> int:
 def reproduce_cmd(args) -> int:
     from .experiments import Budget, BudgetSpent, Grid, report
     from .experiments.reference import verdict_lines
-    from .state import export_state, import_state
+    from .state import PeriodicExport, export_state, import_state
+    from .supervision import saving_with
 
     budget = None if args.time_budget is None else Budget(args.time_budget)  # counts from here
     check_out(args.out)
+    every = args.export_every_minutes
+    if every is not None and args.export_state is None:
+        raise ValueError("--export-every-minutes: rewrites the bundle of --export-state; give --export-state FILE")
+    if every is not None and args.executor == "ray":
+        raise ValueError("--export-every-minutes: exports from this process; not with --executor ray (Ray "
+                         "tasks keep their state in the shared --out)")
+    if every is not None and args.jobs > 1:
+        raise ValueError(f"--export-every-minutes: exports from this process, between its trainings' steps; "
+                         f"not with --jobs {args.jobs} (give --jobs 1)")
+    if (every is not None or budget is not None) and distributed.active():
+        raise ValueError("--export-every-minutes / --time-budget: not under torchrun (each rank would stop "
+                         "or export at its own step)")
     check_data_root(args.dataset, args.data_root)
     if distributed.active() and args.jobs > 1:
         raise ValueError(f"--jobs {args.jobs}: under torchrun the processes train each net together; "
@@ -342,23 +355,27 @@ def reproduce_cmd(args) -> int:
                 progress=not args.no_progress, pack=args.pack, shard=args.shard,
                 lock_timeout=args.lock_timeout, methods=args.methods, budget=budget,
                 augment=args.augment, executor=args.executor, ray_address=args.ray_address,
-                precision=args.precision)
+                precision=args.precision, checkpoint_minutes=None if every is None else every / 2)
+    saver = None if every is None else PeriodicExport(args.out, args.export_state, every)
+    # cell by cell, an unfinished training's checkpoint travels: a stop loses nothing of it
+    checkpoints = every is not None or grid.pack_size() == 1
     with locked(args.out, "mcwt reproduce", lock=grid.shard is None):  # shards lock their cells
         if args.import_state is not None:
             manifest = import_state(args.import_state, args.out)
             print(f"imported {args.import_state}: {len(manifest['files'])} files, "
                   f"{len(manifest['masks'])} mask sets", file=sys.stderr)
         try:
-            with opened(args.out, lock=False):
+            with opened(args.out, lock=False), saving_with(saver):
                 grid.run()
         except BudgetSpent as e:  # a planned stop: the state goes on elsewhere
             print(f"time budget spent: {e}; {sum(not c.done() for c in grid.cells)} cells left", file=sys.stderr)
             return 0
         finally:  # a run cut short (Ctrl-C, SIGTERM, timeout) still leaves its state
             if args.export_state is not None and Path(args.out).is_dir():
-                manifest = export_state(args.out, args.export_state)
+                manifest = export_state(args.out, args.export_state, checkpoints=checkpoints)
                 print(f"exported the state of {args.out} to {args.export_state} "
-                      f"({Path(args.export_state).stat().st_size:,} bytes, {len(manifest['masks'])} mask sets)",
+                      f"({Path(args.export_state).stat().st_size:,} bytes, {len(manifest['masks'])} mask sets, "
+                      f"{len(manifest['checkpoints'])} unfinished trainings' checkpoints)",
                       file=sys.stderr)
         if grid.shard is not None and not grid.done():
             print(f"shard {grid.shard[0]}/{grid.shard[1]} done; other shards' chains remain, so no table yet "

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import distributed
+from . import distributed, supervision
 from .augment import Augment
 from .data import Dataset
 from .precision import autocast, check_precision, to_input_format
@@ -301,6 +301,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
             step_hook.load_final(rd)
         return TrainResult(summary, _read_history(rd))
 
+    if rd is not None and supervision.deadline_passed():  # nothing started: nothing to keep
+        raise supervision.BudgetSpent(f"the time budget ran out before {rd.path} trained")
     apply_masks(model, masks)
     enforcer = _MaskEnforcer(model, masks)
     optimizer = make_optimizer(model, config)
@@ -377,9 +379,14 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
             if it % config.eval_every == 0 or it == config.iterations:
                 with bar.aside("evaluating"):
                     record(it)
-            if rd is not None and config.checkpoint_due(it, time.monotonic() - checkpointed):
+            stop = rd is not None and it < config.iterations and supervision.deadline_passed()
+            if rd is not None and (stop or config.checkpoint_due(it, time.monotonic() - checkpointed)):
                 with bar.aside("checkpointing"):
                     checkpoint(it)
+                supervision.saved_point()
+            if stop:
+                raise supervision.BudgetSpent(f"the time budget ran out at iteration {it:,} of "
+                                              f"{config.iterations:,} of {rd.path} (checkpointed)")
     finally:
         bar.close()
 

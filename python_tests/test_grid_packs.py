@@ -396,7 +396,9 @@ def test_a_spawned_worker_pool_runs_the_grid(tmp_path):
     (["--shard", "3/2"], "--shard"), (["--shard", "0/0"], "--shard"), (["--shard", "a/b"], "--shard"),
     (["--shard", "1"], "--shard"), (["--pack", "0"], "--pack"), (["--pack", "many"], "--pack"),
     (["--pack", "4", "--jobs", "2"], "pack"),
-    (["--time-budget", "60"], "--time-budget"),  # on CPU, --pack auto trains cell by cell
+    (["--export-every-minutes", "1"], "--export-every-minutes"),  # rewrites --export-state's bundle
+    (["--export-every-minutes", "0", "--export-state", "s.zip"], "--export-every-minutes"),
+    (["--export-every-minutes", "1", "--export-state", "s.zip", "--jobs", "2"], "--export-every-minutes"),
     (["--time-budget", "0", "--pack", "4"], "--time-budget"),
     (["--import-state", "/nonexistent/state.zip"], "--import-state"),
 ])

@@ -139,7 +139,12 @@ plan_add grid $GRID_S "the rest of the budget (more if a step ends early): timeo
 plan_add export $EXPORT_S "if reproduce left no state.zip: mcwt_ext.state.export_state(GRID, OUT/state.zip)"
 plan_add pack $PACK_S "the exit trap: tables, cost, figures, finished runs and logs into OUT/$NAME-logs.tar.gz"
 plan_check
-if [[ $MODE == dry ]]; then plan_print; exit 0; fi
+BUDGET_PROBLEM=""
+(( GRID_S - EXPORT_GRACE_S - STOP_MARGIN_S >= 30 )) || BUDGET_PROBLEM="BUDGET_S $BUDGET_S leaves the grid $GRID_S s, too little (a build takes $BUILD_S s of it: run gpu_check.sh first on this machine, or give more)"
+if [[ $MODE == dry ]]; then  # the plan, or why the budget cannot hold it
+  [[ -z $BUDGET_PROBLEM ]] || { echo "$BUDGET_PROBLEM" >&2; exit 2; }
+  plan_print; exit 0
+fi
 
 rm -rf "$LOGS"
 lease_begin
@@ -167,7 +172,7 @@ if [[ $DATASET == cifar10 && $NEED_DATA == 1 ]]; then
   fi
 fi
 [[ -z $STATE_IN || -f $STATE_IN ]] || problems+=("STATE_IN: $STATE_IN is not a file")
-(( GRID_S - EXPORT_GRACE_S - STOP_MARGIN_S >= 30 )) || problems+=("BUDGET_S $BUDGET_S leaves the grid $GRID_S s, too little (a build takes $BUILD_S s of it: run gpu_check.sh first on this machine, or give more)")
+[[ -z $BUDGET_PROBLEM ]] || problems+=("$BUDGET_PROBLEM")
 if (( ${#problems[@]} )); then
   printf '%s\n' "${problems[@]}" | tee "$LOGS/inputs.log" >&2
   record inputs 2 "$(elapsed)" "$(plan_limit inputs)"

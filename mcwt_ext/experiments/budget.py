@@ -31,11 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..supervision import BudgetSpent  # raised here when no waiting pack fits
+
 __all__ = ["Budget", "BudgetSpent", "Candidate", "arch_macs", "forward_macs"]
-
-
-class BudgetSpent(Exception):
-    """No waiting pack can finish or checkpoint in the time left: a planned stop."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import functools
 import multiprocessing
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,8 @@ class CellSettings:
     progress: bool = False          # training progress bars (only with one job: bars would interleave)
     augment: str | None = None      # overrides the architecture's training augmentation
     precision: str = "fp32"         # training arithmetic (mcwt_ext.precision)
+    deadline: float | None = None   # time.time() at which cell-by-cell trainings stop (--time-budget)
+    checkpoint_minutes: float | None = None  # overrides the trainings' (--export-every-minutes)
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ class Cell:
         train_cfg = s.protocol.train_config(self.arch, self.seed, iterations=s.iterations,
                                             eval_every=s.eval_every, device=s.device, augment=s.augment,
                                             precision=s.precision)
+        if s.checkpoint_minutes is not None:  # a runtime setting: not part of the run's identity
+            train_cfg = dataclasses.replace(train_cfg, checkpoint_minutes=s.checkpoint_minutes)
         config = dict(command=f"reproduce:{self.kind}", arch=self.arch, dataset=s.dataset,
                       data_root=s.data_root, split_seed=0, val_size=None,
                       in_channels=ds.in_channels, image_size=ds.image_size,
@@ -149,10 +154,12 @@ class Cell:
 
 
 def run_cell(cell: Cell) -> tuple:
-    from .. import distributed
+    from .. import distributed, supervision
 
-    CELLS[cell.kind].run(cell)
+    with supervision.stopping_at(cell.settings.deadline):
+        CELLS[cell.kind].run(cell)
     distributed.barrier()  # under torchrun: the next cell may read what rank 0 wrote
+    supervision.saved_point()
     return cell.key
 
 
@@ -272,7 +279,8 @@ class Grid:
     executor: str = "local"         # local: schedule() in this process; ray: cells as Ray tasks
     ray_address: str | None = None  # the Ray cluster to join; None: a local Ray instance
     methods: str | list[str] = "paper"  # rows of the table: paper, all, or method keys
-    budget: object = None           # a .budget.Budget: its deadline picks the packs (packs only)
+    budget: object = None           # a .budget.Budget: picks the packs; cell by cell, trainings stop at its deadline
+    checkpoint_minutes: float | None = None  # overrides the trainings' clock checkpoints (runtime only)
     augment: str | None = None      # training augmentation for every arch; None: each arch's own
     precision: str = "fp32"         # training arithmetic (mcwt_ext.precision); bf16: no packs
     cells: list[Cell] = field(init=False)
@@ -303,9 +311,6 @@ class Grid:
             check_ray(self)
         elif self.ray_address is not None:
             raise ValueError("--ray-address: joins a Ray cluster; give it with --executor ray")
-        if self.budget is not None and self.pack_size() == 1:
-            raise ValueError("--time-budget: picks packs, and this grid trains cell by cell; give --pack N "
-                             "(N > 1) on CPU (--pack auto packs on CUDA)")
         self._check_precision()
         self.methods = select_methods(self.methods)
         kinds = cells_for(self.methods)
@@ -316,9 +321,14 @@ class Grid:
         local = self.executor == "local"
         # a Ray task holds one CPU (ray_executor); local workers share the cores
         threads = 1 if not local else max(1, (os.cpu_count() or 1) // self.jobs) if self.jobs > 1 else 0
+        # cell by cell, the trainings themselves stop at the budget's deadline (and checkpoint);
+        # packs are picked to fit it instead (.budget)
+        deadline = time.time() + self.budget.left() if self.budget is not None and self.pack_size() == 1 \
+            else None
         shared = CellSettings(self.dataset, self.data_root, PROTOCOLS[self.protocol], str(self.out),
                               self.iterations, self.eval_every, self.device, threads,
-                              self.progress and self.jobs == 1 and local, self.augment, self.precision)
+                              self.progress and self.jobs == 1 and local, self.augment, self.precision,
+                              deadline, self.checkpoint_minutes)
         self.cells = [Cell(kind, arch, seed, shared)
                       for arch in self.archs for seed in self.seeds for kind in kinds
                       if CELLS[kind].applies(seed)]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import supervision
 from ..data import Dataset
 from ..progress import Progress
 from ..runs import RunDir, snapshot_name
@@ -359,6 +360,8 @@ def _train_stage(stage: list[_NetState], dataset: Dataset, options: PackOptions,
             for j in ckpt:
                 _checkpoint(stage[j], options)
                 checkpointed[j] = now
+            if ckpt:
+                supervision.saved_point()
     if stop == iterations:
         for st in stage:
             _finish(st, options, dict(extra))
