@@ -4,8 +4,10 @@ Section ``op``: the fused masked layer op (``masked_conv_block``: conv of the
 masked weight, ReLU, [2x2 max-pool] and the per-channel sums in one call)
 against the PyTorch composition it replaces (``F.conv2d(x, w * mask, b)`` ->
 ReLU -> [pool], then a separate ``y.sum((0, 2, 3))``), on every conv layer of
-Conv6 at a 32x32 input. On CUDA the op's own measured choice (``auto``) and
-both implementations forced (``MCWT_CONV_IMPL=cudnn`` and ``direct``) are timed.
+Conv6 at a 32x32 input. On CUDA the op's own choice (``auto``: the fixed rule of
+``csrc/conv_path.h``) and both implementations forced (``MCWT_CONV_IMPL=cudnn`` and
+``direct``) are timed; the "op impl" column names the path that ran (``auto (cudnn)``),
+and these timings are what the rule's shapes are to be set from.
 
 Section ``sampler``: the whole greedy ``sample_masks`` for Conv6 (connectivity of every
 layer on the net masked so far, calibration, sampling) against the same loop in plain
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mcwt_ext import _reference
-from mcwt_ext.ops import masked_conv_block
+from mcwt_ext.ops import layer_path, masked_conv_block
 from mcwt_ext.ops.masked_conv import CONV_IMPL_ENV
 
 # (name, in channels, out channels, input size, pool): Conv6's conv layers on CIFAR-10.
@@ -99,7 +101,9 @@ def bench_op(device, batches, repeats, impls):
                 # Both must agree before either is timed (loosely: cuDNN may use TF32).
                 torch.testing.assert_close(fused()[1], composition()[1], rtol=1e-2, atol=1e-2)
                 times = _time_ms([composition, fused, conv_alone], device, repeats)
-                rows.append((name, c, k, size, pool, batch, impl or "aten", *times))
+                path = layer_path("conv", weight, device)  # what ran: the rule's or the forced path
+                label = path if impl in (None, path) else f"{impl} ({path})"
+                rows.append((name, c, k, size, pool, batch, label, *times))
     return rows
 
 
@@ -123,7 +127,7 @@ def run_op_section(args):
         torch.set_num_threads(args.threads)
         impls = [None]
     else:
-        impls = ["auto", "cudnn", "direct"]  # auto: the measured choice the op makes by itself
+        impls = ["auto", "cudnn", "direct"]  # auto: the rule's choice (csrc/conv_path.h)
     batches = args.batch or ([60] if device.type == "cpu" or args.quick else [60, 500])
     repeats = 3 if args.quick else 10
     old_impl = os.environ.get(CONV_IMPL_ENV)

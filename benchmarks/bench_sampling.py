@@ -8,7 +8,9 @@ and of ``torch.bernoulli(torch.sigmoid(u*|w| + v*g + b))``, and their ratio.
 CPU runs with 1 and 2 threads; CUDA also reports the device copy bandwidth and
 the kernel's share of it. A second table times ``expected_density`` and
 ``logistic_topk`` on the large tensor, a third the wall time per call from
-Python on the small layers (host overhead included). Prints Markdown tables.
+Python on the small layers (host overhead included), a fourth the time to
+calibrate one layer's intercept: the op ``calibrate_bias`` against the same
+bisection driven from Python. Prints Markdown tables.
 """
 import argparse
 import platform
@@ -140,6 +142,26 @@ def small_layer_table(device, threads, quick):
     return rows
 
 
+def calibration_table(device, threads, shapes, quick):
+    """Milliseconds to calibrate one layer's intercept to density 0.2: the op ``calibrate_bias``
+    (the bisection inside one call; on CUDA one launch and one host read) against the same
+    bisection run from Python, one ``expected_density`` call and host read per step (how the
+    sampler calibrated before the op existed)."""
+    from mcwt_ext._reference.sampling import calibrate_bias as host_loop
+
+    calls = 3 if quick else 10
+    rows = []
+    for name, shape in shapes:
+        weight, connectivity = layer(shape, device)
+        coeffs = dict(u_mag=U_MAG, u_conn=U_CONN, density=0.2)
+        ours = wall_per_call(lambda: ops.calibrate_bias(weight, connectivity, **coeffs), device, calls) / 1e3
+        theirs = wall_per_call(lambda: host_loop(weight, connectivity, mean_keep=ops.expected_density, **coeffs),
+                               device, calls) / 1e3
+        rows.append(f"| {device} | {threads} | {name} | {torch.Size(shape).numel():,} | {ours:.2f} | {theirs:.2f} | "
+                    f"{theirs / ours:.2f}x |")
+    return rows
+
+
 def other_ops_table(device, threads, shape, quick):
     measure = timer(device)
     weight, connectivity = layer(shape, device)
@@ -192,7 +214,7 @@ def main(argv=None):
 
     print(f"# bench_sampling  torch {torch.__version__}  {platform.processor() or platform.machine()}"
           + (f"  GPU {torch.cuda.get_device_name()}" if any(d == "cuda" for d, _ in runs) else ""))
-    bernoulli_rows, other_rows, small_rows = [], [], []
+    bernoulli_rows, other_rows, small_rows, calibration_rows = [], [], [], []
     threads_before = torch.get_num_threads()
     try:
         for device, threads in runs:
@@ -205,6 +227,7 @@ def main(argv=None):
             bernoulli_rows += bernoulli_table(device, threads or "-", shapes, args.quick, copy_gbs)
             other_rows += other_ops_table(device, threads or "-", big, args.quick)
             small_rows += small_layer_table(device, threads or "-", args.quick)
+            calibration_rows += calibration_table(device, threads or "-", shapes, args.quick)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -221,6 +244,11 @@ def main(argv=None):
     print("| device | threads | op | layer | elements | ours us/call | composition us/call | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(small_rows))
+    print("\ncalibrating one layer to density 0.2: the op calibrate_bias against the bisection driven "
+          "from Python (one expected_density call and host read per step)\n")
+    print("| device | threads | weight | elements | op ms | Python loop ms | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(calibration_rows))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@
 
 #include <array>
 #include <cstdint>
-#include <mutex>
 #include <optional>
 #include <string>
 
@@ -86,91 +85,27 @@ inline void check_linear_args(const at::Tensor& input, const at::Tensor& weight,
   check_layer_args(op, input, weight, mask, bias);
 }
 
-// Which library's float32 settings an Ieee32Scope pins: cuDNN/cuBLAS or oneDNN.
-enum class Ieee32Backend { CUDA, MKLDNN };
-
-// The float32 precision API of the torch we compile against: per-op enums
-// (2.10+), per-op strings (2.9), or the older allow_tf32 flags.
+// The float32 precision the user set for oneDNN's convs (conv) or matmuls,
+// read and never written (a process-wide setting: writing it, even briefly,
+// would change other threads' ops). True when it allows less than IEEE
+// float32 (TF32 or BF16 arithmetic, which oneDNN uses only where the CPU has
+// it); the CPU ops then take ATen's IEEE paths instead of oneDNN.
+// The API of the torch we compile against: per-op enums (2.10+), per-op
+// strings (2.9), or the older allow_tf32 flag.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-#define MCWT_FP32_API 2
+inline bool onednn_below_ieee(bool conv) {
+  const at::Float32Precision p = at::globalContext().float32Precision(
+      at::Float32Backend::MKLDNN, conv ? at::Float32Op::CONV : at::Float32Op::MATMUL);
+  return p == at::Float32Precision::TF32 || p == at::Float32Precision::BF16;
+}
 #elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
-#define MCWT_FP32_API 1
+inline bool onednn_below_ieee(bool conv) {
+  const std::string p = at::globalContext().float32Precision("mkldnn", conv ? "conv" : "matmul");
+  return p == "tf32" || p == "bf16";
+}
 #else
-#define MCWT_FP32_API 0
+inline bool onednn_below_ieee(bool /*conv*/) { return at::globalContext().allowTF32OneDNN(); }
 #endif
-
-// IEEE float32 convolutions and matmuls for the lifetime of the scope, whatever
-// the global TF32 settings (cuDNN convs default to TF32): the sums are
-// connectivity, compared across devices, and TF32's 10-bit mantissa moves a
-// channel mean by ~1e-4 relative, enough to change masks. The previous
-// settings come back on exit; one mutex orders our scopes, so overlapping ops
-// on several threads cannot leave a setting changed.
-class Ieee32Scope {
- public:
-  explicit Ieee32Scope(Ieee32Backend backend) : lock_(mutex()), backend_(backend) {
-    auto& ctx = at::globalContext();
-#if MCWT_FP32_API == 2
-    conv_ = ctx.float32Precision(api_backend(), at::Float32Op::CONV);
-    matmul_ = ctx.float32Precision(api_backend(), at::Float32Op::MATMUL);
-    ctx.setFloat32Precision(api_backend(), at::Float32Op::CONV, at::Float32Precision::IEEE);
-    ctx.setFloat32Precision(api_backend(), at::Float32Op::MATMUL, at::Float32Precision::IEEE);
-#elif MCWT_FP32_API == 1
-    conv_ = ctx.float32Precision(api_backend(), "conv");
-    matmul_ = ctx.float32Precision(api_backend(), "matmul");
-    ctx.setFloat32Precision(api_backend(), "conv", "ieee");
-    ctx.setFloat32Precision(api_backend(), "matmul", "ieee");
-#else
-    if (backend_ == Ieee32Backend::CUDA) {
-      conv_ = ctx.allowTF32CuDNN();
-      matmul_ = ctx.allowTF32CuBLAS();
-      ctx.setAllowTF32CuDNN(false);
-      ctx.setAllowTF32CuBLAS(false);
-    } else {
-      conv_ = matmul_ = ctx.allowTF32OneDNN();
-      ctx.setAllowTF32OneDNN(false);
-    }
-#endif
-  }
-  ~Ieee32Scope() {
-    auto& ctx = at::globalContext();
-#if MCWT_FP32_API == 2
-    ctx.setFloat32Precision(api_backend(), at::Float32Op::CONV, conv_);
-    ctx.setFloat32Precision(api_backend(), at::Float32Op::MATMUL, matmul_);
-#elif MCWT_FP32_API == 1
-    ctx.setFloat32Precision(api_backend(), "conv", conv_);
-    ctx.setFloat32Precision(api_backend(), "matmul", matmul_);
-#else
-    if (backend_ == Ieee32Backend::CUDA) {
-      ctx.setAllowTF32CuDNN(conv_);
-      ctx.setAllowTF32CuBLAS(matmul_);
-    } else {
-      ctx.setAllowTF32OneDNN(conv_);
-    }
-#endif
-  }
-  Ieee32Scope(const Ieee32Scope&) = delete;
-  Ieee32Scope& operator=(const Ieee32Scope&) = delete;
-
- private:
-#if MCWT_FP32_API == 2
-  using Setting = at::Float32Precision;
-  at::Float32Backend api_backend() const {
-    return backend_ == Ieee32Backend::CUDA ? at::Float32Backend::CUDA : at::Float32Backend::MKLDNN;
-  }
-#elif MCWT_FP32_API == 1
-  using Setting = std::string;
-  std::string api_backend() const { return backend_ == Ieee32Backend::CUDA ? "cuda" : "mkldnn"; }
-#else
-  using Setting = bool;
-#endif
-  static std::mutex& mutex() {
-    static std::mutex m;
-    return m;
-  }
-  std::lock_guard<std::mutex> lock_;
-  Ieee32Backend backend_;
-  Setting conv_{}, matmul_{};
-};
 
 }  // namespace masked_conv
 }  // namespace mcwt_ext

@@ -64,6 +64,75 @@ MCWT_HD int64_t pack_topk_key(float key, uint64_t index) {
   return static_cast<int64_t>(packed ^ 0x8000000000000000ull);
 }
 
+// ---- calibration: the intercept at which the mean keep probability is a target ----
+// The bisection of mcwt_ext/_reference/sampling.py's calibrate_bias, step by
+// step, so that the CPU runs it in a loop and CUDA in one launch with the same
+// arithmetic (all in double; the density at a bias b is computed with b rounded
+// to float32, as every op does). Each step evaluates the mean keep probability
+// at calibration_bias(s) and hands it to calibration_step.
+struct Calibration {
+  double lo = -1.0, hi = 1.0, result = 0.0, expected = 0.0;
+  int phase = 0;  // kWidenLo, kWidenHi, kBisect, kFinal, kDone
+  int iter = 0;
+  int failed = 0;  // could not bracket the target within +-1e6
+};
+constexpr int kWidenLo = 0, kWidenHi = 1, kBisect = 2, kFinal = 3, kDone = 4;
+
+// Where the next density is evaluated.
+MCWT_HD double calibration_bias(const Calibration& s) {
+  switch (s.phase) {
+    case kWidenLo: return s.lo;
+    case kWidenHi: return s.hi;
+    case kBisect: return 0.5 * (s.lo + s.hi);
+    default: return s.result;
+  }
+}
+
+// Moves the state on, given the mean keep probability at calibration_bias(s):
+// widen the bracket until it holds the target, bisect until it is narrower than
+// tol (relative) or max_iter steps are done, then one more density at the
+// result (what the sample records as its expected density).
+MCWT_HD void calibration_step(Calibration& s, double mean, double density, double tol, int max_iter) {
+  switch (s.phase) {
+    case kWidenLo:
+      if (mean > density) {
+        s.lo *= 2;
+        if (s.lo < -1e6) s.failed = 1, s.phase = kDone;
+      } else {
+        s.phase = kWidenHi;
+      }
+      return;
+    case kWidenHi:
+      if (mean < density) {
+        s.hi *= 2;
+        if (s.hi > 1e6) s.failed = 1, s.phase = kDone;
+      } else if (max_iter > 0) {
+        s.phase = kBisect;
+      } else {
+        s.result = 0.5 * (s.lo + s.hi), s.phase = kFinal;
+      }
+      return;
+    case kBisect: {
+      const double mid = 0.5 * (s.lo + s.hi);
+      if (mean < density) {
+        s.lo = mid;
+      } else {
+        s.hi = mid;
+      }
+      const double scale = mid < 0 ? -mid : mid;
+      if (s.hi - s.lo < tol * (scale > 1.0 ? scale : 1.0) || ++s.iter >= max_iter) {
+        s.result = 0.5 * (s.lo + s.hi), s.phase = kFinal;
+      }
+      return;
+    }
+    case kFinal:
+      s.expected = mean, s.phase = kDone;
+      return;
+    default:
+      return;
+  }
+}
+
 // ---- host side ---------------------------------------------------------------
 
 inline Logit check_args(const char* op, const at::Tensor& weight,
@@ -104,6 +173,13 @@ inline at::Tensor connectivity_row(const at::Tensor& weight,
   for (int64_t d = 2; d < weight.dim(); ++d) taps *= weight.size(d);
   const int64_t channels = weight.size(1);
   return connectivity->to(at::kFloat).reshape({channels, 1}).expand({channels, taps}).contiguous().view(-1);
+}
+
+inline void check_calibration_args(double density, double tol, int64_t max_iter) {
+  TORCH_CHECK(density > 0.0 && density < 1.0, "calibrate_bias: density must lie in (0, 1), got ", density);
+  TORCH_CHECK(tol > 0.0, "calibrate_bias: tol must be positive, got ", tol);
+  TORCH_CHECK(max_iter >= 0 && max_iter <= (int64_t{1} << 30), "calibrate_bias: max_iter must lie in [0, 2^30], got ",
+              max_iter);
 }
 
 inline void check_k(const char* op, int64_t k, int64_t numel) {

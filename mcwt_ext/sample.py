@@ -42,6 +42,9 @@ class LayerDraw:
     u_mag: float            # slope on raw |w|: the fit's slope over the layer's weight scale
     u_conn: float           # slope on normalised g (g / its mean over the layer's inputs)
     bias: float             # the calibrated intercept
+    # what computed the previous layer, whose sums are this layer's connectivity: on CUDA the conv
+    # path ("cudnn"/"direct", csrc/conv_path.h), else "cpu" or "torch" (hooks); None: no connectivity
+    connectivity_path: str | None = None
     connectivity: list[float] | None = field(default=None, repr=False)
 
 
@@ -49,34 +52,13 @@ def calibrate_bias(weight, connectivity, *, u_mag: float, u_conn: float, density
                    tol: float = 1e-7, max_iter: int = 200) -> float:
     """The intercept at which the layer's expected density (mean keep-probability) is ``density``.
 
-    Bisection on the fused ``expected_density`` reduction, which is monotone in the bias.
+    Bisection on the fused ``expected_density`` reduction, which is monotone in the bias, run
+    inside the op ``calibrate_bias`` (on a GPU: one launch and one host synchronisation).
     """
     from . import ops
 
-    if not 0.0 < density < 1.0:
-        raise ValueError(f"density: must lie in (0, 1), got {density}")
-
-    def mean_p(b):
-        return ops.expected_density(weight, connectivity, u_mag=u_mag, u_conn=u_conn, bias=b)
-
-    lo, hi = -1.0, 1.0
-    while mean_p(lo) > density:  # widen the bracket; logits are at most a few hundred wide
-        lo *= 2
-        if lo < -1e6:
-            raise RuntimeError("calibrate_bias: could not bracket the target density")
-    while mean_p(hi) < density:
-        hi *= 2
-        if hi > 1e6:
-            raise RuntimeError("calibrate_bias: could not bracket the target density")
-    for _ in range(max_iter):
-        mid = 0.5 * (lo + hi)
-        if mean_p(mid) < density:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < tol * max(1.0, abs(mid)):
-            break
-    return 0.5 * (lo + hi)
+    return ops.calibrate_bias(weight, connectivity, u_mag=u_mag, u_conn=u_conn, density=density, tol=tol,
+                              max_iter=max_iter)[0]
 
 
 def _target_densities(sparsity, names: list[str]) -> dict[str, float]:
@@ -144,19 +126,18 @@ def sample_ticket(model: nn.Module, fit, data=None, *, sparsity=0.8, use_connect
             g_norm = None if g is None else normalised_connectivity(g).to(weight.device, weight.dtype)
             k = kept_count(weight.numel(), density)
             if density >= 1.0 or k == weight.numel():
-                mask, bias = torch.ones_like(weight, dtype=torch.bool), math.inf
+                mask, bias, expected = torch.ones_like(weight, dtype=torch.bool), math.inf, density
             else:
-                bias = calibrate_bias(weight, g_norm, u_mag=u_mag, u_conn=u_conn, density=density)
+                bias, expected = ops.calibrate_bias(weight, g_norm, u_mag=u_mag, u_conn=u_conn, density=density)
                 args = dict(u_mag=u_mag, u_conn=u_conn, bias=bias, seed=seed, offset=index)
                 mask = (ops.logistic_topk(weight, g_norm, k=k, **args) if exact
                         else ops.logistic_bernoulli(weight, g_norm, **args))
             masks[param] = mask
             draws.append(LayerDraw(
-                name=param, kind=kinds[param], target_density=density,
-                expected_density=density if math.isinf(bias) else ops.expected_density(
-                    weight, g_norm, u_mag=u_mag, u_conn=u_conn, bias=bias),
+                name=param, kind=kinds[param], target_density=density, expected_density=expected,
                 density=float(mask.double().mean()) if mask.numel() else 0.0,
                 u_mag=u_mag, u_conn=u_conn, bias=bias,
+                connectivity_path=None if g is None else stream.path(index - 1),
                 connectivity=None if g is None else g.cpu().tolist()))
             bar.update(1)
     return masks, draws

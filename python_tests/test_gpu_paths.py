@@ -154,8 +154,8 @@ def _check_against_reference(out, args, pool):
 
 
 def test_conv_first_seen_inside_a_graph_capture(monkeypatch):
-    """A shape the measured choice has never seen, first called while a CUDA graph is captured
-    (no timing is possible then): the capture works and its replays compute the right result."""
+    """A shape first called while a CUDA graph is captured: the capture works (the path is the
+    rule's, no timing is involved) and its replays compute the right result."""
     from mcwt_ext.ops import masked_conv_block
 
     monkeypatch.setenv("MCWT_CONV_IMPL", "auto")
@@ -174,9 +174,9 @@ def test_conv_first_seen_inside_a_graph_capture(monkeypatch):
     _check_against_reference(masked_conv_block(*args, padding=1, pool=True), args, pool=True)  # eager after
 
 
-def test_conv_measured_from_two_threads_at_once(monkeypatch):
-    """Two threads meet a new shape together: both measure, one choice is kept, and both compute
-    the same result (the one kept)."""
+def test_conv_from_two_threads_at_once(monkeypatch):
+    """Two threads meet a new shape together: both take the rule's path and compute the same
+    bits."""
     from mcwt_ext.ops import masked_conv_block
 
     monkeypatch.setenv("MCWT_CONV_IMPL", "auto")

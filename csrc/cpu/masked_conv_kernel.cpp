@@ -101,12 +101,14 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_relu_sums_cpu(
   // tiny next to the activations, and ATen's conv wants a dense weight. The
   // bias goes into the conv. Contiguous operands give a contiguous NCHW output
   // (a channels-last one would make ATen pick a channels-last output).
-  at::Tensor z;
-  {
-    const Ieee32Scope ieee(Ieee32Backend::MKLDNN);  // oneDNN may use TF32 where the CPU has it
-    z = at::conv2d(input.contiguous(), (weight * mask).contiguous(), bias, /*stride=*/{1, 1}, padding)
-            .contiguous();
-  }
+  // IEEE float32 whatever the user set for oneDNN (onednn_below_ieee): then
+  // ATen's im2col + BLAS conv, slower, never less exact.
+  const at::Tensor x = input.contiguous(), wm = (weight * mask).contiguous();
+  const at::Tensor z =
+      (x.scalar_type() == at::kFloat && onednn_below_ieee(/*conv=*/true))
+          ? at::_slow_conv2d_forward(x, wm, {weight.size(2), weight.size(3)}, bias, /*stride=*/{1, 1}, padding)
+                .contiguous()
+          : at::conv2d(x, wm, bias, /*stride=*/{1, 1}, padding).contiguous();
   at::Tensor y = pool ? at::empty({n, k, hy, wy}, z.options()) : z;  // no pool: in place
   at::Tensor sums = at::zeros({k}, z.options().dtype(at::kDouble));
   if (n == 0 || k == 0) {
@@ -143,9 +145,14 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_relu_sums_cpu(
   check_linear_args(input, weight, mask, bias);
   const int64_t n = input.size(0), k = weight.size(0);
   // Masked copy of the weight: see masked_conv2d_relu_sums_cpu.
+  // Where the user let oneDNN's matmuls go below IEEE float32, in float64
+  // and rounded once: never less exact than IEEE float32.
   at::Tensor y;
-  {
-    const Ieee32Scope ieee(Ieee32Backend::MKLDNN);
+  if (input.scalar_type() == at::kFloat && onednn_below_ieee(/*conv=*/false)) {
+    const auto wide = [](const at::Tensor& t) { return t.to(at::kDouble); };
+    const std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(wide(*bias)) : std::nullopt;
+    y = at::linear(wide(input), wide(weight * mask), b).to(at::kFloat).contiguous();
+  } else {
     y = at::linear(input.contiguous(), weight * mask, bias).contiguous();
   }
   at::Tensor sums = at::zeros({k}, y.options().dtype(at::kDouble));

@@ -141,12 +141,8 @@ at::Tensor logistic_bernoulli_cpu(const at::Tensor& weight,
   return mask;
 }
 
-at::Tensor expected_density_cpu(const at::Tensor& weight,
-                                const std::optional<at::Tensor>& connectivity, double u_mag,
-                                double u_conn, double bias) {
-  const Logit c = check_args("expected_density", weight, connectivity, u_mag, u_conn, bias);
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor row = connectivity_row(w, connectivity);
+// Mean keep probability of the contiguous weight w (row: connectivity_row).
+double mean_keep(const at::Tensor& w, const at::Tensor& row, Logit c) {
   const int64_t numel = w.numel();
   std::vector<double> block_sums((numel + kBlock - 1) / kBlock);
   dispatch_blocks(w, row, [&](int64_t b, int64_t, int64_t n, const float* wf, const float* gf) {
@@ -154,8 +150,32 @@ at::Tensor expected_density_cpu(const at::Tensor& weight,
   });
   double total = 0.0;  // fixed order: the same sum for any thread count
   for (const double s : block_sums) total += s;
-  // The mean over no weights is NaN, as torch.mean.
-  return at::scalar_tensor(total / static_cast<double>(numel), w.options().dtype(at::kDouble));
+  return total / static_cast<double>(numel);  // the mean over no weights is NaN, as torch.mean
+}
+
+at::Tensor expected_density_cpu(const at::Tensor& weight,
+                                const std::optional<at::Tensor>& connectivity, double u_mag,
+                                double u_conn, double bias) {
+  const Logit c = check_args("expected_density", weight, connectivity, u_mag, u_conn, bias);
+  const at::Tensor w = weight.contiguous();
+  return at::scalar_tensor(mean_keep(w, connectivity_row(w, connectivity), c), w.options().dtype(at::kDouble));
+}
+
+// [bias, expected density at it]: the steps of sampling.h's Calibration, each one mean_keep,
+// the same arithmetic as calling expected_density at each step's bias.
+at::Tensor calibrate_bias_cpu(const at::Tensor& weight, const std::optional<at::Tensor>& connectivity,
+                              double u_mag, double u_conn, double density, double tol, int64_t max_iter) {
+  Logit c = check_args("calibrate_bias", weight, connectivity, u_mag, u_conn, 0.0);
+  check_calibration_args(density, tol, max_iter);
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor row = connectivity_row(w, connectivity);
+  Calibration s;
+  while (s.phase != kDone) {
+    c.bias = static_cast<float>(calibration_bias(s));
+    calibration_step(s, mean_keep(w, row, c), density, tol, static_cast<int>(max_iter));
+  }
+  TORCH_CHECK(!s.failed, "calibrate_bias: could not bracket the target density");
+  return at::tensor({s.result, s.expected}, w.options().dtype(at::kDouble));
 }
 
 at::Tensor logistic_topk_cpu(const at::Tensor& weight,
@@ -186,6 +206,7 @@ TORCH_LIBRARY_IMPL(mcwt_ext, CPU, m) {
   m.impl("logistic_bernoulli", &logistic_bernoulli_cpu);
   m.impl("expected_density", &expected_density_cpu);
   m.impl("logistic_topk", &logistic_topk_cpu);
+  m.impl("calibrate_bias", &calibrate_bias_cpu);
 }
 
 }  // namespace sampling

@@ -6,15 +6,17 @@
 // sums in float64 (the connectivity of the next layer's inputs, times the
 // number of positions), measured in the pass that writes y.
 //
-// The conv has two paths, chosen per layer shape by timing both once
-// (measured_impl; MCWT_CONV_IMPL=cudnn|direct overrides it for debugging):
-//  - "cudnn": cuDNN conv of the masked weight, then one fused
-//    epilogue kernel (ReLU, [2x2 max-pool], write y, per-channel block sums).
+// The conv has two paths, chosen per layer by a fixed rule of its shapes,
+// dtype and the GPU's capability (conv_path.h; MCWT_CONV_IMPL=cudnn|direct
+// overrides it for debugging):
+//  - "cudnn": cuDNN conv of the masked weight (IEEE float32, asked per call),
+//    then one fused epilogue kernel (ReLU, [2x2 max-pool], write y,
+//    per-channel block sums).
 //  - "direct": one tiled direct-convolution kernel that reads weight and mask
 //    and masks on the fly (no masked weight copy), with the same epilogue
 //    fused in registers. Kernels too large for its shared-memory tiles fall
 //    back to "cudnn".
-// The linear op is cuBLAS on the masked weight plus the same epilogue kernel.
+// The linear op is a 1x1 cuDNN conv of the masked weight plus the same epilogue.
 //
 // Sums are reduced deterministically in two stages: every block writes one
 // partial per channel into a [K, blocks] float64 buffer, a second kernel adds
@@ -28,22 +30,17 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <array>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
 #include <limits>
-#include <map>
-#include <mutex>
 #include <optional>
 #include <tuple>
 
+#include "../conv_path.h"
 #include "../masked_conv.h"
 
 namespace mcwt_ext {
@@ -520,21 +517,6 @@ bool direct_conv_relu_sums(const at::Tensor& x, const at::Tensor& weight, const 
   return true;
 }
 
-enum class ConvImpl { kMeasured, kCudnn, kDirect };
-
-// MCWT_CONV_IMPL is a debugging override only ("cudnn" or "direct"); unset,
-// empty or "auto": the measured choice below. Read per call, so a test can
-// switch paths at run time.
-ConvImpl conv_impl_override() {
-  const char* v = std::getenv("MCWT_CONV_IMPL");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return ConvImpl::kMeasured;
-  if (std::strcmp(v, "cudnn") == 0) return ConvImpl::kCudnn;
-  TORCH_CHECK(std::strcmp(v, "direct") == 0,
-              "masked_conv2d_relu_sums: MCWT_CONV_IMPL must be 'auto', 'cudnn' or 'direct', got '",
-              v, "'");
-  return ConvImpl::kDirect;
-}
-
 using Result = std::tuple<at::Tensor, at::Tensor>;
 
 // The direct path, or nothing when its shared-memory tiles cannot hold the kernel.
@@ -559,80 +541,44 @@ std::optional<Result> run_direct(const at::Tensor& x, const at::Tensor& weight,
   return Result{y, sums};
 }
 
+// cuDNN in IEEE float32, asked per call: at::cudnn_convolution's allow_tf32
+// argument, never the process-wide TF32 settings (another thread's convs
+// must keep the user's). benchmark=false: cuDNN's algorithm is not picked by
+// timing (that would be a run-time choice again); deterministic=true: the same
+// algorithm and bits in every process. The bias is added after the conv.
+at::Tensor cudnn_conv_ieee(const at::Tensor& x, const at::Tensor& masked_weight,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef padding) {
+  at::Tensor z = at::cudnn_convolution(x, masked_weight, padding, /*stride=*/{1, 1}, /*dilation=*/{1, 1},
+                                       /*groups=*/1, /*benchmark=*/false, /*deterministic=*/true,
+                                       /*allow_tf32=*/false);
+  if (bias.has_value()) z.add_(bias->view({1, -1, 1, 1}));
+  return z.contiguous();
+}
+
 // cuDNN needs a dense weight, so this path materialises the masked copy.
 // Contiguous operands keep cuDNN from choosing a channels-last output.
 Result run_cudnn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                  const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
                  std::array<int64_t, 2> conv_out, bool pool) {
-  at::Tensor z;
-  {
-    const Ieee32Scope ieee(Ieee32Backend::CUDA);
-    z = at::conv2d(x, (weight * mask).contiguous(), bias, /*stride=*/{1, 1}, padding).contiguous();
-  }
+  const at::Tensor z = cudnn_conv_ieee(x, (weight * mask).contiguous(), bias, padding);
   return relu_pool_sums(z, conv_out[0], conv_out[1], pool);
 }
 
-// Measured choice per layer shape: the first call with a new (device, dtype,
-// shape, padding, pool) key times both paths (one warm-up and kTimed timed
-// runs each, best time) and caches the winner for the process. The direct path
-// must win by kMargin: the two paths round differently, so a choice that flips
-// between near-equal timings would make connectivity differ between runs.
-// Never measured while a CUDA graph is being captured (cuDNN then).
-constexpr int kTimed = 3;
-constexpr double kMargin = 1.15;
-
-using ShapeKey = std::array<int64_t, 13>;
-
-float best_ms(const std::function<void()>& fn) {
-  fn();  // warm-up: cuDNN plans, allocator
-  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
-  float best = std::numeric_limits<float>::infinity();
-  at::cuda::CUDAEvent start(cudaEventDefault), end(cudaEventDefault);
-  for (int r = 0; r < kTimed; ++r) {
-    start.record(stream);
-    fn();
-    end.record(stream);
-    end.synchronize();
-    best = std::min(best, start.elapsed_time(end));
-  }
-  return best;
-}
-
-ConvImpl measured_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
-                       const std::optional<at::Tensor>& bias, at::IntArrayRef padding,
-                       std::array<int64_t, 2> conv_out, bool pool) {
-  static std::mutex lock;
-  static std::map<ShapeKey, ConvImpl> choices;
-  const ShapeKey key{x.get_device(), static_cast<int64_t>(x.scalar_type()), x.size(0), x.size(1),
-                     x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
-                     padding[0], padding[1], pool ? 1 : 0, bias.has_value() ? 1 : 0};
-  {
-    const std::lock_guard<std::mutex> guard(lock);
-    const auto it = choices.find(key);
-    if (it != choices.end()) return it->second;
-  }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
-  if (capture != cudaStreamCaptureStatusNone) return ConvImpl::kCudnn;
-  ConvImpl choice = ConvImpl::kCudnn;
-  if (run_direct(x, weight, mask, bias, padding, conv_out, pool).has_value()) {
-    const float direct = best_ms([&] { run_direct(x, weight, mask, bias, padding, conv_out, pool); });
-    const float cudnn = best_ms([&] { run_cudnn(x, weight, mask, bias, padding, conv_out, pool); });
-    if (static_cast<double>(direct) * kMargin < static_cast<double>(cudnn)) choice = ConvImpl::kDirect;
-  }
-  const std::lock_guard<std::mutex> guard(lock);
-  return choices.emplace(key, choice).first->second;  // a racing thread's choice wins
+int64_t capability(const at::Tensor& x) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.get_device());
+  return 10 * prop->major + prop->minor;
 }
 
 Result masked_conv2d_relu_sums_cuda(const at::Tensor& input, const at::Tensor& weight,
                                     const at::Tensor& mask, const std::optional<at::Tensor>& bias,
                                     at::IntArrayRef padding, bool pool) {
   const auto conv_out = check_conv_args(input, weight, mask, bias, padding, pool);
-  ConvImpl impl = conv_impl_override();
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
-  if (impl == ConvImpl::kMeasured) impl = measured_impl(x, weight, mask, bias, padding, conv_out, pool);
-  if (impl == ConvImpl::kDirect) {
+  // The path is the rule's (conv_path.h): the same for the same shapes on the same GPU model.
+  const ConvPath path = conv_path(weight.size(1), weight.size(0), weight.size(2), weight.size(3),
+                                  input.scalar_type(), capability(x));
+  if (path == ConvPath::kDirect) {
     if (auto result = run_direct(x, weight, mask, bias, padding, conv_out, pool)) return *result;
   }
   return run_cudnn(x, weight, mask, bias, padding, conv_out, pool);
@@ -643,14 +589,13 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_relu_sums_cuda(
     const std::optional<at::Tensor>& bias) {
   check_linear_args(input, weight, mask, bias);
   const c10::cuda::CUDAGuard guard(input.device());
-  // cuBLAS needs a dense weight; a linear layer's weight is small next to a
-  // batch of activations.
-  at::Tensor z;
-  {
-    const Ieee32Scope ieee(Ieee32Backend::CUDA);
-    z = at::linear(input.contiguous(), weight * mask, bias).contiguous();
-  }
-  return relu_pool_sums(z, 1, 1, false);
+  // A 1x1 cuDNN conv over [N, in, 1, 1]: cuBLAS has no per-call switch off
+  // TF32, cuDNN has (cudnn_conv_ieee). The masked copy of the weight is small
+  // next to a batch of activations.
+  const int64_t n = input.size(0), k = weight.size(0), in = weight.size(1);
+  const at::Tensor z = cudnn_conv_ieee(input.contiguous().view({n, in, 1, 1}),
+                                       (weight * mask).contiguous().view({k, in, 1, 1}), bias, {0, 0});
+  return relu_pool_sums(z.view({n, k}), 1, 1, false);
 }
 
 }  // namespace

@@ -14,6 +14,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
+#include <math_constants.h>
 #include <cub/block/block_reduce.cuh>
 
 #include <algorithm>
@@ -25,6 +27,8 @@
 namespace mcwt_ext {
 namespace sampling {
 namespace {
+
+namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 // Philox groups (of 4 elements) per thread and grid-stride step: 16 elements,
@@ -42,6 +46,8 @@ struct alignas(4 * sizeof(scalar_t)) Vec4 {
 // else uint64_t.
 template <typename scalar_t, typename index_t>
 struct GroupDenominators {
+  using scalar_type = scalar_t;
+  using index_type = index_t;
   const scalar_t* __restrict__ weight;
   const float* __restrict__ g;  // connectivity per input channel (weight dim 1), or nullptr
   index_t taps;                 // elements per (output, input channel): kh*kw, 1 for linear
@@ -130,12 +136,12 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
-// Per-block float64 partial sums of p = 1/d; the partials are added in a
-// fixed order afterwards, so the result does not depend on scheduling.
+using BlockReduce = cub::BlockReduce<double, kThreads>;
+
+// This block's float64 sum of p = 1/d over its groups (in thread 0).
 template <typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-    density_kernel(GroupDenominators<scalar_t, index_t> probs, index_t groups,
-                   double* __restrict__ block_sums) {
+__device__ __forceinline__ double block_density_sum(const GroupDenominators<scalar_t, index_t>& probs,
+                                                    index_t groups, typename BlockReduce::TempStorage& scratch) {
   double sum = 0.0;
   for_each_group(probs, groups, [&](index_t group, auto& c) {
     float d[4];
@@ -144,10 +150,69 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) sum += first + j < probs.numel ? static_cast<double>(1.0f / d[j]) : 0.0;
   });
-  using BlockReduce = cub::BlockReduce<double, kThreads>;
+  return BlockReduce(scratch).Sum(sum);
+}
+
+// The blocks' partials added in a fixed order (each thread a fixed strided share, then a block
+// reduction), in thread 0: the same sum whatever the scheduling.
+__device__ __forceinline__ double sum_partials(const double* partials, int blocks,
+                                               typename BlockReduce::TempStorage& scratch) {
+  double sum = 0.0;
+  for (int i = threadIdx.x; i < blocks; i += kThreads) sum += partials[i];
+  return BlockReduce(scratch).Sum(sum);
+}
+
+// Per-block float64 partial sums of p = 1/d; the partials are added in a
+// fixed order afterwards, so the result does not depend on scheduling.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    density_kernel(GroupDenominators<scalar_t, index_t> probs, index_t groups,
+                   double* __restrict__ block_sums) {
   __shared__ typename BlockReduce::TempStorage scratch;
-  const double block_sum = BlockReduce(scratch).Sum(sum);
+  const double block_sum = block_density_sum(probs, groups, scratch);
   if (threadIdx.x == 0) block_sums[blockIdx.x] = block_sum;
+}
+
+// calibrate_bias in one cooperative launch (no host round trip per step): each
+// step of sampling.h's Calibration evaluates the mean keep probability at the
+// state's bias (block partials, grid barrier, block 0 adds them in a fixed
+// order and moves the state, grid barrier), until the state is done. The grid
+// is at most the GPU's resident blocks, as a grid barrier requires.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    calibrate_kernel(GroupDenominators<scalar_t, index_t> probs, index_t groups, double density, double tol,
+                     int max_iter, double* __restrict__ partials, Calibration* state) {
+  cg::grid_group grid = cg::this_grid();
+  __shared__ typename BlockReduce::TempStorage scratch;
+  __shared__ double bias;
+  __shared__ int phase;
+  const volatile Calibration* seen = state;  // written by block 0 between barriers: never cached
+  while (true) {
+    if (threadIdx.x == 0) {
+      phase = seen->phase;
+      Calibration copy;
+      copy.lo = seen->lo, copy.hi = seen->hi, copy.result = seen->result, copy.phase = phase;
+      bias = calibration_bias(copy);
+    }
+    __syncthreads();
+    if (phase == kDone) return;  // the same value in every block: no barrier is left waiting
+    GroupDenominators<scalar_t, index_t> at_bias = probs;
+    at_bias.coeffs.bias = static_cast<float>(bias);
+    const double block_sum = block_density_sum(at_bias, groups, scratch);
+    if (threadIdx.x == 0) partials[blockIdx.x] = block_sum;
+    grid.sync();
+    if (blockIdx.x == 0) {
+      __syncthreads();  // scratch is reused
+      const double total = sum_partials(partials, gridDim.x, scratch);
+      if (threadIdx.x == 0) calibration_step(*state, total / static_cast<double>(probs.numel), density, tol, max_iter);
+    }
+    grid.sync();
+  }
+}
+
+__global__ void calibration_result_kernel(const Calibration* __restrict__ state, double* __restrict__ out) {
+  out[0] = state->failed ? CUDART_NAN : state->result;
+  out[1] = state->expected;
 }
 
 template <typename scalar_t, typename index_t>
@@ -201,13 +266,24 @@ __global__ void __launch_bounds__(kThreads)
   const int above = shift + kRadixBits;
   const uint64_t high_mask = above >= 64 ? 0ull : ~0ull << above;
   const uint64_t prefix = state->prefix;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const uint64_t u = ordered_key(packed[i]);
-    const int digit = (u & high_mask) == prefix ? static_cast<int>((u >> shift) & (kRadixBins - 1)) : -1;
+  // The loop runs over whole warps (kThreads and the stride are multiples of 32), so every lane
+  // of a warp takes the same number of turns and all 32 reach __match_any_sync together: it is
+  // called with the full mask. A lane past n, or whose key leaves the prefix, votes the sentinel
+  // digit -1 and adds nothing. (__activemask() would name the lanes that happen to be converged
+  // at that point, which independent thread scheduling does not fix.)
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads + (threadIdx.x & ~31u); base < n;
+       base += stride) {
+    const int64_t i = base + lane;
+    int digit = -1;
+    if (i < n) {
+      const uint64_t u = ordered_key(packed[i]);
+      if ((u & high_mask) == prefix) digit = static_cast<int>((u >> shift) & (kRadixBins - 1));
+    }
     // Keys crowd into few digits (top bits: sign and exponent): one atomic per digit per warp.
-    const unsigned peers = __match_any_sync(__activemask(), digit);
-    if (digit >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+    const unsigned peers = __match_any_sync(0xffffffffu, digit);
+    if (digit >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
   }
   __syncthreads();
   for (int i = threadIdx.x; i < kRadixBins; i += kThreads) {
@@ -244,6 +320,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Blocks of `kernel` (kThreads threads, no dynamic shared memory) that the GPU holds at once:
+// its SMs times the blocks one SM holds, as the runtime computes it from the kernel's registers
+// and shared memory and the SM's limits (2,048 threads on sm_80/sm_90, 1,536 on sm_86/sm_89, and
+// so on), never assumed. The grids below stride over their work with this many blocks. The block
+// count sets only how the work is split: every result is the same for any count, except
+// expected_density's block partials, which then add up in another (fixed) order on another GPU.
+template <typename Kernel>
+int64_t resident_blocks(Kernel* kernel) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  return static_cast<int64_t>(std::max(per_sm, 1)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
 // Mask of the k largest packed keys (all distinct), k in [1, n].
 at::Tensor keep_top_k_radix(const at::Tensor& packed, int64_t k, at::IntArrayRef shape,
                             cudaStream_t stream) {
@@ -251,8 +340,8 @@ at::Tensor keep_top_k_radix(const at::Tensor& packed, int64_t k, at::IntArrayRef
   at::Tensor state_buf = at::zeros({static_cast<int64_t>(sizeof(RadixState))}, packed.options().dtype(at::kByte));
   auto* state = reinterpret_cast<RadixState*>(state_buf.data_ptr<uint8_t>());
   const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(
-      (n + kThreads - 1) / kThreads,
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * (2048 / kThreads))));
+      (n + kThreads - 1) / kThreads, std::min(resident_blocks(radix_histogram_kernel),
+                                              resident_blocks(keep_at_least_kernel)))));
   for (int shift = 64 - kRadixBits; shift >= 0; shift -= kRadixBits) {
     radix_histogram_kernel<<<blocks, kThreads, 0, stream>>>(packed.const_data_ptr<int64_t>(), n, shift, state);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -266,12 +355,11 @@ at::Tensor keep_top_k_radix(const at::Tensor& packed, int64_t k, at::IntArrayRef
   return mask;
 }
 
-int launch_blocks(int64_t groups) {
+template <typename Kernel>
+int launch_blocks(Kernel* kernel, int64_t groups) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * kGroupsPerThread;
   const int64_t needed = (groups + per_block - 1) / per_block;
-  const int64_t resident = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
-                           (2048 / kThreads);
-  return static_cast<int>(std::max<int64_t>(1, std::min(needed, resident)));
+  return static_cast<int>(std::max<int64_t>(1, std::min(needed, resident_blocks(kernel))));
 }
 
 // Sums the density kernel's block partials in a fixed order (one block, each
@@ -279,11 +367,8 @@ int launch_blocks(int64_t groups) {
 __global__ void __launch_bounds__(kThreads)
     density_finish_kernel(const double* __restrict__ block_sums, int blocks, double numel,
                           double* __restrict__ out) {
-  double sum = 0.0;
-  for (int i = threadIdx.x; i < blocks; i += kThreads) sum += block_sums[i];
-  using BlockReduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename BlockReduce::TempStorage scratch;
-  const double total = BlockReduce(scratch).Sum(sum);
+  const double total = sum_partials(block_sums, blocks, scratch);
   if (threadIdx.x == 0) *out = total / numel;
 }
 
@@ -338,7 +423,9 @@ at::Tensor logistic_bernoulli_cuda(const at::Tensor& weight,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   bool* out = mask.data_ptr<bool>();
   with_denominators(w, g, c, [&](auto probs, auto groups) {
-    bernoulli_kernel<<<launch_blocks(groups), kThreads, 0, stream>>>(probs, groups, off, key, out);
+    using P = decltype(probs);
+    auto* kernel = bernoulli_kernel<typename P::scalar_type, typename P::index_type>;
+    kernel<<<launch_blocks(kernel, groups), kThreads, 0, stream>>>(probs, groups, off, key, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return mask;
@@ -359,16 +446,56 @@ at::Tensor expected_density_cuda(const at::Tensor& weight,
   // One allocation: the result, then the block partials.
   at::Tensor scratch;
   with_denominators(w, g, c, [&](auto probs, auto groups) {
-    const int blocks = launch_blocks(groups);
+    using P = decltype(probs);
+    auto* kernel = density_kernel<typename P::scalar_type, typename P::index_type>;
+    const int blocks = launch_blocks(kernel, groups);
     scratch = at::empty({1 + blocks}, w.options().dtype(at::kDouble));
     double* partials = scratch.data_ptr<double>() + 1;
-    density_kernel<<<blocks, kThreads, 0, stream>>>(probs, groups, partials);
+    kernel<<<blocks, kThreads, 0, stream>>>(probs, groups, partials);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     density_finish_kernel<<<1, kThreads, 0, stream>>>(partials, blocks, static_cast<double>(numel),
                                                       scratch.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return scratch[0];
+}
+
+at::Tensor calibrate_bias_cuda(const at::Tensor& weight, const std::optional<at::Tensor>& connectivity,
+                               double u_mag, double u_conn, double density, double tol, int64_t max_iter) {
+  const Logit c = check_args("calibrate_bias", weight, connectivity, u_mag, u_conn, 0.0);
+  check_calibration_args(density, tol, max_iter);
+  TORCH_CHECK(weight.numel() > 0, "calibrate_bias: weight has no elements");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor g = connectivity_f32(connectivity);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  int cooperative = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, w.get_device()));
+  TORCH_CHECK(cooperative, "calibrate_bias: this GPU cannot launch cooperative kernels");
+  // One allocation: the state (its bytes rounded up to doubles), then the block partials.
+  constexpr int64_t state_doubles = (sizeof(Calibration) + sizeof(double) - 1) / sizeof(double);
+  at::Tensor scratch;
+  with_denominators(w, g, c, [&](auto probs, auto groups) {
+    using P = decltype(probs);
+    auto* kernel = calibrate_kernel<typename P::scalar_type, typename P::index_type>;
+    const int blocks = launch_blocks(kernel, groups);  // <= resident blocks: the grid barrier holds
+    scratch = at::empty({state_doubles + blocks}, w.options().dtype(at::kDouble));
+    Calibration* state = reinterpret_cast<Calibration*>(scratch.data_ptr<double>());
+    const Calibration start;
+    C10_CUDA_CHECK(cudaMemcpyAsync(state, &start, sizeof(Calibration), cudaMemcpyHostToDevice, stream));
+    double* partials = scratch.data_ptr<double>() + state_doubles;
+    int iters = static_cast<int>(max_iter);
+    void* args[] = {&probs, &groups, &density, &tol, &iters, &partials, &state};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(blocks), dim3(kThreads),
+                                               args, 0, stream));
+  });
+  // [bias, expected density], still on the device (the caller reads both in one copy); a bias of
+  // NaN says the target could not be bracketed (the CPU raises; raising here would need a sync).
+  at::Tensor out = at::empty({2}, w.options().dtype(at::kDouble));
+  calibration_result_kernel<<<1, 1, 0, stream>>>(reinterpret_cast<const Calibration*>(scratch.const_data_ptr<double>()),
+                                                 out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 at::Tensor logistic_topk_cuda(const at::Tensor& weight,
@@ -386,7 +513,9 @@ at::Tensor logistic_topk_cuda(const at::Tensor& weight,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   int64_t* out = packed.data_ptr<int64_t>();
   with_denominators(w, g, c, [&](auto probs, auto groups) {
-    topk_key_kernel<<<launch_blocks(groups), kThreads, 0, stream>>>(probs, groups, off, key, out);
+    using P = decltype(probs);
+    auto* kernel = topk_key_kernel<typename P::scalar_type, typename P::index_type>;
+    kernel<<<launch_blocks(kernel, groups), kThreads, 0, stream>>>(probs, groups, off, key, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return keep_top_k_radix(packed, k, w.sizes(), stream);
@@ -398,6 +527,7 @@ TORCH_LIBRARY_IMPL(mcwt_ext, CUDA, m) {
   m.impl("logistic_bernoulli", &logistic_bernoulli_cuda);
   m.impl("expected_density", &expected_density_cuda);
   m.impl("logistic_topk", &logistic_topk_cuda);
+  m.impl("calibrate_bias", &calibrate_bias_cuda);
 }
 
 }  // namespace sampling

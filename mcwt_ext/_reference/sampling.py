@@ -140,3 +140,40 @@ def logistic_topk(weight, connectivity=None, *, u_mag, u_conn=0.0, bias, k, seed
     mask = torch.zeros(d.numel(), dtype=torch.bool, device=d.device)
     mask[order[:k]] = True
     return mask.reshape(weight.shape)
+
+
+def calibrate_bias(weight, connectivity=None, *, u_mag, u_conn=0.0, density, tol=1e-7, max_iter=200,
+                   mean_keep=expected_density):
+    """``(bias, mean_keep(bias))``: the intercept at which the mean keep probability is
+    ``density``, by bisection (``mean_keep`` is monotone in the bias), and the density there.
+
+    Widens the bracket [-1, 1] by doubling until it holds the target (RuntimeError past 1e6),
+    then halves it until it is narrower than ``tol`` (relative) or ``max_iter`` halvings are
+    done. ``mean_keep``: this module's :func:`expected_density`, or the op's (the op
+    ``calibrate_bias`` runs these same steps: bit for bit the same result on CPU).
+    """
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"density: must lie in (0, 1), got {density}")
+
+    def mean_p(b):
+        return mean_keep(weight, connectivity, u_mag=u_mag, u_conn=u_conn, bias=b)
+
+    lo, hi = -1.0, 1.0
+    while mean_p(lo) > density:  # logits are at most a few hundred wide
+        lo *= 2
+        if lo < -1e6:
+            raise RuntimeError("calibrate_bias: could not bracket the target density")
+    while mean_p(hi) < density:
+        hi *= 2
+        if hi > 1e6:
+            raise RuntimeError("calibrate_bias: could not bracket the target density")
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        if mean_p(mid) < density:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < tol * max(1.0, abs(mid)):
+            break
+    bias = 0.5 * (lo + hi)
+    return bias, mean_p(bias)

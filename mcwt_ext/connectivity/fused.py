@@ -174,6 +174,15 @@ class ActivationStream:
                 x, _ = run_stage(self.stages[j], x, self._masks[j])
             yield x
 
+    def path(self, index: int) -> str:
+        """What computes stage ``index`` (``ops.layer_path``; ``"torch"`` for a stage the fused
+        ops do not cover): recorded beside the connectivity it measures."""
+        from .. import ops
+
+        stage = self.stages[index]
+        kind = stage.fused_kind()
+        return "torch" if kind is None else ops.layer_path(kind, dense_weight(stage.layer), self.device)
+
     @torch.no_grad()
     def advance(self, mask: torch.Tensor | None) -> torch.Tensor:
         """Mask the current stage's layer; return the next layer's connectivity."""

@@ -150,6 +150,10 @@ class HookStream:
         """Index of the layer that is the next to be masked."""
         return self._position
 
+    def path(self, index: int) -> str:
+        """What computes layer ``index``: the model's own modules (``"torch"``)."""
+        return "torch"
+
     def _finished_before(self, index: int) -> list[str]:
         """The outermost submodules, called once, that return before layer ``index`` is entered."""
         t = self._trace

@@ -10,26 +10,50 @@ greedy sampler needs layer by layer.
 On CUDA the conv has two implementations: ``cudnn`` (cuDNN conv of the masked
 weight + one fused epilogue kernel) and ``direct`` (one tiled kernel that masks
 the weight on the fly; it falls back to ``cudnn`` for kernels too large for its
-shared-memory tiles). The op chooses per layer shape by timing both on the
-first call with that shape and keeping the faster (``direct`` must win by 15%,
-so the choice does not flip between runs on near-equal timings). The
+shared-memory tiles). Which one runs is a fixed rule of the layer's shapes, its
+dtype and the GPU's compute capability (``csrc/conv_path.h``, and
+:func:`conv_path` here), never a timing: the same layer on the same GPU model
+takes the same path, and so gives the same sums, in every process. The
 environment variable ``MCWT_CONV_IMPL`` (``cudnn``, ``direct``; ``auto`` or
-unset: the measured choice) overrides it, for debugging only.
+unset: the rule) overrides it, for debugging only. The linear op is a 1x1
+cuDNN conv on CUDA.
 
-Both ops compute float32 layers in IEEE float32 whatever the global TF32
-settings (restored on return): the sums are connectivity, which the sampler
-compares across devices.
+Both ops compute float32 layers in IEEE float32 whatever the global TF32/BF16
+settings, which they only read: on CUDA by asking cuDNN per call, on CPU by
+leaving oneDNN for ATen's IEEE paths when the user let oneDNN's float32 go
+below IEEE. The sums are connectivity, which the sampler compares across
+devices.
 """
 import torch
 
 from .. import _extension  # noqa: F401  (loads _C, which registers the ops)
 
-__all__ = ["masked_conv_block", "masked_linear_block", "CONV_IMPL_ENV"]
+__all__ = ["masked_conv_block", "masked_linear_block", "CONV_IMPL_ENV", "conv_path", "layer_path"]
 
-#: Debugging override of the CUDA conv implementation ("cudnn", "direct"; "auto": measured).
+#: Debugging override of the CUDA conv implementation ("cudnn", "direct"; "auto": the rule).
 CONV_IMPL_ENV = "MCWT_CONV_IMPL"
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def conv_path(weight_shape, dtype: torch.dtype, capability: tuple[int, int]) -> str:
+    """The CUDA path (``"cudnn"`` or ``"direct"``) of a masked conv layer with a weight of
+    ``weight_shape`` ([K, C, kh, kw]) and ``dtype`` on a GPU of compute ``capability`` (major,
+    minor): the rule of ``csrc/conv_path.h``, or ``MCWT_CONV_IMPL``. Answers on any build."""
+    k, c, kh, kw = (int(d) for d in weight_shape)
+    return torch.ops.mcwt_ext.conv_path(c, k, kh, kw, dtype, 10 * int(capability[0]) + int(capability[1]))
+
+
+def layer_path(kind: str, weight: torch.Tensor, device) -> str:
+    """What computes a fused layer op of ``kind`` ("conv", "conv_pool" or "linear") with
+    ``weight`` on ``device``: ``"cpu"`` (oneDNN, or ATen's IEEE paths), or on CUDA the conv's
+    :func:`conv_path` and ``"cudnn"`` for a linear layer (a 1x1 cuDNN conv)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    if kind == "linear":
+        return "cudnn"
+    return conv_path(weight.shape, weight.dtype, torch.cuda.get_device_capability(device))
 
 
 def _check_tensor(name, t, dim, what):

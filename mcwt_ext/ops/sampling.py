@@ -1,4 +1,5 @@
-"""Fused mask sampling (ops ``logistic_bernoulli``, ``expected_density``, ``logistic_topk``).
+"""Fused mask sampling (ops ``logistic_bernoulli``, ``expected_density``, ``logistic_topk``,
+``calibrate_bias``).
 
 Each weight w of a layer (dim 0: outputs, dim 1: inputs) is kept with
 probability ``p = sigmoid(u_mag*|w| + u_conn*g + bias)``, g the connectivity
@@ -10,12 +11,14 @@ seed gives the same mask bit for bit on CPU and CUDA, at any thread count.
 The spec is ``mcwt_ext._reference.sampling``. Sampling is not differentiable:
 the inputs are detached.
 """
+import math
+
 import torch
 
 from .. import _extension
 from .._reference.sampling import check_int64, check_k, check_sampling_args
 
-__all__ = ["logistic_bernoulli", "expected_density", "logistic_topk"]
+__all__ = ["logistic_bernoulli", "expected_density", "logistic_topk", "calibrate_bias"]
 
 
 def _checked(op, weight, connectivity, u_mag, u_conn, bias):
@@ -71,6 +74,21 @@ def logistic_topk(weight, connectivity=None, *, u_mag, u_conn=0.0, bias, k, seed
     return torch.ops.mcwt_ext.logistic_topk(*args, int(k), int(seed), int(offset))
 
 
+def calibrate_bias(weight, connectivity=None, *, u_mag, u_conn=0.0, density, tol=1e-7, max_iter=200):
+    """``(bias, expected density at it)``: the intercept at which :func:`expected_density` is
+    ``density``, by the reference's bisection (``mcwt_ext._reference.sampling.calibrate_bias``)
+    run inside the op: on CUDA one launch, and this function's one read of the result is the only
+    host synchronisation. Bit for bit the reference's result on CPU."""
+    op = "calibrate_bias"
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"density: must lie in (0, 1), got {density}")
+    args = _checked(op, weight, connectivity, u_mag, u_conn, 0.0)[:4]
+    bias, expected = torch.ops.mcwt_ext.calibrate_bias(*args, float(density), float(tol), int(max_iter)).tolist()
+    if math.isnan(bias):  # CUDA's way of saying what the CPU kernel raises (raising there would sync)
+        raise RuntimeError("calibrate_bias: could not bracket the target density")
+    return bias, expected
+
+
 @torch.library.register_fake("mcwt_ext::logistic_bernoulli")
 def _logistic_bernoulli_fake(weight, connectivity, u_mag, u_conn, bias, seed, offset):
     return torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
@@ -79,6 +97,11 @@ def _logistic_bernoulli_fake(weight, connectivity, u_mag, u_conn, bias, seed, of
 @torch.library.register_fake("mcwt_ext::expected_density")
 def _expected_density_fake(weight, connectivity, u_mag, u_conn, bias):
     return torch.empty((), dtype=torch.float64, device=weight.device)
+
+
+@torch.library.register_fake("mcwt_ext::calibrate_bias")
+def _calibrate_bias_fake(weight, connectivity, u_mag, u_conn, density, tol, max_iter):
+    return torch.empty(2, dtype=torch.float64, device=weight.device)
 
 
 @torch.library.register_fake("mcwt_ext::logistic_topk")
