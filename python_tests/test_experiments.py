@@ -138,3 +138,22 @@ def test_cli_errors(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "g").exists()  # nothing made before the arguments are checked
+
+
+def test_table_std_is_the_sample_standard_deviation_over_seeds_exactly(monkeypatch):
+    """Three seeds of 60, 62 and 67 %: std sqrt(((-3)^2 + (-1)^2 + 4^2) / 2) = sqrt(13) (the
+    population formula would give sqrt(26/3)); the paired difference to the WT is seed by seed."""
+    import math
+    import sys
+    from types import SimpleNamespace
+
+    report = sys.modules["mcwt_ext.experiments.report"]  # the package exports a function of that name
+
+    values = {"wt": {0: 60.0, 1: 62.0, 2: 67.0}, "random": {0: 50.0, 1: 51.0, 2: 55.0}}
+    monkeypatch.setattr(report, "_per_seed", lambda grid, arch, method, metric: values[method])
+    rows = report.collect(SimpleNamespace(methods=["wt", "random"], archs=["conv2"]))
+    wt = next(r for r in rows if r["method"] == "wt")
+    assert wt["n"] == 3 and wt["mean"] == 63.0 and wt["std"] == math.sqrt(13.0)
+    rnd = next(r for r in rows if r["method"] == "random")  # differences -10, -11, -12
+    assert rnd["diff_mean"] == -11.0 and rnd["diff_n"] == 3
+    assert report._mean_std([60.0, 62.0, 67.0]) == (63.0, math.sqrt(13.0))

@@ -63,6 +63,28 @@ def test_grasp_matches_hand_computation(device, temperature):
     assert scores["2.weight"].abs().sum() > 0
 
 
+def test_grasp_keeps_the_weights_of_lowest_hand_computed_score():
+    """GraSP removes the weights whose removal most reduces the gradient flow: the highest
+    S = -w * Hg, so it keeps the lowest S. Here S is the hand computation above (no autograd), on
+    every scoring sample in one batch; per layer, the kept set is exactly the k lowest S (the
+    opposite direction keeps a disjoint set here)."""
+    model, (x, y) = _mlp(), _data()
+    w1, b1, w2, b2 = (p.detach() for p in model.parameters())
+    g1, g2 = _manual_grads(w1, b1, w2, b2, x, y)
+    eps = 1e-5
+    plus = _manual_grads(w1 + eps * g1, b1, w2 + eps * g2, b2, x, y)
+    minus = _manual_grads(w1 - eps * g1, b1, w2 - eps * g2, b2, x, y)
+    hand = {"0.weight": -w1 * (plus[0] - minus[0]) / (2 * eps), "2.weight": -w2 * (plus[1] - minus[1]) / (2 * eps)}
+    masks = prune_at_init(model, "grasp", torch.utils.data.TensorDataset(x, y), sparsity=0.5,
+                          samples_per_class=None, batch_size=N, temperature=1.0)
+    for name, score in hand.items():
+        kept, score = masks[name].flatten(), score.flatten()
+        assert int(kept.sum()) == kept_count(score.numel(), 0.5)
+        # every kept score at most every pruned one (ties, e.g. dead ReLU units' zeros, either way)
+        assert score[kept].max() <= score[~kept].min() + 1e-9 * score.abs().max(), name
+        assert score[kept].min() < score[~kept].max(), name  # not all equal: the direction shows
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_synflow_matches_closed_form_of_a_linear_chain(device):
     torch.manual_seed(0)
