@@ -8,7 +8,7 @@ import pytest
 from mcwt_ext.data import load_dataset
 from mcwt_ext.experiments import PROTOCOLS
 from mcwt_ext.imp import ImpConfig, run_imp
-from mcwt_ext.models import arch_sparsity, build_model
+from mcwt_ext.models import ARCHS, arch_sparsity, build_model
 from mcwt_ext.runs import RunDir
 from mcwt_ext.train import TrainConfig, train
 
@@ -25,14 +25,15 @@ RESNET20 = {
     # reduced: 1,500 iterations (a twentieth): warm-up 1,000, milestones 1,000 and 1,250
     1_500: {0: 0.03 / 1_000, 499: 0.015, 999: 0.03, 1_000: 0.003, 1_249: 0.003, 1_250: 0.0003,
             1_499: 0.0003},
-    # paper: the Table 1 trainings run 225K: warm-up 150K, milestones 150K and 187.5K
-    225_000: {0: 0.03 / 150_000, 74_999: 0.015, 149_999: 0.03, 150_000: 0.003, 187_499: 0.003,
-              187_500: 0.0003, 224_999: 0.0003},
+    # paper: the Table 1 trainings run 300 epochs at batch 128, 105,469 iterations: warm-up
+    # round(20K * 105,469 / 30K) = 70,313, milestones 70,313 and round(25K * 105,469 / 30K) = 87,891
+    105_469: {0: 0.03 / 70_313, 70_312: 0.03, 70_313: 0.003, 87_890: 0.003, 87_891: 0.0003,
+              105_468: 0.0003},
 }
 # (protocol, arch) -> (table training length, IMP rounds' length)
 LENGTHS = {("reduced", "conv2"): (1_000, 1_000), ("full", "conv2"): (20_000, 20_000),
            ("paper", "conv2"): (225_000, 20_000), ("reduced", "resnet20"): (1_500, 1_500),
-           ("full", "resnet20"): (30_000, 30_000), ("paper", "resnet20"): (225_000, 30_000)}
+           ("full", "resnet20"): (30_000, 30_000), ("paper", "resnet20"): (105_469, 30_000)}
 
 
 def _expected(arch: str, length: int) -> dict[int, float]:
@@ -53,15 +54,27 @@ def test_every_protocols_learning_rate(protocol, arch):
             assert math.isclose(cfg.lr_at(step), lr, rel_tol=REL), (protocol, arch, length, step)
     if protocol == "paper":  # the ticket trains the table's schedule, not a stretched round's
         assert imp.table_train() == table
-        # the dense row trains apart where the 225K schedule does not start as the 30K one
+        # the dense row trains apart where the table's schedule does not start as the 30K one
         assert imp.dense_apart() == (arch == "resnet20")
     else:
         assert imp.table_train() is None and not imp.dense_apart()
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_the_paper_protocol_trains_every_arch_300_epochs_at_its_own_batch_size(arch):
+    """300 epochs of the 45,000 training images, rounded up to whole iterations of the arch's
+    batch (60 for Conv-k, 128 for ResNet-20): never 300 epochs of batch 60 at another batch size."""
+    table = PROTOCOLS["paper"].train_config(arch, 0)
+    assert table.batch_size == ARCHS[arch].batch_size
+    epochs = table.iterations * table.batch_size / 45_000
+    assert 300 <= epochs < 300 + table.batch_size / 45_000, (arch, epochs)
+    from mcwt_ext.data import _split
+    assert len(_split(50_000, None, 0)[0]) == 45_000  # CIFAR-10's training split, as the comment says
+
+
 def test_lengths_that_do_not_scale_back_are_refused():
     tiny = PROTOCOLS["paper"].__class__("t", {"resnet20": 4}, None, eval_every=2, connectivity_samples=None,
-                                        table_iterations=8)
+                                        table_iterations={"resnet20": 8})
     with pytest.raises(ValueError, match="scale to 4 and back"):  # warm-up 5 of 8 is 2.5 of 4
         tiny.imp_config("resnet20", tiny.train_config("resnet20", 0))
 
