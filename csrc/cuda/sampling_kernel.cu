@@ -210,6 +210,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void calibration_start_kernel(Calibration* state) { *state = Calibration(); }
+
 __global__ void calibration_result_kernel(const Calibration* __restrict__ state, double* __restrict__ out) {
   out[0] = state->failed ? CUDART_NAN : state->result;
   out[1] = state->expected;
@@ -481,8 +483,8 @@ at::Tensor calibrate_bias_cuda(const at::Tensor& weight, const std::optional<at:
     const int blocks = launch_blocks(kernel, groups);  // <= resident blocks: the grid barrier holds
     scratch = at::empty({state_doubles + blocks}, w.options().dtype(at::kDouble));
     Calibration* state = reinterpret_cast<Calibration*>(scratch.data_ptr<double>());
-    const Calibration start;
-    C10_CUDA_CHECK(cudaMemcpyAsync(state, &start, sizeof(Calibration), cudaMemcpyHostToDevice, stream));
+    calibration_start_kernel<<<1, 1, 0, stream>>>(state);  // not a copy from the host: that would sync
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     double* partials = scratch.data_ptr<double>() + state_doubles;
     int iters = static_cast<int>(max_iter);
     void* args[] = {&probs, &groups, &density, &tol, &iters, &partials, &state};
