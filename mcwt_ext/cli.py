@@ -1,8 +1,10 @@
 """The ``mcwt`` command line: parsing only. One ``add_<cmd>_parser`` per subcommand; what a
 command does is in :mod:`mcwt_ext.commands`.
 
-Every command writes into a run directory (``--out``); rerunning the same command on it resumes
-where it stopped. Bad arguments end with one ``mcwt <cmd>: error: ...`` line and exit status 2.
+Every command but ``fit`` (a JSON file) and ``plot`` (a folder) writes into a run directory
+(``--out``); rerunning the same command on it resumes where it stopped. Bad arguments, a flag of
+another command and an ``--out`` the OS refuses end with one ``mcwt <cmd>: error: ...`` line and
+exit status 2.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from . import commands
 from .augment import AUGMENTS
-from .cli_flags import (ArgumentParser, add_mask_target_args, add_model_data_args, add_out_arg, add_ticket_args,
+from .cli_flags import (CommandsParser, add_mask_target_args, add_model_data_args, add_out_arg, add_ticket_args,
                         add_train_args, command_parser, dataset_help)
 from .cli_types import (arch_list, device_spec, existing_file, library_type, methods_help, methods_spec,
                         nonnegative_int, positive_float, positive_int, rates_spec, seed, sparsity, unit_share)
@@ -179,6 +181,7 @@ def add_fit_parser(subparsers) -> None:
     p.add_argument("--device", type=device_spec,
                    help="torch device connectivity is measured on (default cpu)")
     p.add_argument("--out", type=Path, required=True, help="the fit's JSON file")
+    p.set_defaults(out_kind="file")  # what check_out and the --out errors call it
 
 
 # --- sample --------------------------------------------------------------------------------------
@@ -220,6 +223,7 @@ def add_plot_parser(subparsers) -> None:
     p.add_argument("--max-samples", type=positive_int, default=2000,
                    help="training images connectivity is measured on (default 2000)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNG and JSON files")
+    p.set_defaults(out_kind="folder")
 
 
 # --- reproduce -----------------------------------------------------------------------------------
@@ -242,8 +246,8 @@ def add_reproduce_parser(subparsers) -> None:
                     "cells are skipped.\n\nProtocols:\n"
                     "  full     Frankle & Carbin: 20K/25K/30K iterations, IMP rates conv 10% (conv6 15%), "
                     "linear 20%, output 10%\n"
-                    "  paper    IMP as in full; the five Table 1 trainings run 225,000 iterations (the MCWT "
-                    "paper's 300 epochs)\n"
+                    "  paper    IMP as in full; the five Table 1 trainings run the MCWT paper's 300 epochs at "
+                    "each arch's batch size (225,000 iterations for conv2/4/6, 105,469 for resnet20)\n"
                     "  reduced  for CPUs: a twentieth of the iterations, evaluation every 200, IMP rates 60% (two "
                     "rounds to 80%), "
                     "connectivity on 10,000 images")
@@ -313,6 +317,7 @@ def add_reproduce_parser(subparsers) -> None:
                         "and global, WT ablations, fit variants, fit transfer, exact count, RigL and SET, random and RigL under ERK) "
                         f"or a comma list of method keys: {methods_help()}")
     p.add_argument("--out", type=Path, required=True, help="grid directory; rerun to resume")
+    p.set_defaults(out_kind="grid")
 
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -323,8 +328,8 @@ COMMANDS = [add_train_parser, add_imp_parser, add_random_parser, add_prune_parse
             add_plot_parser, add_reproduce_parser]
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="mcwt", description="Monte Carlo Winning Tickets: find, fit, sample "
+def build_parser() -> CommandsParser:
+    parser = CommandsParser(prog="mcwt", description="Monte Carlo Winning Tickets: find, fit, sample "
                                                      "and train lottery tickets.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
@@ -335,8 +340,20 @@ def build_parser() -> ArgumentParser:
 
 #: What the package raises on bad input (its convention: a ValueError naming the argument or the
 #: file; a FileNotFoundError; an OS refusal to read or write a path the user gave). Anything else
-#: is a bug and keeps its traceback.
+#: is a bug and keeps its traceback, except an OS error creating or writing --out.
 INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def error_line(args, error: Exception) -> str | None:
+    """The one line reporting ``error`` (an OS refusal about --out names the flag, in plain words);
+    None for a bug."""
+    from .command_inputs import out_error
+
+    kind = getattr(args, "out_kind", "run")
+    about_out = out_error(args.out, error, kind) if isinstance(error, OSError) else None
+    if about_out is None and not isinstance(error, INPUT_ERRORS):
+        return None
+    return about_out or " ".join(str(error).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,8 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     joined = distributed.init(getattr(args, "device", None))  # under torchrun: one group trains one net
     try:
         return args.func(args)
-    except INPUT_ERRORS as e:  # one line, under the command's name
-        parser.commands[args.command].error(" ".join(str(e).split()))
+    except (*INPUT_ERRORS, OSError) as e:  # one line, under the command's name
+        line = error_line(args, e)
+        if line is None:
+            raise
+        parser.commands[args.command].error(line)
     except KeyboardInterrupt:
         print(f"\ninterrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
         return 130

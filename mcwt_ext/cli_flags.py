@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 from pathlib import Path
 
 from .cli_types import device_spec, int_at_least, positive_float, positive_int, seed, sparsity
@@ -11,8 +12,8 @@ from .data import DATASETS
 from .models import ARCHS
 from .train import TrainConfig
 
-__all__ = ["ArgumentParser", "add_model_data_args", "add_train_args", "add_ticket_args", "add_out_arg",
-           "add_mask_target_args", "command_parser", "dataset_help"]
+__all__ = ["ArgumentParser", "CommandsParser", "add_model_data_args", "add_train_args", "add_ticket_args",
+           "add_out_arg", "add_mask_target_args", "command_parser", "dataset_help"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -20,6 +21,35 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class CommandsParser(ArgumentParser):
+    """The ``mcwt`` parser: ``commands`` maps a command's name to its parser, which reports an
+    unrecognized argument (argparse would report it under ``mcwt``) with the commands whose flag
+    it is, or the command's flag it resembles."""
+
+    commands: dict[str, ArgumentParser]
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            hints = "; ".join(filter(None, (self._hint(a, parsed.command) for a in extra)))
+            self.commands[parsed.command].error(f"unrecognized arguments: {' '.join(extra)}"
+                                                + (f" ({hints})" if hints else ""))
+        return parsed
+
+    def _hint(self, arg: str, command: str) -> str | None:
+        """Which commands take ``arg`` (``--flag`` or ``--flag=value``), else the flag of ``command``
+        it may be a typo of."""
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--"):
+            return None
+        owners = [f"{self.prog} {name}" for name, p in self.commands.items() if flag in p._option_string_actions]
+        if owners:
+            return f"{flag} is a flag of: {', '.join(owners)}"
+        names = [o[2:] for o in self.commands[command]._option_string_actions if o.startswith("--")]
+        close = difflib.get_close_matches(flag[2:], names, n=1)  # the names alone: "--" is no likeness
+        return f"did you mean --{close[0]}?" if close else None
 
 
 # --- shared flags ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .data import DATASETS, Dataset, load_dataset
 from .models import ARCHS, build_model
 from .precision import check_precision
 from .runlock import check_free, holding, sigterm_as_interrupt
-from .runs import RunDir, load_masks, load_ticket, load_tensors, load_weights
+from .runs import RunDir, is_temporary_of, load_masks, load_ticket, load_tensors, load_weights
 from .train import TrainConfig
 
 
@@ -84,21 +85,57 @@ def opened(path: Path, identity: dict | None = None, *, lock: bool = True, **kwa
             raise
 
 
+#: What a command writes to --out (``check_out``'s kind), as its messages call it; a grid
+#: directory is checked as a run directory.
+OUT_KINDS = {"run": "run directory", "grid": "grid directory", "file": "file", "folder": "folder"}
+
+
+def _existing_parent(path: Path) -> Path | None:
+    return next((p for p in path.absolute().parents if p.exists()), None)
+
+
+def _out_message(path: Path, reason: str, kind: str, name: str) -> str:
+    """``name path: reason (what could not be done)``: the creation (in the folder that exists) of
+    a new ``path``, or the writing in an existing one."""
+    noun = OUT_KINDS[kind]
+    if path.is_dir() and kind != "file":
+        return f"{name} {path}: {reason} (cannot write in the {noun})"
+    doing = "write" if path.exists() else "create"
+    return f"{name} {path}: {reason} (cannot {doing} the {noun} in {_existing_parent(path)})"
+
+
+def out_error(path: Path, error: OSError, kind: str = "run", name: str = "--out") -> str | None:
+    """The one-line message of ``error``, an OS refusal to create or write ``path`` (flag
+    ``name``, of ``kind``), in plain words; None when ``error`` concerns another file."""
+    if error.filename is None:
+        return None
+    failed, out = Path(os.fsdecode(error.filename)).absolute(), path.absolute()
+    made = failed in out.parents and not failed.exists()  # a folder above it, to create
+    if not (failed == out or out in failed.parents or made or is_temporary_of(failed, out)):
+        return None
+    reason = os.strerror(error.errno).lower() if error.errno else str(error)
+    return _out_message(path, reason, kind, name)
+
+
 def check_out(path: Path, name: str = "--out", *, kind: str = "run") -> None:
-    """``path`` can take what the command writes: a run directory, a file or a folder (``kind``)."""
-    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    """``path`` can take what the command writes: a run directory, a grid directory, a file or a
+    folder (``kind``, see :data:`OUT_KINDS`)."""
+    parent = _existing_parent(path)
     if parent is not None and not parent.is_dir():
         raise ValueError(f"{name} {path}: {parent} is a file, not a directory")
-    if kind == "file":
-        if path.is_dir():
-            raise ValueError(f"{name} {path} is a directory; give a file name")
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"{name} {path} is a directory; give a file name")
+    if kind != "file" and path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is a file, not a {OUT_KINDS[kind]}")
+    where = path if kind != "file" and path.is_dir() else parent
+    if where is not None and not os.access(where, os.W_OK | os.X_OK):  # now, not after the slow part
+        raise ValueError(_out_message(path, "permission denied", kind, name))
+    if kind in ("file", "folder"):
         return
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{name} {path} is a file, not a {'run directory' if kind == 'run' else 'folder'}")
-    if kind == "run" and not _is_fresh(path) and not (path / RunDir.CONFIG).is_file():
-        raise ValueError(f"{name} {path} holds files but no {RunDir.CONFIG}: not a run "
-                         f"directory; give a new or empty directory")
-    if kind == "run" and distributed.is_main():
+    if not _is_fresh(path) and not (path / RunDir.CONFIG).is_file():
+        raise ValueError(f"{name} {path} holds files but no {RunDir.CONFIG}: not a {OUT_KINDS[kind]}; "
+                         f"give a new or empty directory")
+    if distributed.is_main():
         check_free(path, f"{name} {path}")  # refused now, before the slow preparations
 
 

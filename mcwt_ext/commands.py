@@ -23,7 +23,7 @@ from .command_inputs import (check_batch_size, check_data_root, check_fits, chec
                              flag, load_data, locked, opened, read_masks, resolved, run_config,
                              save_starts, ticket_and_data, train_config)
 from .data import DATASETS, Dataset, load_dataset
-from .imp import ImpConfig, run_imp
+from .imp import ImpConfig, round_plan, run_imp
 from .models import ARCHS, arch_sparsity
 from .runs import RunDir, load_masks
 from .train import TrainConfig, train
@@ -43,7 +43,15 @@ def print_summary(summary: dict) -> None:
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
 
 
+def say_if_finished(args, finished: bool) -> None:
+    """A rerun of a finished command says so before its summary: on stderr, so stdout holds the
+    summary alone, as the first run printed it."""
+    if finished and distributed.is_main():
+        print(f"mcwt {args.command}: --out {args.out} already finished; its summary:", file=sys.stderr)
+
+
 def train_and_report(args, ds: Dataset, model, masks, cfg: TrainConfig, rd: RunDir, what: str) -> int:
+    say_if_finished(args, rd.done())
     result = train(model, ds, masks, cfg, rd, progress=not args.no_progress, desc=f"{what} {args.arch}")
     print_summary(result.summary)
     return 0
@@ -78,16 +86,20 @@ def imp_cmd(args) -> int:
                              sparsity=arch_sparsity(args.arch, model, ds.example_input(), args.sparsity), rewind_iteration=args.rewind_iteration,
                              max_rounds=args.max_rounds, allocation=args.allocation)
     check_batch_size(cfg.train, ds)
-    kinds = masks_lib.layer_kind(model, ds.example_input())
-    # per layer: an architecture may keep some layers dense (resnet20's output layer)
-    targets = cfg.sparsity if isinstance(cfg.sparsity, dict) else dict.fromkeys(kinds, cfg.sparsity)
-    stuck = sorted({kinds[n] for n, s in targets.items() if s > 0 and cfg.rates[kinds[n]] == 0.0})
+    with flag("--rates"):  # global allocation: one rate for the pooled kinds
+        plan = round_plan(cfg, {n: m.numel() for n, m in masks_lib.dense_masks(model).items()},
+                          masks_lib.layer_kind(model, ds.example_input()))
+    stuck = [kind for kind, rounds in plan.items() if rounds is None]
     if stuck:
         raise ValueError(f"--rates: a rate of 0 for {', '.join(stuck)} never reaches --sparsity {args.sparsity}")
     with opened(args.out, run_config(args, ds, train=dataclasses.asdict(cfg.train),
                                      imp=dict(rates=cfg.rates, sparsity=cfg.sparsity,
                                               rewind_iteration=cfg.rewind_iteration,
                                               allocation=cfg.allocation))) as rd:
+        finished = rd.done() and _imp_finished(rd.load_json(RunDir.SUMMARY), cfg)
+        say_if_finished(args, finished)
+        if not finished and distributed.is_main():
+            print(plan_line(plan, cfg, args.sparsity), file=sys.stderr)
         run_imp(model, ds, cfg, rd, progress=not args.no_progress)
     summary = rd.load_json(RunDir.SUMMARY)
     if not summary["reached_target"]:
@@ -97,12 +109,46 @@ def imp_cmd(args) -> int:
     return 0
 
 
+def _imp_finished(summary: dict, cfg: ImpConfig) -> bool:
+    """Whether IMP of ``summary`` has nothing left to train under ``cfg`` (a larger --max-rounds
+    goes on)."""
+    last = summary["rounds"][-1]["round"]
+    return summary["reached_target"] or (cfg.max_rounds is not None and last >= cfg.max_rounds)
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:g}%"
+
+
+def plan_line(plan: dict, cfg: ImpConfig, sparsity: float) -> str:
+    """IMP's rounds (:func:`~mcwt_ext.imp.round_plan`) in a line, e.g. ``16 rounds to 80% at 10% per
+    round for conv layers (linear 8, output 16); see --rates``."""
+    if not plan:
+        return f"0 rounds to {_percent(sparsity)}: no layer is pruned"
+    most = max(plan.values())
+    slowest = next(kind for kind, rounds in plan.items() if rounds == most)
+    if cfg.allocation == "global":
+        which = f"for the {', '.join(plan)} layers pooled (--allocation global)"
+    else:
+        others = ", ".join(f"{kind} {rounds}" for kind, rounds in plan.items() if kind != slowest)
+        which = f"for {slowest} layers" + (f" ({others})" if others else "")
+    if cfg.max_rounds is not None and cfg.max_rounds < most:
+        which += f"; --max-rounds {cfg.max_rounds} stops after {cfg.max_rounds}"
+    rounds = f"{most} round{'' if most == 1 else 's'}"
+    return f"{rounds} to {_percent(sparsity)} at {_percent(cfg.rates[slowest])} per round {which}; see --rates"
+
+
 def _layer_sparsity(args, model, ds: Dataset):
     """--sparsity spread over the model's layers by --distribution."""
     from .distribution import layer_sparsity
 
     with flag("--distribution"):
         return layer_sparsity(args.arch, model, ds.example_input(), args.sparsity, args.distribution)
+
+
+#: A run of masks only (--no-train: its ``train`` None) and the same run trained are one run: a
+#: rerun without --no-train trains the masks made, and one with it leaves a training as it is.
+MASKS_ONLY = ("train",)
 
 
 def random_cmd(args) -> int:
@@ -124,7 +170,8 @@ def random_cmd(args) -> int:
     with opened(args.out, run_config(args, ds, sparsity=sparsity, distribution=args.distribution,
                                      mask_seed=mask_seed,
                                      init=resolved(args.init),
-                                     train=None if args.no_train else dataclasses.asdict(cfg))) as rd:
+                                     train=None if args.no_train else dataclasses.asdict(cfg)),
+                optional=MASKS_ONLY) as rd:
         save_starts(rd, model, masks)
         if args.no_train:
             print(f"wrote {rd.masks_path} and {rd.init_path}")
@@ -153,6 +200,7 @@ def dst_cmd(args) -> int:
                                      sparsity=None if args.start else args.sparsity,
                                      distribution=args.distribution, dst=dataclasses.asdict(dst), train=dataclasses.asdict(cfg))) as rd:
         save_starts(rd, model, masks)
+        say_if_finished(args, rd.done())
         result, _ = train_dst(model, ds, masks, cfg, dst, rd, progress=not args.no_progress,
                               desc=f"dst {args.method} {args.arch}")
     print_summary(result.summary)
@@ -182,7 +230,8 @@ def prune_cmd(args) -> int:
     wall = time.perf_counter() - start
     with opened(args.out, run_config(args, ds, prune_method=args.method, sparsity=args.sparsity,
                                      allocation=args.allocation, distribution=args.distribution,
-                                     train=None if args.no_train else dataclasses.asdict(cfg))) as rd:
+                                     train=None if args.no_train else dataclasses.asdict(cfg)),
+                optional=MASKS_ONLY) as rd:
         save_starts(rd, model, masks)
         _save_construction(rd, wall)
         print(f"{args.method}: masks in {wall:.1f} s")
@@ -225,7 +274,7 @@ def ablate_cmd(args) -> int:
 def fit_cmd(args) -> int:
     from .fit import fit_ticket
 
-    check_out(args.out, kind="file")
+    check_out(args.out, kind=args.out_kind)
     ticket, ds = ticket_and_data(args)
     fit = fit_ticket(ticket.model, ticket.masks, ds.train.tensors[0], max_samples=args.max_samples,
                      max_weights_per_layer=args.max_weights, seed=ticket.config["seed"],
@@ -295,7 +344,7 @@ def _run_masks(path: Path, name: str) -> tuple[RunDir, dict]:
 def plot_cmd(args) -> int:
     from .plots import ticket_figures
 
-    check_out(args.out, kind="folder")
+    check_out(args.out, kind=args.out_kind)
     ticket, ds = ticket_and_data(args)
     sample, mcwt = _run_masks(args.mcwt, "--mcwt")
     with flag("--mcwt", args.mcwt):
@@ -314,7 +363,8 @@ def plot_cmd(args) -> int:
     if rnd is None:
         masks["random"] = masks_lib.random_masks(
             ticket.model, {k: 1.0 - d for k, d in masks_lib.densities(mcwt).items()}, ticket.config["seed"])
-    for path in ticket_figures(ticket.model, masks, ds.train.tensors[0], args.out, args.max_samples):
+    for path in ticket_figures(ticket.model, masks, ds.train.tensors[0], args.out, args.max_samples,
+                               dataset=ds.name, arch=ticket.config["arch"], seed=ticket.config["seed"]):
         print(f"wrote {path} (numbers: {path.with_suffix('.json')})")
     return 0
 
@@ -326,7 +376,7 @@ def reproduce_cmd(args) -> int:
     from .supervision import saving_with
 
     budget = None if args.time_budget is None else Budget(args.time_budget)  # counts from here
-    check_out(args.out)
+    check_out(args.out, kind=args.out_kind)
     every = args.export_every_minutes
     if every is not None and args.export_state is None:
         raise ValueError("--export-every-minutes: rewrites the bundle of --export-state; give --export-state FILE")
@@ -364,6 +414,7 @@ def reproduce_cmd(args) -> int:
             manifest = import_state(args.import_state, args.out)
             print(f"imported {args.import_state}: {len(manifest['files'])} files, "
                   f"{len(manifest['masks'])} mask sets", file=sys.stderr)
+        finished = grid.done()  # before the run: said with the tables below
         try:
             with opened(args.out, lock=False), saving_with(saver):
                 grid.run()
@@ -384,6 +435,7 @@ def reproduce_cmd(args) -> int:
         paths = report(grid)  # every rank: the figures measure connectivity together; rank 0 writes
     if not distributed.is_main():
         return 0
+    say_if_finished(args, finished)
     print(paths["table_md"].read_text())
     print(split_note(ds))
     print()

@@ -30,13 +30,13 @@ from .data import Dataset
 from . import distributed
 from .masks import (dense_masks, dense_state_dict, densities, from_torch_prune, global_goal,
                     global_magnitude_prune, is_torch_pruned, kept_count, layer_kind,
-                    load_dense_state_dict, magnitude_prune, per_layer, to_torch_prune)
+                    load_dense_state_dict, magnitude_prune, next_kept, per_layer, to_torch_prune)
 from .models import arch_spec
 from .runs import RunDir, round_index, snapshot_name
 from .train import TrainConfig, train
 from .validate import check_rate, check_sparsity
 
-__all__ = ["ImpConfig", "ImpRun", "run_imp", "KINDS", "ALLOCATIONS"]
+__all__ = ["ImpConfig", "ImpRun", "run_imp", "round_plan", "layer_targets", "KINDS", "ALLOCATIONS"]
 
 KINDS = ("conv", "linear", "output")
 ALLOCATIONS = ("layer", "global")
@@ -127,6 +127,55 @@ class ImpConfig:
         return ident
 
 
+def layer_targets(config: ImpConfig, kinds: Mapping[str, str]) -> dict[str, float]:
+    """The density each layer of ``kinds`` (weight name -> kind) ends at: 1 for a layer
+    ``config.sparsity`` leaves dense."""
+    targets = dict.fromkeys(kinds, 1.0)
+    targets.update({n: 1.0 - s for n, s in per_layer(config.sparsity, list(kinds), "sparsity").items()})
+    return targets
+
+
+def _pool_rate(config: ImpConfig, kinds: Mapping[str, str], targets: Mapping[str, float]) -> float:
+    """The one rate of global IMP's pool (the layers with a target)."""
+    pooled = {kinds[n]: config.rates[kinds[n]] for n in kinds if targets[n] < 1.0}
+    if len(set(pooled.values())) > 1:
+        raise ValueError(f"allocation global prunes the pooled layers at one rate; their kinds have "
+                         f"the rates {pooled}")
+    return next(iter(pooled.values()), 0.0)
+
+
+def _rounds_to(n: int, goal: int, rate: float) -> int | None:
+    """IMP rounds that take ``n`` kept weights down to ``goal`` at ``rate`` (None: never, rate 0)."""
+    rounds = 0
+    while n > goal:
+        if rate == 0.0:
+            return None
+        n, rounds = next_kept(n, goal, rate), rounds + 1
+    return rounds
+
+
+def round_plan(config: ImpConfig, sizes: Mapping[str, int], kinds: Mapping[str, str]) -> dict[str, int | None]:
+    """The pruning rounds IMP takes to its targets, per layer kind (in :data:`KINDS` order): the
+    most any layer of the kind needs at its rate, or the pool's with allocation global; None for a
+    kind whose rate of 0 never gets there. ``sizes``: each layer's weight count, keyed as
+    ``kinds``. Kinds of dense layers only are left out."""
+    targets = layer_targets(config, kinds)
+    pruned = [n for n in kinds if targets[n] < 1.0]
+    if config.allocation == "global":
+        pool = {n: sizes[n] for n in pruned}
+        rounds = _rounds_to(sum(pool.values()), global_goal(pool, targets), _pool_rate(config, kinds, targets))
+        need = dict.fromkeys(pruned, rounds)
+    else:
+        need = {n: _rounds_to(sizes[n], kept_count(sizes[n], targets[n]), config.rates[kinds[n]])
+                for n in pruned}
+    plan = {}
+    for kind in KINDS:
+        counts = [need[n] for n in pruned if kinds[n] == kind]
+        if counts:
+            plan[kind] = None if None in counts else max(counts)
+    return plan
+
+
 def _at_target(masks: Mapping[str, torch.Tensor], targets: Mapping[str, float], allocation: str) -> bool:
     if allocation == "global":
         pool = [n for n in masks if targets[n] < 1.0]
@@ -155,16 +204,12 @@ class ImpRun:
         device = next(model.parameters()).device
         self.kinds = kinds = layer_kind(model, dataset.example_input().to(device))
         self.rates = {name: config.rates[kind] for name, kind in kinds.items()}
-        targets = {name: 1.0 for name in kinds}
-        targets.update({n: 1.0 - s for n, s in per_layer(config.sparsity, list(kinds), "sparsity").items()})
-        self.targets = targets
+        self.targets = targets = layer_targets(config, kinds)
         stuck = [n for n in kinds if targets[n] < 1.0 and self.rates[n] == 0.0]
         if stuck:
             raise ValueError(f"layers {stuck} have a sparsity target but a prune rate of 0")
-        pooled = {kinds[n]: self.rates[n] for n in kinds if targets[n] < 1.0}
-        if config.allocation == "global" and len(set(pooled.values())) > 1:
-            raise ValueError(f"allocation global prunes the pooled layers at one rate; their kinds have "
-                             f"the rates {pooled}")
+        if config.allocation == "global":
+            _pool_rate(config, kinds, targets)  # one rate, or refused now
         # A model pruned with torch.nn.utils.prune starts from its masks and ends pruned with the
         # ticket's; the run directory holds plain weights (dense_state_dict) either way.
         self.torch_pruned = any(is_torch_pruned(m) for m in model.modules())
@@ -236,8 +281,8 @@ class ImpRun:
                 raise ValueError(f"{round_dir.path} is finished but holds neither its trained weights "
                                  f"nor does {following.path} hold the next masks; use a fresh run directory")
             elif cfg.allocation == "global":
-                rate = next((self.rates[n] for n in masks if self.targets[n] < 1.0), 0.0)
-                masks = global_magnitude_prune(self._pruning_weights(r, round_dir), masks, rate, self.targets)
+                masks = global_magnitude_prune(self._pruning_weights(r, round_dir), masks,
+                                               _pool_rate(cfg, self.kinds, self.targets), self.targets)
             else:
                 masks = magnitude_prune(self._pruning_weights(r, round_dir), masks, self.rates, self.targets)
         rd.save_csv(RunDir.ROUNDS, rounds)

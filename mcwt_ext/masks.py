@@ -20,7 +20,7 @@ from .validate import check_rate, check_seed, check_sparsity
 
 __all__ = ["prunable_layers", "layer_kind", "dense_masks", "apply_masks", "masked_parameters",
            "densities", "kept_count", "per_layer", "magnitude_prune", "global_magnitude_prune",
-           "global_goal", "random_masks", "check_masks",
+           "global_goal", "next_kept", "random_masks", "check_masks",
            "dense_weight", "is_torch_pruned", "to_torch_prune", "from_torch_prune", "dense_state_dict",
            "load_dense_state_dict"]
 
@@ -155,13 +155,17 @@ def magnitude_prune(model_weights: Mapping[str, torch.Tensor], masks: Mapping[st
             raise ValueError(f"weight {name!r} has shape {tuple(weight.shape)}, its mask "
                              f"{tuple(mask.shape)}")
         kept = int(mask.sum())
-        goal = kept_count(mask.numel(), target)
-        if kept <= goal or rate == 0.0:
-            new_masks[name] = mask.clone()
-            continue
-        keep = max(goal, min(int(round(kept * (1.0 - rate))), kept - 1))
-        new_masks[name] = _keep_largest([weight], [mask], keep)[0]
+        keep = next_kept(kept, kept_count(mask.numel(), target), rate)
+        new_masks[name] = mask.clone() if keep == kept else _keep_largest([weight], [mask], keep)[0]
     return new_masks
+
+
+def next_kept(kept: int, goal: int, rate: float) -> int:
+    """What a layer (or a pool) of ``kept`` weights keeps after one IMP round at ``rate``: a share
+    ``rate`` pruned, at least one weight, never below ``goal``; all of them at the goal or at rate 0."""
+    if kept <= goal or rate == 0.0:
+        return kept
+    return max(goal, min(int(round(kept * (1.0 - rate))), kept - 1))
 
 
 def _keep_largest(weights: list[torch.Tensor], masks: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
@@ -194,10 +198,9 @@ def global_magnitude_prune(model_weights: Mapping[str, torch.Tensor], masks: Map
     pool = [n for n in masks if float(target_density[n]) < 1.0]
     new_masks = {n: m.clone() for n, m in masks.items()}
     kept = sum(int(masks[n].sum()) for n in pool)
-    goal = global_goal({n: masks[n].numel() for n in pool}, target_density)
-    if kept <= goal or rate == 0.0:
+    keep = next_kept(kept, global_goal({n: masks[n].numel() for n in pool}, target_density), rate)
+    if keep == kept:
         return new_masks
-    keep = max(goal, min(int(round(kept * (1.0 - rate))), kept - 1))
     weights = [model_weights[n].detach().to("cpu") for n in pool]
     for n, w in zip(pool, weights):
         if w.shape != masks[n].shape:

@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["RunDir", "atomic_write", "load_tensors", "load_masks", "load_weights", "check_identity",
-           "Ticket", "load_ticket", "snapshot_name", "round_name", "round_index", "grid_cell", "RUNTIME_KEYS",
-           "GRID_FILES", "FIGURE_FILES"]
+__all__ = ["RunDir", "atomic_write", "is_temporary_of", "load_tensors", "load_masks", "load_weights",
+           "check_identity", "Ticket", "load_ticket", "snapshot_name", "round_name", "round_index", "grid_cell",
+           "RUNTIME_KEYS", "GRID_FILES", "FIGURE_FILES"]
 
 #: Config keys that may change between a run and its resumption (where the data lives, which
 #: device trains, how batches are assembled, how often by the clock it checkpoints); at any depth
@@ -59,7 +59,7 @@ ADDED_KEYS = {"optimizer": "adam", "momentum": 0.0, "weight_decay": 0.0, "warmup
 
 #: The files a reproduce grid writes at its top level.
 GRID_FILES = dict(table_md="table.md", table_csv="table.csv", cost_md="cost.md", cost_csv="cost.csv",
-                  methods_csv="methods.csv", overlap_csv="overlap.csv",
+                  methods_csv="methods.csv", overlap_csv="overlap.csv", per_seed_csv="per_seed.csv",
                   figures="figures")
 
 #: The figures (PNG, with their numbers beside them as JSON of the same stem) in a figure folder.
@@ -118,6 +118,18 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp creates files 0600, and we want the usual permissions
 
 
+def _temporary(path: Path) -> dict:
+    return dict(prefix=f".{path.name}.", suffix=".tmp")
+
+
+def is_temporary_of(file: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``file`` is a temporary file of :func:`atomic_write` writing ``path``."""
+    file, path = Path(file), Path(path)
+    affixes = _temporary(path)
+    return file.parent == path.parent and file.name.startswith(affixes["prefix"]) and \
+        file.name.endswith(affixes["suffix"])
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[str], None]) -> None:
     """Write ``path`` atomically: ``data`` (bytes or text) or ``data(tmp_path)`` fills a temporary
     file next to it, which then replaces ``path``. Under ``torchrun`` only rank 0 writes (see
@@ -128,7 +140,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[str], No
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(**_temporary(path), dir=path.parent)
     try:
         if callable(data):
             os.close(fd)
@@ -179,13 +191,21 @@ class RunDir:
 
     @classmethod
     def open(cls, path: str | os.PathLike, identity: Mapping, *, name: str = CONFIG,
-             mutable=RUNTIME_KEYS) -> "RunDir":
+             mutable=RUNTIME_KEYS, optional=()) -> "RunDir":
         """The run directory ``path`` with ``identity`` written to ``name``: a new run, or the
         resumption of the same one (checked with :func:`check_identity`; ``mutable`` keys may
-        differ and take their new values)."""
+        differ and take their new values). ``optional``: top-level keys of a step a run may skip
+        (None, e.g. ``train`` under ``--no-train``): None on either side matches the other side,
+        whose value is kept, so a run of masks only resumes into their training and back."""
         rd = cls(path)
         if rd.exists(name):
-            check_identity(rd.load_json(name), identity, rd.file(name), mutable)
+            stored, identity = rd.load_json(name), dict(identity)
+            for key in optional:
+                if stored.get(key) is None:
+                    stored[key] = identity.get(key)
+                elif identity.get(key) is None:
+                    identity[key] = stored[key]
+            check_identity(stored, identity, rd.file(name), mutable)
         rd.save_json(name, identity)
         return rd
 

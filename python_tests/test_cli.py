@@ -1,4 +1,8 @@
+import errno
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +44,66 @@ def test_bad_arguments_give_one_line_and_exit_2(capsys, tmp_path, monkeypatch, a
     monkeypatch.chdir(tmp_path)
     (tmp_path / "m.safetensors").write_bytes(b"")
     _fails(capsys, argv, match)
+
+
+def test_a_flag_of_another_command_is_an_error_of_this_one(capsys):
+    """Reported under the command, with the commands that take the flag (or the flag it resembles)."""
+    err = _fails(capsys, ["train", *BASE, "--sparsity", "0.5", "--out", "x"], "--sparsity")
+    assert err == ("mcwt train: error: unrecognized arguments: --sparsity 0.5 (--sparsity is a flag of: mcwt imp, "
+                   "mcwt random, mcwt prune, mcwt dst, mcwt sample) (see mcwt train --help)\n")
+    err = _fails(capsys, ["train", *BASE, "--iteratons=3", "--out", "x"], "--iteratons")
+    assert err == ("mcwt train: error: unrecognized arguments: --iteratons=3 (did you mean --iterations?) "
+                   "(see mcwt train --help)\n")
+
+
+def _refusing(monkeypatch, folder: Path, route: str) -> None:
+    """``folder`` refuses new entries, as a folder without write permission does (simulated: root may
+    write anywhere): to check_out's access test ("early"), or only to the mkdir of --out ("late")."""
+    def inside(path) -> bool:
+        path = Path(path).absolute()
+        return path == folder or folder in path.parents
+
+    if route == "early":
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: not inside(path) and real(path, mode))
+    else:
+        real_mkdir = os.mkdir
+
+        def mkdir(path, *args, **kwargs):
+            if folder in Path(path).absolute().parents:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_mkdir(path, *args, **kwargs)
+        monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("command,route", [(["train", *BASE], "early"), (["train", *BASE], "late"),
+                                           (["fit", "--ticket", "t"], "early")])
+def test_an_out_that_cannot_be_created_names_the_flag(tmp_path, monkeypatch, capsys, command, route):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    _refusing(monkeypatch, folder, route)
+    out, what = (folder / "run", "run directory") if command[0] == "train" else (folder / "fit.json", "file")
+    err = _fails(capsys, [*command, "--out", str(out)], "--out")
+    assert err == (f"mcwt {command[0]}: error: --out {out}: permission denied (cannot create the {what} in "
+                   f"{folder}) (see mcwt {command[0]} --help)\n")
+    assert list(folder.iterdir()) == []
+
+
+def test_an_out_that_cannot_be_written_names_the_flag(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *BASE, "--out", str(out)]) == 0
+    _refusing(monkeypatch, out, "early")
+    err = _fails(capsys, ["train", *BASE, "--out", str(out)], "--out")
+    assert err == (f"mcwt train: error: --out {out}: permission denied (cannot write in the run directory) "
+                   f"(see mcwt train --help)\n")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, which takes no new entries")
+def test_an_out_the_file_system_refuses_names_the_flag(capsys):
+    """A real refusal (root too): /proc takes no directories (ENOENT; EACCES where check_out sees it)."""
+    err = _fails(capsys, ["train", *BASE, "--out", "/proc/mcwt_run"], "--out")
+    assert re.fullmatch(r"mcwt train: error: --out /proc/mcwt_run: (no such file or directory|permission denied) "
+                        r"\(cannot create the run directory in /proc\) \(see mcwt train --help\)\n", err), err
 
 
 def test_a_cuda_index_beyond_the_visible_devices_is_a_clean_error(capsys, tmp_path, monkeypatch):
@@ -115,10 +179,59 @@ def test_random_trains_with_exact_sparsity(tmp_path):
 def test_rerun_resumes_and_other_settings_are_refused(tmp_path, capsys):
     out = str(tmp_path / "dense")
     assert main(["train", *BASE, "--out", out]) == 0
-    first = capsys.readouterr().out
-    assert main(["train", *BASE, "--out", out]) == 0  # finished: read back
-    assert capsys.readouterr().out == first
+    first = capsys.readouterr()
+    assert "already finished" not in first.err
+    assert main(["train", *BASE, "--out", out]) == 0  # finished: read back, and says so first
+    again = capsys.readouterr()
+    assert again.out == first.out
+    assert again.err.splitlines()[0] == f"mcwt train: --out {out} already finished; its summary:"
     _fails(capsys, ["train", *BASE, "--lr", "0.01", "--out", out], "train.lr")
+
+
+@pytest.mark.parametrize("command", [["random"], ["prune", "--method", "magnitude"], ["dst", "--method", "set"]])
+def test_a_finished_command_says_so_first(tmp_path, capsys, command):
+    argv = [*command, *BASE, "--sparsity", "0.5", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert main(argv) == 0
+    again = capsys.readouterr()
+    summary = first.out[first.out.index("{"):]  # prune also says how long its masks took
+    assert "already finished" not in first.err and again.out.endswith(summary)
+    assert again.err.splitlines()[0] == f"mcwt {command[0]}: --out {tmp_path / 'run'} already finished; its summary:"
+
+
+def test_a_finished_imp_says_so_and_plans_nothing(imp_dir, capsys):
+    capsys.readouterr()
+    assert main(["imp", *BASE, "--sparsity", "0.5", "--rates", "conv=0.5,linear=0.5,output=0.5",
+                 "--out", str(imp_dir.path)]) == 0
+    assert capsys.readouterr().err == f"mcwt imp: --out {imp_dir.path} already finished; its summary:\n"
+
+
+def test_imp_says_its_plan_before_training(tmp_path, capsys):
+    """The rounds each layer kind needs at its rate, the largest count first (conv2's protocol rates)."""
+    assert main(["imp", *BASE, "--max-rounds", "0", "--out", str(tmp_path / "imp")]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "16 rounds to 80% at 10% per round for conv layers (linear 8, output 16); --max-rounds 0 stops after 0; "
+        "see --rates")
+
+
+@pytest.mark.parametrize("command", [["random"], ["prune", "--method", "magnitude"]])
+def test_masks_only_resume_into_their_training_and_back(tmp_path, capsys, command):
+    """--no-train, then the same command without it, trains the masks made; --no-train again keeps
+    the training (issue 25)."""
+    out = tmp_path / "run"
+    argv = [*command, *BASE, "--sparsity", "0.5", "--out", str(out)]
+    assert main([*argv, "--no-train"]) == 0
+    masks = RunDir(out).load_tensors(RunDir.MASKS)
+    assert main(argv) == 0
+    rd = RunDir(out)
+    assert rd.done() and rd.load_json(RunDir.SUMMARY)["iterations"] == 4
+    assert all(torch.equal(masks[k], m) for k, m in rd.load_tensors(RunDir.MASKS).items())
+    assert main([*argv, "--no-train"]) == 0
+    assert rd.load_json(RunDir.CONFIG)["train"]["iterations"] == 4
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already finished" in capsys.readouterr().err
 
 
 def test_init_from_another_architecture_is_refused(imp_dir, tmp_path, capsys):

@@ -24,6 +24,7 @@ from mcwt_ext.runs import RunDir
 MODEL = ["--arch", "conv2", "--dataset", "synthetic"]
 TRAIN = [*MODEL, "--iterations", "2", "--eval-every", "1", "--quiet"]
 SMALL_IMP = ["--sparsity", "0.5", "--rates", "conv=0.5,linear=0.5,output=0.5"]
+SPARSITY_OWNERS = "(--sparsity is a flag of: mcwt imp, mcwt random, mcwt prune, mcwt dst, mcwt sample)"
 
 
 def _tree(*roots: Path) -> dict:
@@ -158,6 +159,9 @@ CASES = {
         (["train", *TRAIN, "--out", "{foreign}"], "--out"),
         (["train", *TRAIN, "--out", "{text}/run"], "--out"),
         (["train", *TRAIN, "--out", "{other_run}"], "config.json"),
+        (["train", *TRAIN, "--out", "/proc/mcwt_run"], "(cannot create the run directory in /proc)"),
+        (["train", *TRAIN, "--sparsity", "0.5", "--out", "{out}"], SPARSITY_OWNERS),
+        (["train", *TRAIN, "--no-train", "--out", "{out}"], "(--no-train is a flag of: mcwt random, mcwt prune)"),
         (["train", "--arch", "conv2", "--dataset", "cifar10", "--out", "{out}"], "--data-root"),
         (["train", "--arch", "conv2", "--dataset", "cifar10", "--data-root", "{cifar_missing}",
           "--out", "{out}"], "cifar-10-batches-py"),
@@ -181,6 +185,9 @@ CASES = {
         (["imp", *TRAIN, "--max-rounds", "x", "--out", "{out}"], "--max-rounds"),
         (["imp", *TRAIN, "--batch-size", "100000", *SMALL_IMP, "--out", "{out}"], "--batch-size"),
         (["imp", *TRAIN, "--out", "{text}"], "--out"),
+        (["imp", *TRAIN, "--out", "/proc/mcwt_run"], "(cannot create the run directory in /proc)"),
+        (["imp", *TRAIN, "--rates", "conv=0.2", "--allocation", "global", "--out", "{out}"],
+         "--rates: allocation global prunes the pooled layers at one rate"),
     ],
     "random": [
         (["random", *TRAIN, "--sparsity", "1.5", "--out", "{out}"], "--sparsity"),
@@ -239,6 +246,10 @@ CASES = {
         (["fit", "--ticket", "{ticket}", "--max-weights", "x", "--out", "{out}"], "--max-weights"),
         (["fit", "--ticket", "{ticket}", "--out", "{dir}"], "--out"),
         (["fit", "--ticket", "{ticket}", "--out", "{text}/fit.json"], "--out"),
+        (["fit", "--ticket", "{ticket}", "--out", "/proc/mcwt_fit.json"], "(cannot create the file in /proc)"),
+        (["fit", "--ticket", "{ticket}", "--arch", "conv2", "--out", "{out}"],
+         "(--arch is a flag of: mcwt train, mcwt imp, mcwt random, mcwt prune, mcwt dst, mcwt sample, "
+         "mcwt reproduce)"),
     ],
     "sample": [
         (["sample", *MODEL, "--out", "{out}"], "--fit"),
@@ -257,6 +268,7 @@ CASES = {
         (["sample", *MODEL, "--fit", "{fit}", "--init", "{conv4_init}", "--out", "{out}"], "of a conv4"),
         (["sample", *MODEL, "--fit", "{fit}", "--max-samples", "-1", "--out", "{out}"], "--max-samples"),
         (["sample", *MODEL, "--fit", "{fit}", "--out", "{text}"], "--out"),
+        (["sample", *MODEL, "--fit", "{fit}", "--out", "/proc/mcwt_run"], "(cannot create the run directory in /proc)"),
         (["sample", *MODEL, "--fit", "{fit}", "--distribution", "", "--out", "{out}"], "--distribution"),
     ],
     "plot": [
@@ -271,12 +283,15 @@ CASES = {
           "--out", "{out}"], "--max-samples"),
         (["plot", "--ticket", "{ticket}", "--mcwt", "{sample}", "--out", "{text}"], "--out"),
         (["plot", "--ticket", "{ticket}", "--mcwt", "{sample}", "--out", "{text}/figs"], "--out"),
+        (["plot", "--ticket", "{ticket}", "--mcwt", "{sample}", "--out", "/proc/mcwt_figs"],
+         "(cannot create the folder in /proc)"),
     ],
     "reproduce": [
         (["reproduce", "--arch", "conv9", "--out", "{out}"], "--arch"),
         (["reproduce", "--seeds", "0", "--out", "{out}"], "--seeds"),
         (["reproduce", "--time-budget", "0", "--out", "{out}"], "--time-budget"),
-        (["reproduce", "--time-budget", "60", "--pack", "1", "--out", "{out}"], "--time-budget"),
+        # (--time-budget with --pack 1 is fine now: a cell-by-cell grid stops at the deadline)
+        (["reproduce", "--export-every-minutes", "5", "--out", "{out}"], "--export-state"),
         (["reproduce", "--augment", "rotate", "--out", "{out}"], "--augment"),
         (["reproduce", "--jobs", "0", "--out", "{out}"], "--jobs"),
         (["reproduce", "--protocol", "fast", "--out", "{out}"], "--protocol"),
@@ -289,6 +304,10 @@ CASES = {
           "--out", "{out}"], "--download"),
         (["reproduce", "--out", "{text}"], "--out"),
         (["reproduce", "--out", "{foreign}"], "--out"),
+        (["reproduce", "--dataset", "synthetic", "--out", "/proc/mcwt_grid"],
+         "(cannot create the grid directory in /proc)"),
+        (["reproduce", "--sparsity", "0.5", "--out", "{out}"],
+         "unrecognized arguments: --sparsity 0.5 " + SPARSITY_OWNERS),
         (["reproduce", "--executor", "dask", "--out", "{out}"], "--executor"),
         (["reproduce", "--executor", "ray", "--ray-address", "10.0.0.1", "--out", "{out}"], "--ray-address"),
         (["reproduce", "--ray-address", "10.0.0.1:6379", "--out", "{out}"], "--ray-address"),  # not on Ray

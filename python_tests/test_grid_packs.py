@@ -180,7 +180,7 @@ def test_paper_protocol_trains_the_table_runs_longer(tmp_path):
         "conv2", PROTOCOLS["full"].train_config("conv2", 0)).rates
     # A tiny paper-like protocol: rounds of 4 iterations, the dense round and the ticket 8.
     tiny = dataclasses.replace(paper, iterations={"conv2": 4}, rates={"conv": 0.6, "linear": 0.6, "output": 0.6},
-                               eval_every=2, connectivity_samples=50, table_iterations=8)
+                               eval_every=2, connectivity_samples=50, table_iterations={"conv2": 8})
     monkey = dict(PROTOCOLS)
     try:
         PROTOCOLS["tiny_paper"] = tiny
@@ -289,9 +289,12 @@ def test_shards_take_whole_chains_and_fit_transfer_joins_seed_0s(tmp_path, capsy
     for share in shares:
         keys = {c.key for c in share}
         assert all(k in keys for c in share for k in CELLS[c.kind].need_keys(c.arch, c.seed))
+    for j, chain in enumerate(every, start=1):  # the rule the README and each shard state
+        assert {c.key for c in chain} <= {c.key for c in shares[(j - 1) % 4]}
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("shard 1/4: chains 2 of 6 (conv2 seed 0, conv4 seed 1; rule: ") and \
         err[3].startswith("shard 4/4: chains 1 of 6 (conv4 seed 0; rule: "), err
+    assert err[0].endswith("chain j (from 1, in grid order) goes to shard (j - 1) mod N + 1)"), err
 
 
 def test_a_cell_held_by_a_live_process_ends_the_shard_with_one_line(tmp_path, capsys):

@@ -1,10 +1,12 @@
+import itertools
+
 import pytest
 import torch
 
 import mcwt_ext.train as train_mod
 from conftest import synthetic_model
-from mcwt_ext.imp import ImpConfig, run_imp
-from mcwt_ext.masks import kept_count
+from mcwt_ext.imp import ImpConfig, layer_targets, round_plan, run_imp
+from mcwt_ext.masks import dense_masks, global_magnitude_prune, kept_count, layer_kind, magnitude_prune
 from mcwt_ext.runs import RunDir
 from mcwt_ext.runs import snapshot_name
 from mcwt_ext.train import TrainConfig, train
@@ -58,6 +60,32 @@ def test_every_layer_lands_exactly_on_its_target(imp_run):
             assert all(not (round_masks[k] & ~previous[k]).any() for k in masks)
         previous = round_masks
     assert all(torch.equal(previous[k], rd.load_tensors("masks.safetensors")[k]) for k in masks)
+
+
+@pytest.mark.parametrize("allocation,rates", [("layer", RATES), ("layer", dict(conv=0.1, linear=0.2, output=0.1)),
+                                              ("global", dict(conv=0.2, linear=0.2, output=0.2))])
+def test_round_plan_counts_the_rounds_imp_prunes(allocation, rates):
+    """The plan `mcwt imp` prints: per kind, the last round that prunes one of its layers, found
+    here by pruning random weights as IMP's rounds do (global: the pool's last round for all)."""
+    model, cfg = synthetic_model(), _cfg(rates=rates, sparsity=0.8, allocation=allocation)
+    kinds = layer_kind(model, torch.zeros(1, 3, 8, 8))
+    masks, targets = dense_masks(model), layer_targets(cfg, kinds)
+    sizes = {n: m.numel() for n, m in masks.items()}
+    weights = {n: torch.randn(m.shape, generator=torch.Generator().manual_seed(1)) for n, m in masks.items()}
+    last = {}
+    for r in itertools.count(1):
+        pruned = global_magnitude_prune(weights, masks, rates["conv"], targets) if allocation == "global" else \
+            magnitude_prune(weights, masks, {n: rates[kinds[n]] for n in masks}, targets)
+        changed = [n for n in masks if not torch.equal(pruned[n], masks[n])]
+        if not changed:
+            break
+        last.update(dict.fromkeys(changed, r))
+        masks = pruned
+    want = {k: max(r for n, r in last.items() if kinds[n] == k) for k in ("conv", "linear", "output")}
+    if allocation == "global":
+        want = dict.fromkeys(want, max(want.values()))
+    assert round_plan(cfg, sizes, kinds) == want
+    assert round_plan(_cfg(rates={**rates, "linear": 0.0}), sizes, kinds)["linear"] is None  # never there
 
 
 def test_rounds_rewind_to_the_initial_weights(synthetic, imp_run):

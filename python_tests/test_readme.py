@@ -28,6 +28,27 @@ def test_own_model_example_runs(tmp_path, monkeypatch):
     assert out.shape == (2, 10)
 
 
+def _prose() -> str:
+    return " ".join(README.read_text().split())
+
+
+def test_the_commands_that_write_no_run_directory_are_named():
+    """The README's "Every command but fit and plot writes a run directory" is what the parser
+    declares (the kind of --out each command's errors name)."""
+    from mcwt_ext.cli import build_parser
+
+    kinds = {name: p.get_default("out_kind") or "run" for name, p in build_parser().commands.items()}
+    assert {name: k for name, k in kinds.items() if k not in ("run", "grid")} == {"fit": "file", "plot": "folder"}
+    assert kinds["reproduce"] == "grid"
+    assert "Every command but `fit` and `plot` writes a run directory (`--out`; `reproduce` a grid of them)" \
+        in _prose() and "`mcwt fit --out` writes one JSON file, `mcwt plot --out` a folder" in _prose()
+
+
+def test_the_shard_rule_counts_chains_from_1():
+    """shard_cells gives chain j (from 1) to shard (j - 1) mod N + 1 (test_grid_packs checks it)."""
+    assert "Chain j, counted from 1 in grid order, goes to task (j - 1) mod N + 1 (chain 1 to task 1" in _prose()
+
+
 # --- every shell block, run as written from the Quick start's state ------------------------------
 
 import subprocess  # noqa: E402

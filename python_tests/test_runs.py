@@ -28,6 +28,22 @@ def test_open_refuses_another_run_naming_every_difference(tmp_path):
     assert "extra None there, True now" in msg and "config.json" in msg
 
 
+def test_open_adds_or_keeps_an_optional_step(tmp_path):
+    """A run of masks only (``train`` None, --no-train) resumes into its training, and a rerun of masks
+    only keeps the training it has; the step's settings and the other keys are still compared."""
+    masks_only = {**CONFIG, "train": None}
+    RunDir.open(tmp_path, masks_only, optional=("train",))
+    RunDir.open(tmp_path, CONFIG, optional=("train",))
+    RunDir.open(tmp_path, masks_only, optional=("train",))
+    assert RunDir(tmp_path).load_json(RunDir.CONFIG) == CONFIG
+    with pytest.raises(ValueError, match="train.lr 0.1 there, 0.2 now"):
+        RunDir.open(tmp_path, {**CONFIG, "train": {**CONFIG["train"], "lr": 0.2}}, optional=("train",))
+    with pytest.raises(ValueError, match="seed 0 there, 1 now"):
+        RunDir.open(tmp_path, {**masks_only, "seed": 1}, optional=("train",))
+    with pytest.raises(ValueError, match="train.lr 0.1 there, None now"):
+        RunDir.open(tmp_path, masks_only)  # not optional: another run
+
+
 def test_check_identity_mutable_keys():
     check_identity({"a": 1, "archs": ["conv2"]}, {"a": 1, "archs": ["conv4"]}, "x", mutable={"archs"})
     with pytest.raises(ValueError, match="archs"):

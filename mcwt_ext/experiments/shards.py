@@ -5,7 +5,8 @@ A *chain* is an architecture's seed with every cell that needs one of its cells:
 component of the grid's need graph belongs to the (architecture, seed) of its first cell (the
 fit-transfer cells of every seed need seed 0's fit, so they join seed 0's chain). No cell of one chain needs a cell of another, so a shard that runs whole
 chains needs nothing another shard makes, and a killed or never-started shard holds up no other:
-its chains wait for its rerun. Chain j, in grid order, goes to shard j mod N + 1.
+its chains wait for its rerun. Chain j, counted from 1 in grid order, goes to shard
+(j - 1) mod N + 1.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 __all__ = ["SHARD_RULE", "parse_shard", "chains", "shard_cells"]
 
 #: The split rule, as each shard prints it at its start.
-SHARD_RULE = "a chain is an architecture's seed with every cell that needs its cells; chain j goes to shard j mod N + 1"
+SHARD_RULE = ("a chain is an architecture's seed with every cell that needs its cells; chain j (from 1, in "
+              "grid order) goes to shard (j - 1) mod N + 1")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
