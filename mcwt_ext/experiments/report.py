@@ -16,7 +16,7 @@ from ..masks import densities
 from ..runs import FIGURE_FILES, GRID_FILES, RunDir, atomic_write, grid_cell
 from .grid import Grid
 from .methods import METHODS
-from .stats import COVERS_ZERO, LEVEL, Paired, paired_difference
+from .stats import COVERS_ZERO, LEVEL, MIN_SEEDS, Paired, holm, paired_difference
 
 __all__ = ["METRICS", "method_run", "method_masks", "compare_methods", "comparison_markdown",
            "extra_cost_rows", "method_run", "collect", "write_table_csv", "read_table_csv", "table_markdown",
@@ -29,7 +29,9 @@ METRICS = {
     "test_acc_early_stop": "Test accuracy at early stop",
 }
 TABLE_FIELDS = ["metric", "method", "arch", "n", "mean", "std", "paper",
-                "diff_n", "diff_mean", "diff_low", "diff_high", "diff_covers_zero"]
+                "diff_n", "diff_mean", "diff_low", "diff_high", "diff_covers_zero", "diff_p", "diff_p_holm",
+                "diff_seeds"]
+PER_SEED_FIELDS = ["metric", "method", "arch", "seed", "value"]
 
 
 def method_run(grid_out: Path, arch: str, seed: int, method: str) -> RunDir | None:
@@ -52,7 +54,24 @@ def _per_seed(grid: Grid, arch: str, method: str, metric: str) -> dict[int, floa
 
 def _diff_fields(paired: Paired) -> dict:
     return dict(diff_n=paired.n, diff_mean=paired.mean, diff_low=paired.low, diff_high=paired.high,
-                diff_covers_zero=paired.covers_zero)
+                diff_covers_zero=paired.covers_zero, diff_p=paired.p, diff_p_holm=math.nan,
+                diff_seeds=_seeds_text(paired.diffs))
+
+
+def _seeds_text(diffs) -> str:
+    """Per-seed differences as one CSV cell ("-2.1000;-3.2800"), in seed order."""
+    return ";".join(f"{d:.4f}" for d in diffs)
+
+
+def _seeds_of(text: str) -> tuple[float, ...]:
+    return tuple(float(d) for d in text.split(";")) if text else ()
+
+
+def _adjust(rows: list[dict], p: str, adjusted: str, reference: str = "wt") -> None:
+    """Holm-adjusted p-values over every comparison in ``rows`` (the reference row is none)."""
+    family = [r for r in rows if r["method"] != reference]
+    for r, q in zip(family, holm([r[p] for r in family])):
+        r[adjusted] = q
 
 
 def collect(grid: Grid) -> list[dict]:
@@ -71,7 +90,16 @@ def collect(grid: Grid) -> list[dict]:
                     std=statistics.stdev(vals) if len(vals) > 1 else 0.0 if vals else math.nan,
                     paper=m.paper.get(arch) if metric == "val_acc_early_stop" else None,
                     **_diff_fields(paired_difference(per_seed, _per_seed(grid, arch, "wt", metric)))))
+    _adjust(rows, "diff_p", "diff_p_holm")
     return rows
+
+
+def per_seed_rows(grid: Grid) -> list[dict]:
+    """Every value behind the table (``per_seed.csv``), so that a reader can recompute any
+    interval: one row per (metric, method, arch, seed), in %."""
+    return [dict(metric=metric, method=method, arch=arch, seed=seed, value=f"{value:.4f}")
+            for metric in METRICS for method in grid.methods for arch in grid.archs
+            for seed, value in _per_seed(grid, arch, method, metric).items()]
 
 
 def _save_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
@@ -80,6 +108,7 @@ def _save_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None)
 
 def write_table_csv(rows: list[dict], path: Path) -> None:
     _save_csv(Path(path), [{**r, **{k: f"{r[k]:.4f}" for k in ("mean", "std", "diff_mean", "diff_low", "diff_high")},
+                            **{k: f"{r[k]:.6g}" for k in ("diff_p", "diff_p_holm")},
                             "paper": "" if r["paper"] is None else f"{r['paper']:.2f}"}
                            for r in rows], TABLE_FIELDS)
 
@@ -91,17 +120,28 @@ def read_table_csv(path: Path) -> list[dict]:
                      mean=float(r["mean"]), std=float(r["std"]),
                      paper=float(r["paper"]) if r["paper"] else None, diff_n=int(r["diff_n"]),
                      **{k: float(r[k]) for k in ("diff_mean", "diff_low", "diff_high")},
-                     diff_covers_zero=r["diff_covers_zero"] == "True") for r in csv.DictReader(f)]
+                     diff_covers_zero=r["diff_covers_zero"] == "True",
+                     **{k: float(r.get(k) or "nan") for k in ("diff_p", "diff_p_holm")},  # older tables: none
+                     diff_seeds=r.get("diff_seeds", "")) for r in csv.DictReader(f)]
 
 
 def _paired(r: dict) -> Paired:
-    return Paired(r["diff_n"], r["diff_mean"], r["diff_low"], r["diff_high"])
+    return Paired(r["diff_n"], r["diff_mean"], r["diff_low"], r["diff_high"], _seeds_of(r["diff_seeds"]),
+                  r["diff_p"])
 
 
 PAIRED_NOTE = (f"Paired difference to the WT: the row minus the WT, seed by seed (every row of a seed "
                f"shares its initial weights and batch order), mean and {LEVEL:.0%} Student-t interval "
                f"over the n seeds both have; {COVERS_ZERO}: the interval covers 0 (no difference "
-               f"detected with these seeds); one seed gives no interval.")
+               f"detected with these seeds, which is not evidence of no difference); with fewer than "
+               f"{MIN_SEEDS} seeds, no interval: the per-seed differences instead (every value is in "
+               f"`{GRID_FILES['per_seed_csv']}`).")
+
+
+def holm_note(count: int) -> str:
+    return (f"This table makes {count} comparisons to the WT at once; each p_Holm is its paired t-test's "
+            f"p-value Holm-adjusted over all of them, so that the chance of any false detection in the "
+            f"table stays below {1 - LEVEL:.0%}." if count else "")
 
 
 def table_markdown(rows: list[dict], archs: list[str], header: str) -> str:
@@ -122,12 +162,14 @@ def table_markdown(rows: list[dict], archs: list[str], header: str) -> str:
                 text = "n/a" if not r["n"] else f"{r['mean']:.2f} ± {r['std']:.2f}"
                 if paper:
                     text += " (n/a)" if r["paper"] is None else f" ({r['paper']:.2f})"
-                cells += [text, "(reference)" if method == "wt" else _paired(r).markdown()]
+                cells += [text, "(reference)" if method == "wt" else _paired(r).markdown(p_adjusted=r["diff_p_holm"])]
             lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
         lines.append("")
     n = max((r["n"] for r in rows), default=0)
+    tested = sum(1 for r in rows if r["method"] != "wt" and not math.isnan(r["diff_p"]))
     lines.append(f"Mean ± std over {n} seed(s), accuracy in %. Paper numbers: Grzeszczuk & "
-                 f"Kurdziel, Table 1 (CIFAR-10, validation accuracy at early stop). {PAIRED_NOTE}")
+                 f"Kurdziel, Table 1 (CIFAR-10, validation accuracy at early stop). {PAIRED_NOTE} "
+                 f"{holm_note(tested)}".rstrip())
     return "\n".join(lines) + "\n"
 
 
@@ -188,7 +230,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 COMPARISON_FIELDS = ["arch", "method", "label", "group", "n", "val_acc_mean", "val_acc_std", "gap_to_wt",
-                     "gap_low", "gap_high", "gap_n", "gap_covers_zero",
+                     "gap_low", "gap_high", "gap_n", "gap_covers_zero", "gap_p", "gap_p_holm", "gap_seeds",
                      "overlap_mean", "overlap_std", "dead_out_mean", "dead_out_std", "dead_in_mean",
                      "dead_in_std", "cost_s_mean", "cost_s_std", "cost_n"]
 OVERLAP_FIELDS = ["arch", "method", "seed", "layer", "overlap", "density", "dead_out", "dead_in"]
@@ -235,10 +277,12 @@ def compare_methods(grid: Grid, metric: str = "val_acc_early_stop") -> tuple[lis
             gap = paired_difference(acc, wt_acc)
             rows.append(dict(arch=arch, method=method, label=m.label, group=m.group, n=len(acc),
                              val_acc_mean=am, val_acc_std=asd, gap_to_wt=gap.mean, gap_low=gap.low,
-                             gap_high=gap.high, gap_n=gap.n, gap_covers_zero=gap.covers_zero,
+                             gap_high=gap.high, gap_n=gap.n, gap_covers_zero=gap.covers_zero, gap_p=gap.p,
+                             gap_p_holm=math.nan, gap_seeds=_seeds_text(gap.diffs),
                              overlap_mean=om, overlap_std=osd, dead_out_mean=dom, dead_out_std=dosd,
                              dead_in_mean=dim, dead_in_std=disd, cost_s_mean=cm, cost_s_std=csd,
                              cost_n=len(cost)))
+    _adjust(rows, "gap_p", "gap_p_holm")
     return rows, per_layer
 
 
@@ -253,13 +297,15 @@ def comparison_markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         gap = "(reference)" if r["method"] == "wt" else \
-            Paired(r["gap_n"], r["gap_to_wt"], r["gap_low"], r["gap_high"]).markdown()
+            Paired(r["gap_n"], r["gap_to_wt"], r["gap_low"], r["gap_high"], _seeds_of(r["gap_seeds"]),
+                   r["gap_p"]).markdown(p_adjusted=r["gap_p_holm"])
         dead = "—" if math.isnan(r["dead_out_mean"]) else \
             f"{r['dead_out_mean']:.3f} / {r['dead_in_mean']:.3f}"
         lines.append(f"| {r['arch']} | {r['label']} | {_fmt(r['val_acc_mean'], r['val_acc_std'])} | {gap} | "
                      f"{_fmt(r['overlap_mean'], r['overlap_std'], 3)} | {dead} | "
                      f"{_fmt(r['cost_s_mean'], r['cost_s_std'], 1)} |")
-    lines += ["", PAIRED_NOTE, "",
+    tested = sum(1 for r in rows if r["method"] != "wt" and not math.isnan(r["gap_p"]))
+    lines += ["", f"{PAIRED_NOTE} {holm_note(tested)}".rstrip(), "",
               "Overlap: the share of the WT's kept weights that the row's mask also keeps, over all "
               "layers (a random mask at 80% sparsity overlaps about 0.2). Dead units: the share of "
               "output filters/units that keep no weight, and of input channels/units that no kept "
@@ -300,7 +346,7 @@ def cost_figure(grid: Grid, comparison: list[dict]) -> list[Path]:
                   for r in comparison if r["arch"] == arch and r["n"] and not math.isnan(r["cost_s_mean"])}
         if points:
             out.append(accuracy_vs_cost(points, grid.out / GRID_FILES["figures"] / arch / FIGURE_FILES["cost"],
-                                        f"{arch} on {grid.dataset}: accuracy against construction cost"))
+                                        dataset=grid.dataset, arch=arch, seed=grid.seeds))
     return out
 
 
@@ -333,11 +379,11 @@ def figures(grid: Grid, seed: int | None = None, samples: int = 2000) -> list[Pa
         ticket = load_ticket(cells["wt"].path)
         masks = {m: rd.load_tensors(RunDir.MASKS) for m, rd in cells.items()}
         fig_dir = grid.out / GRID_FILES["figures"] / arch
-        out += ticket_figures(ticket.model, masks, ds.train.tensors[0], fig_dir, samples)
-        histories = {METHODS[key].label: rd.load_csv(RunDir.METRICS) for key in grid.methods
+        about = dict(dataset=grid.dataset, arch=arch, seed=seed)
+        out += ticket_figures(ticket.model, masks, ds.train.tensors[0], fig_dir, samples, **about)
+        histories = {key: rd.load_csv(RunDir.METRICS) for key in grid.methods
                      if (rd := method_run(grid.out, arch, seed, key)) is not None}
-        out.append(accuracy_curves(histories, fig_dir / FIGURE_FILES["curves"],
-                                   f"{arch} on {grid.dataset} (seed {seed})"))
+        out.append(accuracy_curves(histories, fig_dir / FIGURE_FILES["curves"], **about))
     return out
 
 
@@ -354,6 +400,7 @@ def report(grid: Grid) -> dict[str, Path]:
     atomic_write(paths["table_md"], table_markdown(rows, grid.archs, f"## Table 1 on {what}\n\n{protocol}")
                  + "\n" + comparison_markdown(comparison))
     write_table_csv(rows, paths["table_csv"])
+    _save_csv(paths["per_seed_csv"], per_seed_rows(grid), PER_SEED_FIELDS)
     _save_csv(paths["methods_csv"], comparison, COMPARISON_FIELDS)
     _save_csv(paths["overlap_csv"], overlaps, OVERLAP_FIELDS)
     costs = cost_rows(grid)
