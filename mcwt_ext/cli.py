@@ -113,7 +113,9 @@ def add_dst_parser(subparsers) -> None:
     p = command_parser(subparsers, commands.dst_cmd, "dst", model_data=True, train=True,
                        help="dynamic sparse training: RigL or SET, one training whose masks change",
                        description="Train from a random mask at --sparsity (or from --start) and, every "
-                                   "--update-every steps until --stop-at of the training, replace the "
+                                   "--update-every steps up to --stop-at of the training (RigL: from step 0, "
+                                   "each update in place of an optimiser step; SET: after steps 1, "
+                                   "1 + update-every, ...), replace the "
                                    "fraction alpha/2 * (1 + cos(pi t / T_end)) of each layer's kept weights "
                                    "of least magnitude by as many new ones (RigL: largest |dense gradient|; "
                                    "SET: at random), grown at zero with fresh optimiser moments. Per-layer "

@@ -168,13 +168,16 @@ class StepHook(Protocol):
     """What changes the masks while training (dynamic sparse training, :mod:`mcwt_ext.dst`).
 
     ``bind`` receives the start masks, the masked layers (names, weights, and the float masks
-    training multiplies by, which ``update`` changes in place) and the optimiser. On a step where
-    ``due(step)``, ``update(step)`` runs after the backward pass, while the weights' gradients are
-    still dense, and before they are masked and the optimiser steps. ``state_dict`` goes into each
-    checkpoint; ``save_final``/``load_final`` keep what a finished run needs beside its weights."""
+    training multiplies by, which ``update`` changes in place) and the optimiser. Where
+    ``before(step)``, step ``step``'s batch first goes forward and backward alone, and
+    ``update(step)`` runs while the weights' gradients are dense (no optimiser step), then the step
+    trains on the new masks; where ``after(step)``, ``update(step)`` runs after the step.
+    ``state_dict`` goes into each checkpoint; ``save_final``/``load_final`` keep what a finished run
+    needs beside its weights."""
 
     def bind(self, masks, names, params, float_masks, optimizer) -> None: ...
-    def due(self, step: int) -> bool: ...
+    def before(self, step: int) -> bool: ...
+    def after(self, step: int) -> bool: ...
     def update(self, step: int) -> None: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -182,17 +185,21 @@ class StepHook(Protocol):
     def load_final(self, rd: RunDir) -> None: ...
 
 
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, enforcer: _MaskEnforcer,
-          xb: torch.Tensor, yb: torch.Tensor, precision: str = "fp32", update=None) -> torch.Tensor:
-    """One masked optimiser step, its forward pass and loss in ``precision``; returns the batch
-    loss (detached, not synchronised). ``update``: called between the backward pass and the
-    masking of the gradient."""
+def _backward(model: nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+              precision: str) -> torch.Tensor:
+    """The batch's loss, forward in ``precision``, and its gradients (unmasked: dense)."""
     with autocast(precision, xb.device):  # bf16: the float32 weights are cast on the fly, the loss
         loss = F.cross_entropy(model(to_input_format(precision, xb)), yb)  # is float32
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if update is not None:
-        update()
+    return loss
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, enforcer: _MaskEnforcer,
+          xb: torch.Tensor, yb: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """One masked optimiser step, its forward pass and loss in ``precision``; returns the batch
+    loss (detached, not synchronised)."""
+    loss = _backward(model, optimizer, xb, yb, precision)
     enforcer.grads()
     optimizer.step()
     enforcer.weights()
@@ -369,9 +376,12 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         batches = _batches(dataset.train, order, start, config.iterations, config.num_workers, device, augment)
         for it, (xb, yb) in enumerate(batches, start=start + 1):  # it = steps done after this one
             _set_lr(optimizer, config.lr_at(it - 1))
-            update = None if step_hook is None or not step_hook.due(it) else \
-                (lambda step=it: step_hook.update(step))
-            loss_sum += _step(net, optimizer, enforcer, xb, yb, config.precision, update)
+            if step_hook is not None and step_hook.before(it):  # from this batch's dense gradient
+                _backward(net, optimizer, xb, yb, config.precision)
+                step_hook.update(it)
+            loss_sum += _step(net, optimizer, enforcer, xb, yb, config.precision)
+            if step_hook is not None and step_hook.after(it):
+                step_hook.update(it)
             loss_count += 1
             bar.update()
             if it in snapshots:

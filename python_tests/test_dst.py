@@ -111,8 +111,9 @@ def test_drop_fraction_is_the_references_cosine():
         assert drop_fraction(step, 0.3, 100) == pytest.approx(
             _reference_drop_fraction(step, 0.3, 100) if step < 100 else 0.0, abs=1e-15)
     assert drop_fraction(50, 0.3, 100) == pytest.approx(0.15)
-    cfg = DstConfig("rigl", update_every=4, stop_at=0.75)
-    assert cfg.update_steps(24) == [4, 8, 12, 16]  # t < 18: the fraction is 0 from there
+    # global steps g <= end = 18: RigL's from 0 (before the step), SET's from 1 (after it)
+    assert DstConfig("rigl", update_every=4, stop_at=0.75).update_steps(24) == [0, 4, 8, 12, 16]
+    assert DstConfig("set", update_every=4, stop_at=0.75).update_steps(24) == [1, 5, 9, 13, 17]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -151,8 +152,9 @@ class _Checked(MaskSchedule):
             assert not bool(p[~new].any())
             grown = new & ~b
             assert not bool(p[grown].any())
-            for key in ("exp_avg", "exp_avg_sq"):
-                assert not bool(self.optimizer.state[p][key][grown].any())
+            for key in ("exp_avg", "exp_avg_sq"):  # none before the first optimiser step (RigL at 0)
+                state = self.optimizer.state.get(p, {})
+                assert key not in state or not bool(state[key][grown].any())
 
 
 @pytest.mark.parametrize("method", ["rigl", "set"])
@@ -162,7 +164,7 @@ def test_counts_exact_and_grown_weights_fresh_after_every_update(synthetic, meth
     hook = _Checked(_dst(method), 24)
     hook.records = []
     train(model, synthetic, start, _cfg(), progress=False, step_hook=hook)
-    assert [r["step"] for r in hook.records] == [5, 9, 13, 17]
+    assert [r["step"] for r in hook.records] == [1, 5, 9, 13, 17]  # RigL: before these steps; SET: after
     assert all(r["changed"] > 0 for r in hook.records)
     if method == "rigl":
         assert all(r["dense_grad"] for r in hook.records)
@@ -194,7 +196,7 @@ def test_set_growth_is_seeded(synthetic):
 @pytest.mark.numerics
 @pytest.mark.parametrize("method", ["rigl", "set"])
 def test_resume_after_a_kill_is_bit_identical(synthetic, tmp_path, monkeypatch, method):
-    """Killed after the checkpoint at 12 (updates at 4, 8 before it; 12, 16 after), resumed: the
+    """Killed after the checkpoint at 12 (updates at 0, 4, 8 before it; 12, 16 after; SET one step later), resumed: the
     final weights and masks equal an unkilled run's byte for byte."""
     start = random_start(synthetic_model(), 0.2, seed=0)
     whole = synthetic_model()
@@ -301,12 +303,68 @@ def test_erk_distribution_sets_the_start_counts(tmp_path):
     assert len({round(float(m.float().mean()), 3) for m in random.values()}) > 2  # not uniform
 
 
-def test_the_grid_makes_at_least_20_updates_and_rigls_100_steps_at_most():
+def test_the_grid_updates_every_100_steps_unless_that_makes_fewer_than_5_updates():
     from mcwt_ext.experiments.methods import MIN_DST_UPDATES, dst_update_every
 
-    for iterations in (40, 300, 1_000, 1_500, 20_000, 30_000):
+    for iterations in (12, 40, 300, 533, 534, 1_000, 1_500, 20_000, 30_000):
         every = dst_update_every(iterations)
         updates = DstConfig("rigl", update_every=every).update_steps(iterations)
         assert 1 <= every <= 100
-        assert len(updates) >= MIN_DST_UPDATES or every == 1, iterations
-    assert dst_update_every(300) == 11 and dst_update_every(20_000) == 100
+        assert len(updates) >= MIN_DST_UPDATES, iterations
+        assert every == 100 or len(DstConfig("rigl").update_steps(iterations)) < MIN_DST_UPDATES
+    assert dst_update_every(300) == 56 and dst_update_every(20_000) == 100  # 300: end 225, 0-224
+
+
+def _reference_control(method, total, end, freq):
+    """google-research/rigl's control flow, transcribed (sparse_optimizers.py): the global step g
+    counts optimiser steps; last_mask_update_step starts at -freq; is_mask_update_iter(g) =
+    0 <= g <= end and last + freq <= g. RigL: cond(is_update, mask_update_op, apply_gradient_op),
+    so an update iteration takes no optimiser step and leaves g; SET: the optimiser step, then
+    cond(is_update, mask_update_op, no_op) on the incremented g. Events: ("update", g, drop
+    fraction) and ("step", g) in order, until g == total."""
+    g, last, events = 0, -freq, []
+
+    def is_update(step):
+        return 0 <= step <= end and last + freq <= step
+    while g < total:
+        if method == "rigl" and is_update(g):
+            events.append(("update", g, _reference_drop_fraction(g, 0.3, end)))
+            last = g
+            continue
+        events.append(("step", g))
+        g += 1
+        if method == "set" and is_update(g):
+            events.append(("update", g, _reference_drop_fraction(g, 0.3, end)))
+            last = g
+    return events
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_the_control_flow_is_rigls(synthetic, method):
+    """The order of optimiser steps and mask updates, and each update's drop fraction, equal the
+    transcription of the reference's: RigL's first update at step 0 with the full fraction, and no
+    optimiser step on an update iteration (the update's batch then trains the step)."""
+    events = []
+
+    class Logged(MaskSchedule):
+        def update(self, step):
+            g = step - 1 if method == "rigl" else step
+            events.append(("update", g, drop_fraction(g, self.config.alpha, self.end)))
+            super().update(step)
+
+    model = synthetic_model()
+    optimizer_step = torch.optim.Adam.step
+
+    def logged_step(self, *a, **k):
+        events.append(("step", sum(e[0] == "step" for e in events)))
+        return optimizer_step(self, *a, **k)
+    torch.optim.Adam.step = logged_step
+    try:
+        train(model, synthetic, random_start(model, 0.2, seed=0), _cfg(), progress=False,
+              step_hook=Logged(_dst(method), 24))
+    finally:
+        torch.optim.Adam.step = optimizer_step
+    want = _reference_control(method, 24, 18, 4)
+    assert [e[:2] for e in events] == [e[:2] for e in want]
+    assert [e[2] for e in events if e[0] == "update"] == pytest.approx([e[2] for e in want if e[0] == "update"])
+    assert events[0] == (("update", 0, pytest.approx(0.3)) if method == "rigl" else ("step", 0))

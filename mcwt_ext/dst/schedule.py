@@ -1,23 +1,32 @@
 """Dynamic sparse training: the masks change while the net trains (RigL, SET).
 
 :class:`MaskSchedule` is the step hook :func:`mcwt_ext.train.train` calls (see
-:class:`mcwt_ext.train.StepHook`): at ``t = k * update_every`` steps done, ``0 < t < stop_at *
-iterations``, step ``t + 1`` computes its gradient as usual, then, before the gradient is masked
-and the optimiser steps, every masked layer drops and grows the same number of weights
-(:func:`~mcwt_ext.dst.rule.drop_and_grow`, fraction :func:`~mcwt_ext.dst.rule.drop_fraction` of
-``t``); the step then trains with the new masks. The gradient seen there is dense: pruned weights
-are exactly zero, so the gradient with respect to the weight is that with respect to the masked
-weight, at every position (RigL's grow score, at no extra cost: the layers' backward computes
-the full weight gradient anyway). The reference skips RigL's optimiser step on an update step;
-here every step trains, for RigL and SET alike.
+:class:`mcwt_ext.train.StepHook`), with the control flow of google-research/rigl
+(``sparse_optimizers.py``; global step ``g`` = optimiser steps done, ``end = stop_at * iterations``,
+``ΔT = update_every``):
 
+- **RigL** updates the masks *instead of* an optimiser step (``cond_mask_update_op(g,
+  apply_gradient_op)``) at ``g = 0, ΔT, 2ΔT, ... <= end``: the first update comes before any
+  training, with the full drop fraction ``alpha``. The update drops the smallest kept weights and
+  grows where the batch's dense gradient is largest; the gradient is dense because pruned
+  weights are exactly zero, so the gradient with respect to the weight is that with respect to
+  the masked weight at every position. Then the optimiser step ``g`` follows, on the new masks.
+  The reference draws the next batch for that step; here it reuses the update's batch (one
+  forward/backward more per update, and every optimiser step of the training is kept: the
+  reference's update iterations do not advance its global step either).
+- **SET** steps, then updates (``optimizer_update``, then ``cond_mask_update_op(g, no_op)``), at
+  ``g = 1, 1 + ΔT, ... <= end`` after the increment: drop the smallest kept weights, grow at
+  random.
+
+Drop fraction ``alpha/2 * (1 + cos(pi * g / end))`` (:func:`~mcwt_ext.dst.rule.drop_fraction`).
 Grown weights start at zero and every optimiser state tensor of the weight's shape (Adam's
-``exp_avg`` and ``exp_avg_sq``, SGD's momentum) is zeroed where a weight is grown or dropped, so a
-regrown weight starts with fresh moments, as the reference's ``reset_momentum``. Adam's step count
-is per tensor and is left as it is (the reference's TF Adam keeps one ``beta1_power``/``beta2_power``
-per optimizer, untouched by updates): a grown weight's first updates are bias-corrected as late
-steps, i.e. about ``(1 - beta1) / sqrt(1 - beta2)`` times (~3.2x at Adam's defaults) a fresh
-Adam's first step, exactly as in the reference.
+``exp_avg`` and ``exp_avg_sq``, SGD's momentum) is zeroed where a weight is grown or dropped, as
+the reference's ``reset_momentum``. Adam's step count is per tensor and is left as it is (the
+reference's TF Adam keeps one ``beta1_power``/``beta2_power`` per optimizer, untouched by
+updates), so a grown weight's first update, bias-corrected as step ``t`` of its tensor, is
+``(1 - beta1) / (1 - beta1^t) * sqrt((1 - beta2^t) / (1 - beta2))`` times a fresh Adam's first
+step: 0.48 at t = 11, 1.41 at t = 220, tending to ``(1 - beta1) / sqrt(1 - beta2)`` = 3.16 at
+Adam's defaults only late in training; exactly as in the reference.
 
 SET's grow scores come from a ``torch.Generator`` seeded with ``DstConfig.seed`` (drawn on the CPU,
 so every device grows the same positions); its state and the current masks are part of the
@@ -57,6 +66,10 @@ class DstConfig:
     stop_at: float = 0.75
     alpha: float = 0.3
     seed: int = 0
+    # 2: the reference's control flow (RigL's first update at step 0, in place of the optimiser
+    # step; SET's after the step). A run made by version 1 (every update before a step that
+    # trained too, the first one step later) is refused on resume: its settings differ.
+    control: int = 2
 
     def __post_init__(self):
         if self.method not in DST_METHODS:
@@ -69,14 +82,18 @@ class DstConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
         check_seed(self.seed, "seed")
+        if self.control != 2:
+            raise ValueError(f"control must be 2 (the reference's control flow), got {self.control!r}")
 
     def end(self, iterations: int) -> int:
         """The step count from which the masks stay fixed."""
         return int(self.stop_at * iterations)
 
     def update_steps(self, iterations: int) -> list[int]:
-        """The step counts ``t`` at which the masks change (in step ``t + 1``)."""
-        return list(range(self.update_every, self.end(iterations), self.update_every))
+        """The global steps ``g`` (optimiser steps done) at which the masks change: RigL's
+        ``0, ΔT, ... <= end`` (before step ``g + 1``), SET's ``1, 1 + ΔT, ... <= end`` (after step ``g``)."""
+        first = 0 if self.method == "rigl" else 1
+        return list(range(first, min(self.end(iterations), iterations) + 1, self.update_every))
 
 
 class MaskSchedule:
@@ -96,14 +113,21 @@ class MaskSchedule:
         self.start = dict(masks)
         self.names, self.params, self.masks, self.optimizer = names, params, float_masks, optimizer
 
-    def due(self, step: int) -> bool:
-        """Whether step ``step`` (1-based) updates the masks."""
-        return step - 1 in self.updates
+    def before(self, step: int) -> bool:
+        """Whether the masks change before step ``step`` (1-based): RigL's updates, from this
+        step's batch's dense gradient, in place of an optimiser step."""
+        return self.config.method == "rigl" and step - 1 in self.updates
+
+    def after(self, step: int) -> bool:
+        """Whether the masks change after step ``step``: SET's updates."""
+        return self.config.method == "set" and step in self.updates
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """Drop and grow in every masked layer; ``p.grad`` holds the dense gradient of step ``step``."""
-        fraction = drop_fraction(step - 1, self.config.alpha, self.end)
+        """Drop and grow in every masked layer, at step ``step``'s global step (RigL: before it,
+        ``p.grad`` holding the dense gradient of its batch; SET: after it)."""
+        g = step - 1 if self.config.method == "rigl" else step
+        fraction = drop_fraction(g, self.config.alpha, self.end)
         for p, m in zip(self.params, self.masks):
             kept = m.bool()
             if self.config.method == "rigl":

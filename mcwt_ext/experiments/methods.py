@@ -325,15 +325,16 @@ register_cell("mcwt_exact", needs=("fit",))(lambda cell: _run_mcwt_cell(cell, Tr
 #: settings of the grid's DstConfig beyond mcwt_ext.dst's defaults (RigL's: update every 100 steps
 #: until 75% of the training, alpha 0.3) and :func:`dst_update_every`; none by default
 DST_SETTINGS: dict = {}
-#: the fewest mask updates a grid's DST cell makes before it stops updating
-MIN_DST_UPDATES = 20
+#: the fewest mask updates a grid's DST cell makes (RigL's, counting the one at step 0)
+MIN_DST_UPDATES = 5
 
 
 def dst_update_every(iterations: int, stop_at: float = 0.75) -> int:
-    """RigL's 100 steps between updates, shortened so a short training still makes
-    :data:`MIN_DST_UPDATES` updates (the reduced protocols train for 300-1,500 steps, where every
-    100 steps would give 2-11; RigL's CIFAR-10 runs make hundreds)."""
-    return max(1, min(100, int(stop_at * iterations) // MIN_DST_UPDATES))
+    """RigL's ΔT = 100 steps between updates, unless the training is too short for
+    :data:`MIN_DST_UPDATES` updates at that interval (updates at 0, ΔT, ... <= stop_at *
+    iterations): then the interval that makes that many (300 steps: every 56)."""
+    end = int(stop_at * iterations)
+    return 100 if end // 100 + 1 >= MIN_DST_UPDATES else max(1, end // (MIN_DST_UPDATES - 1))
 
 
 def _run_dst_cell(cell, method: str, start: str | None = None, distribution: str = "uniform") -> None:
