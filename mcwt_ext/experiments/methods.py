@@ -337,15 +337,21 @@ def dst_update_every(iterations: int, stop_at: float = 0.75) -> int:
     return 100 if end // 100 + 1 >= MIN_DST_UPDATES else max(1, end // (MIN_DST_UPDATES - 1))
 
 
+def grid_dst_config(method: str, iterations: int, seed: int = 0):
+    """The DstConfig of a grid's DST cell training ``iterations`` steps."""
+    from ..dst import DstConfig
+
+    return DstConfig(method, seed=seed, **{"update_every": dst_update_every(iterations), **DST_SETTINGS})
+
+
 def _run_dst_cell(cell, method: str, start: str | None = None, distribution: str = "uniform") -> None:
     """Dynamic sparse training from a random start, or from the masks of cell ``start``. It trains
     in its own loop (never in a pack: its masks change while it trains)."""
-    from ..dst import DstConfig, train_dst
+    from ..dst import train_dst
     from ..masks import random_masks
 
     ds, model, train_cfg, config = cell.context()
-    dst = DstConfig(method, seed=cell.seed,
-                    **{"update_every": dst_update_every(train_cfg.iterations), **DST_SETTINGS})
+    dst = grid_dst_config(method, train_cfg.iterations, cell.seed)
     rd = RunDir.open(cell.dir().path, dict(config, dst=dataclasses.asdict(dst), start=start or "random",
                                            **_distribution_entry(distribution)))
     rd.save_tensors(RunDir.INIT, model.state_dict())

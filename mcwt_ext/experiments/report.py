@@ -353,15 +353,14 @@ def cost_figure(grid: Grid, comparison: list[dict]) -> list[Path]:
 def dst_note(grid: Grid) -> str:
     """How often the grid's dynamic sparse training rows updated their masks, per arch ("" when
     it has none): the count and the interval, as RigL's paper states them."""
-    from ..dst import DstConfig
-    from .methods import DST_SETTINGS, dst_update_every
+    from .methods import grid_dst_config
 
     if not grid.cells or not any(METHODS[m].group == "dst" for m in grid.methods):
         return ""
     settings, parts = grid.cells[0].settings, []
     for arch in grid.archs:
         iterations = settings.protocol.train_config(arch, 0, iterations=settings.iterations).iterations
-        dst = DstConfig("rigl", **{"update_every": dst_update_every(iterations), **DST_SETTINGS})
+        dst = grid_dst_config("rigl", iterations)
         steps = dst.update_steps(iterations)
         parts.append(f"{arch}: {len(steps)} mask updates in {iterations:,} steps, every {dst.update_every} "
                      f"from step 0 to {steps[-1]:,}")
