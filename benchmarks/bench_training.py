@@ -26,7 +26,9 @@ then evaluation per image in fp32 and bf16. The arithmetic floor of a step is it
 and backward, counted by ``torch.utils.flop_counter``) divided by the peak rate of the step's
 dtype, measured here as the fastest of square matrix products and 1x1 convolutions
 (``--peak-size``) in that dtype;
-the floor's share of the median and of the fastest step is shown. ``--tiny``: 8x8 images, 3 timed steps.
+the floor's share of the median and of the fastest step is shown. ``--shapes digits,cifar10`` times
+both datasets' image shapes (1x8x8, 3x32x32) and sets their speed-ups side by side. ``--tiny``: 3
+timed steps.
 
     .venv/bin/python benchmarks/bench_training.py --precision-compare [--arch conv2] [--threads 2]
 """
@@ -148,16 +150,38 @@ def _peak_flops(dtypes, device, size, repeats):
             for d in dtypes}
 
 
-def bench_precision(a, device):
-    """Step time in fp32, fp32 channels-last, bf16 and bf16 channels-last, beside the floor."""
+#: --shapes: the images of each dataset, (channels, side)
+SHAPES = {"digits": (1, 8), "cifar10": (3, 32)}
+
+
+def bench_precisions(a, device):
+    """:func:`bench_precision` for every shape of ``--shapes``, then their speed-ups side by side."""
+    shapes = [s.strip() for s in a.shapes.split(",")]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"--shapes: {unknown[0]!r} is not one of {', '.join(SHAPES)}")
+    rows = {s: bench_precision(a, device, *SHAPES[s]) for s in shapes}
+    print("\n| inputs | fp32 step ms (median) | bf16 step ms (median) | bf16 speed-up, paired median | "
+          "bf16 evaluation speed-up |")
+    print("|---|---|---|---|---|")
+    for s, r in rows.items():
+        c, side = SHAPES[s]
+        print(f"| {s} ({c}x{side}x{side}) | {r['fp32_ms']:.1f} | {r['bf16_ms']:.1f} | {r['step_speedup']:.2f}x | "
+              f"{r['eval_speedup']:.2f}x |")
+
+
+def bench_precision(a, device, channels: int = 3, size: int = 32):
+    """Step time in fp32, fp32 channels-last, bf16 and bf16 channels-last, beside the floor, on
+    ``channels`` x ``size`` x ``size`` images; returns train()'s fp32 and bf16 step medians (ms) and
+    the bf16 speed-ups of the step and of evaluation."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from mcwt_ext.precision import native_bf16
 
-    size, steps, warmup = (8, 3, 1) if a.tiny else (32, a.steps, a.warmup)
+    steps, warmup = (3, 1) if a.tiny else (a.steps, a.warmup)
     n = 600 if a.tiny else 6000
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, size, size, generator=g).to(device)
+    x = torch.randn(n, channels, size, size, generator=g).to(device)
     y = torch.randint(10, (n,), generator=g).to(device)
     order = BatchOrder(n, a.batch_size, seed=0)
     # name: (precision _step runs in, whether model and images are channels-last beforehand)
@@ -165,7 +189,7 @@ def bench_precision(a, device):
                 "bf16": ("bf16", False), "bf16 channels-last": ("bf16", None)}
     runs = {}
     for name, (precision, last) in variants.items():
-        model = build_model(a.arch, 3, 10, size, seed=0).to(device)
+        model = build_model(a.arch, channels, 10, size, seed=0).to(device)
         if last:
             model = model.to(memory_format=torch.channels_last)
         masks = random_masks(model, a.sparsity, seed=0)
@@ -204,7 +228,7 @@ def bench_precision(a, device):
         f"{platform.processor() or platform.machine()}, {a.threads} threads, native bf16: {native_bf16()}"
     print(f"# bench_training --precision-compare {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
           f" | {what} | torch {torch.__version__}")
-    print(f"{a.arch}, {size}x{size} inputs, batch {a.batch_size}, sparsity {a.sparsity}, {steps} timed steps "
+    print(f"{a.arch}, {channels}x{size}x{size} inputs, batch {a.batch_size}, sparsity {a.sparsity}, {steps} timed steps "
           f"of each (after {warmup}), taking turns; {flops / 1e9:.2f} GFLOP per step (forward + backward); "
           f"peak {peak[torch.float32] / 1e9:.0f} GFLOP/s float32, {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s "
           f"bfloat16 (the fastest of {3 if a.tiny else a.peak_repeats} {peak_size}-square matmuls "
@@ -229,6 +253,8 @@ def bench_precision(a, device):
     per = {p: statistics.median(t) / len(split) for p, t in evals.items()}
     print(f"evaluation: fp32 {per['fp32'] * 1e3:.3f} ms/image, bf16 {per['bf16'] * 1e3:.3f} ms/image "
           f"({per['fp32'] / per['bf16']:.2f}x)")
+    return dict(fp32_ms=med["fp32"] * 1e3, bf16_ms=med[lane] * 1e3, step_speedup=paired,
+                eval_speedup=per["fp32"] / per["bf16"])
 
 
 def main(argv=None):
@@ -251,15 +277,18 @@ def main(argv=None):
                     "the square matmuls that measure the peak FLOP/s")
     ap.add_argument("--peak-repeats", type=int, default=30, help="with --precision-compare: matmuls "
                     "of each dtype; the fastest gives the peak")
-    ap.add_argument("--tiny", action="store_true", help="with --nets or --precision-compare: 8x8 images, "
-                    "3 timed steps (a smoke test)")
+    ap.add_argument("--shapes", default="cifar10", help="with --precision-compare: comma list of "
+                    f"the datasets whose image shapes to time, of {', '.join(SHAPES)}; several are "
+                    "summarised side by side")
+    ap.add_argument("--tiny", action="store_true", help="with --nets: 8x8 images; with --nets or "
+                    "--precision-compare: 3 timed steps (a smoke test)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     if a.nets:
         return bench_packs(a, device)
     if a.precision_compare:
-        return bench_precision(a, device)
+        return bench_precisions(a, device)
 
     g = torch.Generator().manual_seed(0)
     n = 6000

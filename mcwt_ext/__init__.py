@@ -12,7 +12,7 @@ extension is never swallowed, it raises on first use.
 """
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 # Public names and the submodule that defines each; resolved on first access.
 _LAZY = {
@@ -27,6 +27,7 @@ _LAZY = {
     "train_pack": "mcwt_ext.lockstep",
     "export_state": "mcwt_ext.state",
     "import_state": "mcwt_ext.state",
+    "UsageError": "mcwt_ext.errors",
 }
 _SUBMODULES = {"ops", "ablate", "dst"}
 

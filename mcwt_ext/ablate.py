@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .masks import check_masks, prunable_layers
 
 __all__ = ["KINDS", "ablate", "shuffle_mask", "shuffle_values"]
@@ -101,6 +102,6 @@ def ablate(model: nn.Module, masks: Mapping[str, torch.Tensor], kind: str, seed:
         raise ValueError("build: the fresh model's parameters do not match the ticket's "
                          "(another architecture?)")
     if all(torch.equal(fresh[n].cpu(), ours[n].detach().cpu()) for n in kept):
-        raise ValueError(f"seed: {seed} gives the ticket's own initial weights; reinit needs "
+        raise UsageError(f"seed: {seed} gives the ticket's own initial weights; reinit needs "
                          f"another seed")
     return {k: v.detach().clone().to(ours[k].device) for k, v in fresh.items()}, kept

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 __all__ = ["AUGMENTS", "PAD", "Augment", "parse_augment", "flip_crop"]
 
 AUGMENTS = ("none", "flip-crop")
@@ -25,7 +27,7 @@ TAG = 0xA06  # keeps these draws apart from the batch order's SeedSequence([seed
 
 def parse_augment(text: str) -> str:
     if text not in AUGMENTS:
-        raise ValueError(f"{text!r} is not one of {', '.join(AUGMENTS)}")
+        raise UsageError(f"{text!r} is not one of {', '.join(AUGMENTS)}")
     return text
 
 

@@ -4,7 +4,8 @@ command does is in :mod:`mcwt_ext.commands`.
 Every command but ``fit`` (a JSON file) and ``plot`` (a folder) writes into a run directory
 (``--out``); rerunning the same command on it resumes where it stopped. Bad arguments, a flag of
 another command and an ``--out`` the OS refuses end with one ``mcwt <cmd>: error: ...`` line and
-exit status 2.
+exit status 2 (a :class:`~mcwt_ext.errors.UsageError`); any other error is a bug of mcwt: one line
+saying so, its traceback in a file, exit status 1.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .cli_flags import (CommandsParser, add_mask_target_args, add_model_data_arg
 from .cli_types import (arch_list, device_spec, existing_file, library_type, methods_help, methods_spec,
                         nonnegative_int, positive_float, positive_int, rates_spec, seed, sparsity, unit_share)
 from .data import DATASETS
+from .errors import UsageError, report_bug
 from .fit import GRANULARITIES
 from .models import ARCHS
 
@@ -274,7 +276,8 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--pack", type=library_type(parse_pack), default="auto",
                    help="nets trained in lockstep per pack (IMP round r of every seed, the random and "
                         "MCWT cells): auto (default: all ready ones on CUDA, none on CPU, where packs "
-                        "measured no faster) or N; 1 trains every cell on its own")
+                        "measured no faster) or N; 1 trains every cell on its own. A training no pack can take "
+                        "(batch norm, SGD or a schedule, augmentation, bf16) trains on its own, said once")
     p.add_argument("--executor", choices=EXECUTORS, default="local",
                    help="local (default): this process runs the cells (--jobs, --pack); ray: every cell "
                         "(with packs, every pack of cells) is a Ray task, started when the cells it needs "
@@ -313,7 +316,7 @@ def add_reproduce_parser(subparsers) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="training arithmetic of every cell: fp32 (default) or bf16 (forward and loss "
                         "autocast to bfloat16, weights and optimiser state float32: about 2x faster on a "
-                        "CPU with AVX512-BF16 or AMX, refused on other CPUs; trains cell by cell, --pack 1)")
+                        "CPU with AVX512-BF16 or AMX, refused on other CPUs; with --pack its cells train one at a time, as with --pack 1)")
     p.add_argument("--methods", type=methods_spec, default="paper",
                    help="rows: paper (the paper's five, default), all (adds pruning at init per layer "
                         "and global, WT ablations, fit variants, fit transfer, exact count, RigL and SET, random and RigL under ERK) "
@@ -340,25 +343,18 @@ def build_parser() -> CommandsParser:
     return parser
 
 
-#: What the package raises on bad input (its convention: a ValueError naming the argument or the
-#: file; a FileNotFoundError; an OS refusal to read or write a path the user gave). Anything else
-#: is a bug and keeps its traceback, except an OS error creating or writing --out.
-INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-
 def error_line(args, error: Exception) -> str | None:
-    """The one line reporting ``error`` (an OS refusal about --out names the flag, in plain words);
-    None for a bug."""
-    from .command_inputs import out_error
+    """The one line reporting ``error`` if it is the user's: a UsageError, or an OS refusal about a
+    path a flag gave (e.g. --out), which names the flag; None for a bug."""
+    from .command_inputs import path_error
 
-    kind = getattr(args, "out_kind", "run")
-    about_out = out_error(args.out, error, kind) if isinstance(error, OSError) else None
-    if about_out is None and not isinstance(error, INPUT_ERRORS):
-        return None
-    return about_out or " ".join(str(error).split())
+    if isinstance(error, UsageError):
+        return " ".join(str(error).split())
+    return path_error(args, error) if isinstance(error, OSError) else None
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     from . import distributed
@@ -366,14 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     joined = distributed.init(getattr(args, "device", None))  # under torchrun: one group trains one net
     try:
         return args.func(args)
-    except (*INPUT_ERRORS, OSError) as e:  # one line, under the command's name
-        line = error_line(args, e)
-        if line is None:
-            raise
-        parser.commands[args.command].error(line)
     except KeyboardInterrupt:
         print(f"\ninterrupted; rerun the same command to resume from {args.out}", file=sys.stderr)
         return 130
+    except Exception as e:  # the user's mistake: one line, exit 2; anything else is a bug: exit 1
+        line = error_line(args, e)
+        if line is None:
+            return report_bug(args.command, e, argv)
+        parser.commands[args.command].error(line)
     finally:
         if joined:
             distributed.shutdown()

@@ -123,8 +123,10 @@ def add_mask_target_args(g, sparsity_group=None, *, pruned: str = "pruned", no_t
                    help="uniform: every layer pruned to --sparsity (default, the paper's); erk: "
                         "Erdos-Renyi-Kernel (Evci et al. 2020): layer l keeps a share proportional to "
                         "(sum of its weight's dims) / (its weight count), capped at dense; the first layer "
-                        "is kept dense (as RigL) and the other layers keep in total exactly what uniform "
-                        "keeps over them")
+                        "is kept dense (as RigL) and counted, so the net keeps in total exactly what uniform "
+                        "keeps (RigL's own total leaves the first layer out); uniform-erk-dense: ERK's "
+                        "control: the layers ERK keeps dense kept dense, the others pruned to one share, "
+                        "the same total")
     if no_train:
         g.add_argument("--no-train", action="store_true", help="only write masks.safetensors and init.safetensors")
 

@@ -16,6 +16,7 @@ import torch
 from . import distributed
 from . import masks as masks_lib
 from .data import DATASETS, Dataset, load_dataset
+from .errors import UsageError
 from .models import ARCHS, build_model
 from .precision import check_precision
 from .runlock import check_free, holding, sigterm_as_interrupt
@@ -25,22 +26,24 @@ from .train import TrainConfig
 
 def check_data_root(dataset: str, data_root: Path | None) -> None:
     if DATASETS[dataset].needs_root and data_root is None:
-        raise ValueError(f"--dataset {dataset} needs --data-root DIR (the folder holding "
+        raise UsageError(f"--dataset {dataset} needs --data-root DIR (the folder holding "
                          f"cifar-10-batches-py/)")
 
 
 @contextlib.contextmanager
 def flag(name: str, path=None):
-    """Errors reading the input of flag ``name`` (the file ``path``) name the flag; a run
-    directory's JSON that lacks a key or has the wrong shape is bad input too."""
+    """The block reads and checks the input of flag ``name`` (the file ``path``) and nothing else,
+    so what fails in it is that input's fault: a UsageError naming the flag. That covers the
+    library's ValueErrors about what it was handed, an OS refusal to read it and, for a file, a
+    run directory's JSON that lacks a key or has the wrong shape."""
     try:
         yield
     except (KeyError, TypeError, AttributeError) as e:
         if path is None:
             raise
-        raise ValueError(f"{name} {path}: not a readable run ({type(e).__name__}: {e})") from None
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(_named(name, path, e)) from None
+        raise UsageError(f"{name} {path}: not a readable run ({type(e).__name__}: {e})") from None
+    except (ValueError, OSError) as e:
+        raise UsageError(_named(name, path, e)) from None
 
 
 def _named(name: str, path, error: Exception) -> str:
@@ -117,23 +120,54 @@ def out_error(path: Path, error: OSError, kind: str = "run", name: str = "--out"
     return _out_message(path, reason, kind, name)
 
 
+#: Path flags mcwt writes (beside --out, whose kind is the parser's ``out_kind``) and what they
+#: are; any other Path flag is read.
+WRITTEN_FLAGS = {"export_state": "file"}
+
+
+def _read_error(path: Path, error: OSError, name: str) -> str | None:
+    """``name path: reason``, when ``error`` is the OS refusing to read ``path`` or a file in it."""
+    failed, given = Path(os.fsdecode(error.filename)).absolute(), path.absolute()
+    if failed != given and given not in failed.parents:
+        return None
+    reason = os.strerror(error.errno).lower() if error.errno else str(error)
+    return f"{name} {path}: {reason}" + (f" ({failed})" if failed != given else "")
+
+
+def path_error(args, error: OSError) -> str | None:
+    """The one line of ``error`` when it concerns a path a flag of ``args`` gave (naming the flag):
+    the user's folder refused, not a bug; None when it concerns no such path."""
+    if not isinstance(error.filename, (str, bytes, os.PathLike)):  # none, or a file descriptor
+        return None
+    written_first = sorted(vars(args).items(), key=lambda kv: (kv[0] != "out", kv[0] not in WRITTEN_FLAGS))
+    for dest, value in written_first:  # --out before a flag that reads a folder holding it
+        if not isinstance(value, Path):
+            continue
+        name = "--" + dest.replace("_", "-")
+        kind = getattr(args, "out_kind", "run") if dest == "out" else WRITTEN_FLAGS.get(dest)
+        line = out_error(value, error, kind, name) if kind else _read_error(value, error, name)
+        if line is not None:
+            return line
+    return None
+
+
 def check_out(path: Path, name: str = "--out", *, kind: str = "run") -> None:
     """``path`` can take what the command writes: a run directory, a grid directory, a file or a
     folder (``kind``, see :data:`OUT_KINDS`)."""
     parent = _existing_parent(path)
     if parent is not None and not parent.is_dir():
-        raise ValueError(f"{name} {path}: {parent} is a file, not a directory")
+        raise UsageError(f"{name} {path}: {parent} is a file, not a directory")
     if kind == "file" and path.is_dir():
-        raise ValueError(f"{name} {path} is a directory; give a file name")
+        raise UsageError(f"{name} {path} is a directory; give a file name")
     if kind != "file" and path.exists() and not path.is_dir():
-        raise ValueError(f"{name} {path} is a file, not a {OUT_KINDS[kind]}")
+        raise UsageError(f"{name} {path} is a file, not a {OUT_KINDS[kind]}")
     where = path if kind != "file" and path.is_dir() else parent
     if where is not None and not os.access(where, os.W_OK | os.X_OK):  # now, not after the slow part
-        raise ValueError(_out_message(path, "permission denied", kind, name))
+        raise UsageError(_out_message(path, "permission denied", kind, name))
     if kind in ("file", "folder"):
         return
     if not _is_fresh(path) and not (path / RunDir.CONFIG).is_file():
-        raise ValueError(f"{name} {path} holds files but no {RunDir.CONFIG}: not a {OUT_KINDS[kind]}; "
+        raise UsageError(f"{name} {path} holds files but no {RunDir.CONFIG}: not a {OUT_KINDS[kind]}; "
                          f"give a new or empty directory")
     if distributed.is_main():
         check_free(path, f"{name} {path}")  # refused now, before the slow preparations
@@ -178,13 +212,13 @@ def check_fits(arch: str, ds: Dataset, model, tensors: dict, path: Path, name: s
             masks_lib.check_masks(model, tensors)
         else:
             load_weights(model, path)
-    except ValueError as e:
+    except ValueError as e:  # the library's check of what the user's file holds: a usage error
         other = _architecture_of(tensors, ds, masks)
         if other is not None and other != arch:
             what = "masks" if masks else "weights"
-            raise ValueError(f"{name} {path} holds the {what} of a {other} on {ds.name}, "
+            raise UsageError(f"{name} {path} holds the {what} of a {other} on {ds.name}, "
                              f"not of a {arch}") from None
-        raise ValueError(_named(name, path, e)) from None
+        raise UsageError(_named(name, path, e)) from None
 
 
 def read_masks(args, ds: Dataset, model, path: Path, name: str = "--masks") -> dict:
@@ -196,7 +230,7 @@ def read_masks(args, ds: Dataset, model, path: Path, name: str = "--masks") -> d
 
 def check_batch_size(cfg: TrainConfig, ds: Dataset) -> None:
     if cfg.batch_size > len(ds.train):
-        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {len(ds.train)} training images")
+        raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(ds.train)} training images")
 
 
 def data_and_model(args, init: Path | None = None, name: str = "--init") -> tuple[Dataset, torch.nn.Module]:
@@ -243,6 +277,6 @@ def ticket_and_data(args):
     with flag("--ticket", args.ticket):
         ticket = load_ticket(args.ticket)
         if not isinstance(ticket.config.get("seed"), int):
-            raise ValueError(f"{RunDir.CONFIG} has no int seed")
+            raise UsageError(f"{RunDir.CONFIG} has no int seed")
     with flag("--data-root" if args.data_root else "--ticket", args.data_root or args.ticket):
         return ticket, ticket_data(ticket, args.data_root)

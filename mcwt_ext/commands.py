@@ -6,8 +6,9 @@ resumed), holding its lock (:mod:`mcwt_ext.runlock`: a second command on it is r
 this one lives; released however the command ends, SIGTERM included). What can only fail later
 (e.g. a fit that lacks a layer's model) fails in a directory that :func:`~mcwt_ext.command_inputs.opened` removes again
 when the failed command made it and it holds nothing but the run's starting files, so the
-corrected command starts afresh. Errors in the user's input are ValueErrors (or
-FileNotFoundErrors) naming the flag or the file; ``cli.main`` prints them as one line.
+corrected command starts afresh. Errors in the user's input are UsageErrors
+(:mod:`mcwt_ext.errors`) naming the flag or the file; ``cli.main`` prints them as one line, and
+reports anything else as a bug.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .command_inputs import (check_batch_size, check_data_root, check_fits, chec
                              flag, load_data, locked, opened, read_masks, resolved, run_config,
                              save_starts, ticket_and_data, train_config)
 from .data import DATASETS, Dataset, load_dataset
+from .errors import UsageError
 from .imp import ImpConfig, round_plan, run_imp
 from .models import ARCHS, arch_sparsity
 from .runs import RunDir, load_masks
@@ -50,8 +52,10 @@ def say_if_finished(args, finished: bool) -> None:
         print(f"mcwt {args.command}: --out {args.out} already finished; its summary:", file=sys.stderr)
 
 
-def train_and_report(args, ds: Dataset, model, masks, cfg: TrainConfig, rd: RunDir, what: str) -> int:
-    say_if_finished(args, rd.done())
+def train_and_report(args, ds: Dataset, model, masks, cfg: TrainConfig, rd: RunDir, what: str, *,
+                     said: bool = False) -> int:
+    if not said:  # (said: the caller said it before its own first line)
+        say_if_finished(args, rd.done())
     result = train(model, ds, masks, cfg, rd, progress=not args.no_progress, desc=f"{what} {args.arch}")
     print_summary(result.summary)
     return 0
@@ -91,7 +95,7 @@ def imp_cmd(args) -> int:
                           masks_lib.layer_kind(model, ds.example_input()))
     stuck = [kind for kind, rounds in plan.items() if rounds is None]
     if stuck:
-        raise ValueError(f"--rates: a rate of 0 for {', '.join(stuck)} never reaches --sparsity {args.sparsity}")
+        raise UsageError(f"--rates: a rate of 0 for {', '.join(stuck)} never reaches --sparsity {args.sparsity}")
     with opened(args.out, run_config(args, ds, train=dataclasses.asdict(cfg.train),
                                      imp=dict(rates=cfg.rates, sparsity=cfg.sparsity,
                                               rewind_iteration=cfg.rewind_iteration,
@@ -138,6 +142,14 @@ def plan_line(plan: dict, cfg: ImpConfig, sparsity: float) -> str:
     return f"{rounds} to {_percent(sparsity)} at {_percent(cfg.rates[slowest])} per round {which}; see --rates"
 
 
+def _distribution_identity(args) -> dict:
+    """What a run's identity records of the rule behind --distribution's counts (ERK's total:
+    runs made under the earlier rule do not resume into this one)."""
+    from .distribution import identity_entry
+
+    return identity_entry(args.distribution)
+
+
 def _layer_sparsity(args, model, ds: Dataset):
     """--sparsity spread over the model's layers by --distribution."""
     from .distribution import layer_sparsity
@@ -154,7 +166,7 @@ MASKS_ONLY = ("train",)
 def random_cmd(args) -> int:
     check_out(args.out)
     if args.like is not None and args.distribution != "uniform":
-        raise ValueError(f"--distribution {args.distribution}: --like copies each layer's sparsity "
+        raise UsageError(f"--distribution {args.distribution}: --like copies each layer's sparsity "
                          f"from its masks; give one of them")
     ds, model = data_and_model(args, args.init)
     if args.like is not None:
@@ -168,12 +180,14 @@ def random_cmd(args) -> int:
     if not args.no_train:
         check_batch_size(cfg, ds)
     with opened(args.out, run_config(args, ds, sparsity=sparsity, distribution=args.distribution,
-                                     mask_seed=mask_seed,
+                                     **_distribution_identity(args), mask_seed=mask_seed,
                                      init=resolved(args.init),
                                      train=None if args.no_train else dataclasses.asdict(cfg)),
                 optional=MASKS_ONLY) as rd:
+        made = rd.exists(RunDir.MASKS)  # written after the initial weights
         save_starts(rd, model, masks)
         if args.no_train:
+            say_if_finished(args, made)
             print(f"wrote {rd.masks_path} and {rd.init_path}")
             return 0
         return train_and_report(args, ds, model, masks, cfg, rd, "random")
@@ -184,7 +198,7 @@ def dst_cmd(args) -> int:
 
     check_out(args.out)
     if args.start is not None and args.distribution != "uniform":
-        raise ValueError(f"--distribution {args.distribution}: --start keeps each layer's count "
+        raise UsageError(f"--distribution {args.distribution}: --start keeps each layer's count "
                          f"from its masks; give one of them")
     init, init_flag = _init_beside(args.init, args.start, "--start")
     ds, model = data_and_model(args, init, init_flag)
@@ -198,7 +212,8 @@ def dst_cmd(args) -> int:
     check_batch_size(cfg, ds)
     with opened(args.out, run_config(args, ds, start=resolved(args.start), init=resolved(init),
                                      sparsity=None if args.start else args.sparsity,
-                                     distribution=args.distribution, dst=dataclasses.asdict(dst), train=dataclasses.asdict(cfg))) as rd:
+                                     distribution=args.distribution, **_distribution_identity(args),
+                                     dst=dataclasses.asdict(dst), train=dataclasses.asdict(cfg))) as rd:
         save_starts(rd, model, masks)
         say_if_finished(args, rd.done())
         result, _ = train_dst(model, ds, masks, cfg, dst, rd, progress=not args.no_progress,
@@ -219,7 +234,7 @@ def prune_cmd(args) -> int:
 
     check_out(args.out)
     if args.distribution != "uniform" and args.allocation == "global":
-        raise ValueError(f"--distribution {args.distribution}: sets each layer's count, and "
+        raise UsageError(f"--distribution {args.distribution}: sets each layer's count, and "
                          f"--allocation global pools the layers into one total; give one of them")
     ds, model = data_and_model(args)
     cfg = train_config(args)
@@ -230,15 +245,17 @@ def prune_cmd(args) -> int:
     wall = time.perf_counter() - start
     with opened(args.out, run_config(args, ds, prune_method=args.method, sparsity=args.sparsity,
                                      allocation=args.allocation, distribution=args.distribution,
+                                     **_distribution_identity(args),
                                      train=None if args.no_train else dataclasses.asdict(cfg)),
                 optional=MASKS_ONLY) as rd:
+        say_if_finished(args, rd.exists(RunDir.MASKS) if args.no_train else rd.done())  # before its first line
         save_starts(rd, model, masks)
         _save_construction(rd, wall)
         print(f"{args.method}: masks in {wall:.1f} s")
         if args.no_train:
             print(f"wrote {rd.masks_path} and {rd.init_path}")
             return 0
-        return train_and_report(args, ds, model, masks, cfg, rd, f"prune {args.method}")
+        return train_and_report(args, ds, model, masks, cfg, rd, f"prune {args.method}", said=True)
 
 
 def ablate_cmd(args) -> int:
@@ -310,18 +327,23 @@ def sample_cmd(args) -> int:
     sparsity = _layer_sparsity(args, model, ds)
     _check_fit_covers(fit, model, ds, args.use_connectivity, sparsity, args.fit)
     with opened(args.out, run_config(args, ds, fit=str(args.fit.resolve()), sparsity=args.sparsity,
-                                     distribution=args.distribution,
+                                     distribution=args.distribution, **_distribution_identity(args),
                                      use_connectivity=args.use_connectivity, exact=args.exact,
                                      max_samples=args.max_samples)) as rd:
-        start = time.perf_counter()
-        masks, draws = sample_ticket(model, fit, ds.train.tensors[0], sparsity=sparsity,
-                                     use_connectivity=args.use_connectivity, exact=args.exact,
-                                     seed=args.seed, max_samples=args.max_samples,
-                                     progress=not args.no_progress)
-        wall = time.perf_counter() - start
-        save_starts(rd, model, masks)
-        record = sample_record(draws, wall)
-        rd.save_json(RunDir.SAMPLE, record)
+        if rd.exists(RunDir.SAMPLE):  # written last: finished, its record read back, no new draw
+            say_if_finished(args, True)
+            save_starts(rd, model, None)  # the same initial weights (--init)
+            record = rd.load_json(RunDir.SAMPLE)
+        else:
+            start = time.perf_counter()
+            masks, draws = sample_ticket(model, fit, ds.train.tensors[0], sparsity=sparsity,
+                                         use_connectivity=args.use_connectivity, exact=args.exact,
+                                         seed=args.seed, max_samples=args.max_samples,
+                                         progress=not args.no_progress)
+            save_starts(rd, model, masks)
+            record = sample_record(draws, time.perf_counter() - start)
+            rd.save_json(RunDir.SAMPLE, record)
+        wall = record["wall_time_s"]
     for d in record["layers"]:
         print(f"{d['name']:>14}  {d['kind']:<6}  density {d['density']:.4f} "
               f"(target {d['target_density']:.4f})  bias " +
@@ -334,10 +356,10 @@ def _run_masks(path: Path, name: str) -> tuple[RunDir, dict]:
     """The run directory of flag ``name`` and its masks."""
     with flag(name, path):
         if not path.is_dir():
-            raise ValueError("not a run directory")
+            raise UsageError("not a run directory")
         run = RunDir(path)
         if not run.exists(RunDir.MASKS):
-            raise ValueError(f"holds no {RunDir.MASKS}")
+            raise UsageError(f"holds no {RunDir.MASKS}")
         return run, load_masks(run.masks_path)
 
 
@@ -379,25 +401,25 @@ def reproduce_cmd(args) -> int:
     check_out(args.out, kind=args.out_kind)
     every = args.export_every_minutes
     if every is not None and args.export_state is None:
-        raise ValueError("--export-every-minutes: rewrites the bundle of --export-state; give --export-state FILE")
+        raise UsageError("--export-every-minutes: rewrites the bundle of --export-state; give --export-state FILE")
     if every is not None and args.executor == "ray":
-        raise ValueError("--export-every-minutes: exports from this process; not with --executor ray (Ray "
+        raise UsageError("--export-every-minutes: exports from this process; not with --executor ray (Ray "
                          "tasks keep their state in the shared --out)")
     if every is not None and args.jobs > 1:
-        raise ValueError(f"--export-every-minutes: exports from this process, between its trainings' steps; "
+        raise UsageError(f"--export-every-minutes: exports from this process, between its trainings' steps; "
                          f"not with --jobs {args.jobs} (give --jobs 1)")
     if (every is not None or budget is not None) and distributed.active():
-        raise ValueError("--export-every-minutes / --time-budget: not under torchrun (each rank would stop "
+        raise UsageError("--export-every-minutes / --time-budget: not under torchrun (each rank would stop "
                          "or export at its own step)")
     check_data_root(args.dataset, args.data_root)
     if distributed.active() and args.jobs > 1:
-        raise ValueError(f"--jobs {args.jobs}: under torchrun the processes train each net together; "
+        raise UsageError(f"--jobs {args.jobs}: under torchrun the processes train each net together; "
                          f"give --jobs 1")
     # fail now, not in a worker, on missing or bad files; the split sizes go beside the table
     ds = load_dataset(args.dataset, args.data_root, download=args.download)
     defaults = DATASETS[args.dataset].train_defaults
     if args.import_state is not None and not Path(args.import_state).is_file():
-        raise ValueError(f"--import-state: {str(args.import_state)!r} is not a file")
+        raise UsageError(f"--import-state: {str(args.import_state)!r} is not a file")
     grid = Grid(archs=args.arch, seeds=list(range(args.seeds)), dataset=args.dataset, out=args.out,
                 data_root=resolved(args.data_root), protocol=args.protocol, jobs=args.jobs,
                 iterations=args.iterations or defaults.get("iterations"),
@@ -414,7 +436,8 @@ def reproduce_cmd(args) -> int:
             manifest = import_state(args.import_state, args.out)
             print(f"imported {args.import_state}: {len(manifest['files'])} files, "
                   f"{len(manifest['masks'])} mask sets", file=sys.stderr)
-        finished = grid.done()  # before the run: said with the tables below
+        finished = grid.done()  # before the run: said now, before any other line of the run
+        say_if_finished(args, finished)
         try:
             with opened(args.out, lock=False), saving_with(saver):
                 grid.run()
@@ -435,7 +458,6 @@ def reproduce_cmd(args) -> int:
         paths = report(grid)  # every rank: the figures measure connectivity together; rank 0 writes
     if not distributed.is_main():
         return 0
-    say_if_finished(args, finished)
     print(paths["table_md"].read_text())
     print(split_note(ds))
     print()

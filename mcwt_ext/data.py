@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .errors import MissingFileError, UsageError
 from .validate import check_seed
 
 __all__ = ["Dataset", "DatasetSpec", "DATASETS", "load_dataset", "load_cifar10_batches"]
@@ -98,26 +99,26 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             raw = _NumpyOnlyUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path} is not a CIFAR-10 batch pickle: {e}") from None
+        raise UsageError(f"{path} is not a CIFAR-10 batch pickle: {e}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, expected a dict")
+        raise UsageError(f"{path} holds a {type(raw).__name__}, expected a dict")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
     missing, unknown = {"data", "labels"} - set(batch), set(batch) - _CIFAR_KEYS
     if missing or unknown:
-        raise ValueError(f"{path}: expected keys data, labels (and optionally batch_label, "
+        raise UsageError(f"{path}: expected keys data, labels (and optionally batch_label, "
                          f"filenames); missing {sorted(missing)}, unexpected {sorted(map(str, unknown))}")
     data, labels = batch["data"], batch["labels"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise ValueError(f"{path}: data must be a uint8 array of shape (N, 3072), got {desc}")
+        raise UsageError(f"{path}: data must be a uint8 array of shape (N, 3072), got {desc}")
     try:
         labels = np.asarray(labels)
     except (ValueError, TypeError):
-        raise ValueError(f"{path}: labels are not a list of ints") from None
+        raise UsageError(f"{path}: labels are not a list of ints") from None
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: labels must be {len(data)} ints, got {labels.dtype} of shape {labels.shape}")
+        raise UsageError(f"{path}: labels must be {len(data)} ints, got {labels.dtype} of shape {labels.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
+        raise UsageError(f"{path}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
@@ -140,11 +141,11 @@ def load_cifar10_batches(data_root: str | os.PathLike, download: bool = False):
             CIFAR10(str(folder.parent), train=True, download=True)
         except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad archive a RuntimeError
             reason = getattr(e, "reason", None) or e
-            raise ValueError(f"could not download CIFAR-10 into {folder.parent} (--download): "
+            raise UsageError(f"could not download CIFAR-10 into {folder.parent} (--download): "
                              f"{reason}".replace("\n", " ")) from None
     absent = [n for n in names if not (folder / n).is_file()]
     if absent:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"CIFAR-10 files {absent} not found in {folder}: put the python-version batches "
             f"(data_batch_1..5, test_batch, as in cifar-10-python.tar.gz) in "
             f"<data_root>/{CIFAR_DIR}/, or pass download=True (--download) to fetch them")
@@ -181,7 +182,7 @@ def _synthetic():
 
 def _cifar10(data_root, download):
     if data_root is None:
-        raise ValueError(f"cifar10 needs data_root: the folder holding {CIFAR_DIR}/")
+        raise UsageError(f"cifar10 needs data_root: the folder holding {CIFAR_DIR}/")
     (x, y), (x_test, y_test) = load_cifar10_batches(data_root, download)
     return (x.astype(np.float32) / 255.0, y), (x_test.astype(np.float32) / 255.0, y_test)
 
@@ -217,7 +218,7 @@ DATASETS: dict[str, DatasetSpec] = {
 def _split(n: int, val_size: int | None, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     val_size = n // 10 if val_size is None else val_size
     if isinstance(val_size, bool) or not isinstance(val_size, int) or not 1 <= val_size < n:
-        raise ValueError(f"val_size must be an int in [1, {n - 1}] for {n} training images, got {val_size!r}")
+        raise UsageError(f"val_size must be an int in [1, {n - 1}] for {n} training images, got {val_size!r}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
     return order[val_size:].sort().values, order[:val_size].sort().values
 
@@ -227,7 +228,7 @@ def load_dataset(name: str, data_root: str | os.PathLike | None = None, *, split
     """Load a registered dataset (:data:`DATASETS`) with the split described above."""
     check_seed(split_seed, "split_seed")
     if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
+        raise UsageError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
     spec = DATASETS[name]
     (x, y), (x_test, y_test) = spec.load(data_root, download)
     num_classes = spec.num_classes

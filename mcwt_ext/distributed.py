@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import UsageError
+
 __all__ = ["init", "backend_for", "join", "shutdown", "all_reduce_mean", "active", "rank", "world_size",
            "is_main", "barrier", "all_reduce_sum", "share", "part", "local_slice", "broadcast_buffers", "wrap",
            "check_batch_size", "device_for"]
@@ -119,7 +121,7 @@ def share(n: int) -> slice:
 def check_batch_size(batch_size: int) -> None:
     """The global batch must split evenly over the ranks."""
     if batch_size % world_size():
-        raise ValueError(f"--batch-size {batch_size} is not divisible by the {world_size()} "
+        raise UsageError(f"--batch-size {batch_size} is not divisible by the {world_size()} "
                          f"processes torchrun started; give a multiple of {world_size()}")
 
 

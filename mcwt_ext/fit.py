@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import MissingFileError, UsageError
 from .connectivity import measure_connectivity
 from .masks import layer_kind, prunable_layers
 from .runs import atomic_write
@@ -54,7 +55,7 @@ def _kind_group(kind: str) -> str:
 
 def _check_granularity(granularity) -> None:
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity: must be one of {list(GRANULARITIES)}, got {granularity!r}")
+        raise UsageError(f"granularity: must be one of {list(GRANULARITIES)}, got {granularity!r}")
 
 
 @dataclass
@@ -84,7 +85,7 @@ class LogisticFit:
         try:
             return self.models[group][variant]
         except KeyError:
-            raise ValueError(
+            raise UsageError(
                 f"fit: has no {variant} model for {what} (it was fitted on a ticket without "
                 f"such layers); fitted: { {k: sorted(v) for k, v in self.models.items()} }") from None
 
@@ -129,7 +130,7 @@ class LogisticFit:
     @classmethod
     def from_json(cls, obj: dict) -> "LogisticFit":
         if obj.get("format") != FORMAT:
-            raise ValueError(f"fit: not an mcwt fit file (format {obj.get('format')!r}, "
+            raise UsageError(f"fit: not an mcwt fit file (format {obj.get('format')!r}, "
                              f"expected {FORMAT!r})")
         models = {k: {v: LogisticModel(**m) for v, m in vs.items()} for k, vs in obj["models"].items()}
         # Files written before granularities existed are per-kind fits.
@@ -147,14 +148,14 @@ def load_fit(fit: "LogisticFit | str | os.PathLike") -> LogisticFit:
     if not isinstance(fit, (str, os.PathLike)):
         raise TypeError(f"fit: expected a LogisticFit or a path, got {type(fit).__name__}")
     if not os.path.isfile(fit):
-        raise FileNotFoundError(f"fit: no such file {str(fit)!r} (make one with `mcwt fit`)")
+        raise MissingFileError(f"fit: no such file {str(fit)!r} (make one with `mcwt fit`)")
     try:
         with open(fit, encoding="utf-8") as f:
             obj = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"fit: {fit} is not JSON ({e}); make one with `mcwt fit`") from None
+        raise UsageError(f"fit: {fit} is not JSON ({e}); make one with `mcwt fit`") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"fit: {fit} is not an mcwt fit file (JSON {type(obj).__name__}, expected an object)")
+        raise UsageError(f"fit: {fit} is not an mcwt fit file (JSON {type(obj).__name__}, expected an object)")
     try:
         loaded = LogisticFit.from_json(obj)
         for group, variants in loaded.models.items():
@@ -164,9 +165,9 @@ def load_fit(fit: "LogisticFit | str | os.PathLike") -> LogisticFit:
                     raise TypeError(f"model {group}/{variant} has non-numeric coefficients")
         return loaded
     except (KeyError, TypeError, AttributeError) as e:  # the right tag, a broken body
-        raise ValueError(f"fit: {fit} is not a complete mcwt fit file ({type(e).__name__}: {e})") from None
+        raise UsageError(f"fit: {fit} is not a complete mcwt fit file ({type(e).__name__}: {e})") from None
     except ValueError as e:
-        raise ValueError(f"fit: {fit}: {str(e).removeprefix('fit: ')}") from None
+        raise UsageError(f"fit: {fit}: {str(e).removeprefix('fit: ')}") from None
 
 
 def magnitude_scale(weight: torch.Tensor) -> float:
@@ -207,7 +208,7 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray) -> LogisticModel:
     from sklearn.linear_model import LogisticRegression
 
     if y.min() == y.max():
-        raise ValueError("fit: the ticket keeps all or none of these weights, nothing to fit")
+        raise UsageError("fit: the ticket keeps all or none of these weights, nothing to fit")
     # Unregularised in effect (large C): the coefficients are the model, not a prediction tool.
     clf = LogisticRegression(C=1e6, max_iter=1000).fit(x, y)
     coef = clf.coef_[0]
@@ -238,7 +239,7 @@ def fit_ticket(model: nn.Module, masks: dict[str, torch.Tensor], data, *, max_sa
     kinds = layer_kind(model)
     missing = [f"{n}.weight" for n, _ in layers if f"{n}.weight" not in masks]
     if missing:
-        raise ValueError(f"masks: the ticket has no mask for {missing}")
+        raise UsageError(f"masks: the ticket has no mask for {missing}")
     net = model if device is None else copy.deepcopy(model).to(device)
     conn = measure_connectivity(net, masks, data, max_samples=max_samples, batch_size=batch_size)
     conn = {name: g.cpu() for name, g in conn.items()}

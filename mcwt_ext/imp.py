@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .data import Dataset
 from . import distributed
 from .masks import (dense_masks, dense_state_dict, densities, from_torch_prune, global_goal,
@@ -64,7 +65,7 @@ class ImpConfig:
         if not isinstance(self.train, TrainConfig):
             raise TypeError(f"train must be a TrainConfig, got {type(self.train).__name__}")
         if not isinstance(self.rates, Mapping) or set(self.rates) != set(KINDS):
-            raise ValueError(f"rates must give a rate for each of {list(KINDS)}, got {self.rates!r}")
+            raise UsageError(f"rates must give a rate for each of {list(KINDS)}, got {self.rates!r}")
         self.rates = {k: check_rate(self.rates[k], f"rates: rate for {k}") for k in KINDS}
         if isinstance(self.sparsity, Mapping):
             for name, s in self.sparsity.items():
@@ -73,15 +74,15 @@ class ImpConfig:
             check_sparsity(self.sparsity)
         k = self.rewind_iteration
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.train.iterations:
-            raise ValueError(f"rewind_iteration must be an int in [0, {self.train.iterations}), got {k!r}")
+            raise UsageError(f"rewind_iteration must be an int in [0, {self.train.iterations}), got {k!r}")
         m = self.max_rounds
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
-            raise ValueError(f"max_rounds must be None or an int >= 0, got {m!r}")
+            raise UsageError(f"max_rounds must be None or an int >= 0, got {m!r}")
         if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
+            raise UsageError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
         t = self.table_iterations
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < self.train.iterations):
-            raise ValueError(f"table_iterations must be None or an int >= {self.train.iterations}, got {t!r}")
+            raise UsageError(f"table_iterations must be None or an int >= {self.train.iterations}, got {t!r}")
 
     @classmethod
     def for_arch(cls, arch: str, **overrides) -> "ImpConfig":
@@ -139,7 +140,7 @@ def _pool_rate(config: ImpConfig, kinds: Mapping[str, str], targets: Mapping[str
     """The one rate of global IMP's pool (the layers with a target)."""
     pooled = {kinds[n]: config.rates[kinds[n]] for n in kinds if targets[n] < 1.0}
     if len(set(pooled.values())) > 1:
-        raise ValueError(f"allocation global prunes the pooled layers at one rate; their kinds have "
+        raise UsageError(f"allocation global prunes the pooled layers at one rate; their kinds have "
                          f"the rates {pooled}")
     return next(iter(pooled.values()), 0.0)
 
@@ -207,7 +208,7 @@ class ImpRun:
         self.targets = targets = layer_targets(config, kinds)
         stuck = [n for n in kinds if targets[n] < 1.0 and self.rates[n] == 0.0]
         if stuck:
-            raise ValueError(f"layers {stuck} have a sparsity target but a prune rate of 0")
+            raise UsageError(f"layers {stuck} have a sparsity target but a prune rate of 0")
         if config.allocation == "global":
             _pool_rate(config, kinds, targets)  # one rate, or refused now
         # A model pruned with torch.nn.utils.prune starts from its masks and ends pruned with the
@@ -278,7 +279,7 @@ class ImpRun:
             if following.exists(RunDir.MASKS) and not round_dir.exists(RunDir.FINAL):
                 masks = following.load_tensors(RunDir.MASKS)  # resumed from a state bundle
             elif not round_dir.exists(RunDir.FINAL):
-                raise ValueError(f"{round_dir.path} is finished but holds neither its trained weights "
+                raise UsageError(f"{round_dir.path} is finished but holds neither its trained weights "
                                  f"nor does {following.path} hold the next masks; use a fresh run directory")
             elif cfg.allocation == "global":
                 masks = global_magnitude_prune(self._pruning_weights(r, round_dir), masks,

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UsageError
 from .validate import check_seed
 
 __all__ = ["ArchSpec", "ARCHS", "INITS", "init_model", "arch_sparsity", "build_model", "build_model_from_config", "count_weights", "scheduled_lr",
@@ -276,7 +277,7 @@ def build_model_from_config(config: dict) -> nn.Module:
     """Build the model a run directory's ``config.json`` describes (arch, in_channels, ...)."""
     missing = [k for k in ("arch", "in_channels", "num_classes", "image_size", "seed") if k not in config]
     if missing:
-        raise ValueError(f"config lacks the model keys {missing}")
+        raise UsageError(f"config lacks the model keys {missing}")
     return build_model(config["arch"], config["in_channels"], config["num_classes"],
                        config["image_size"], config["seed"])
 

@@ -15,17 +15,21 @@ CPU is refused with an error naming ``--precision``.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 
-__all__ = ["PRECISIONS", "parse_precision", "native_bf16", "check_precision", "autocast", "to_input_format"]
+from .errors import UsageError
+
+__all__ = ["PRECISIONS", "parse_precision", "native_bf16", "check_precision", "bf16_note", "say_bf16_note",
+           "autocast", "to_input_format"]
 
 PRECISIONS = ("fp32", "bf16")
 
 
 def parse_precision(text: str) -> str:
     if text not in PRECISIONS:
-        raise ValueError(f"{text!r} is not one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"{text!r} is not one of {', '.join(PRECISIONS)}")
     return text
 
 
@@ -43,11 +47,48 @@ def check_precision(precision: str, device: str | torch.device) -> None:
         return
     kind = torch.device(device).type
     if kind == "cpu" and not native_bf16():
-        raise ValueError("--precision bf16: this CPU has no bfloat16 instructions that oneDNN uses "
+        raise UsageError("--precision bf16: this CPU has no bfloat16 instructions that oneDNN uses "
                          "(AVX512-BF16 or AMX), where emulated bf16 is slower than fp32; "
                          "use --precision fp32")
     if kind == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise ValueError("--precision bf16: this GPU has no bfloat16 arithmetic; use --precision fp32")
+        raise UsageError("--precision bf16: this GPU has no bfloat16 arithmetic; use --precision fp32")
+
+
+#: Where bf16 was measured to pay, per device kind: the smallest image side of the measurement
+#: and what it measured (benchmarks/RESULTS.md, "Precision: fp32 against bf16"). No kind listed:
+#: not measured in this project.
+BF16_MEASURED = {"cpu": (32, "Conv-2 on 3x32x32 images: train()'s step 2.13x faster than fp32 "
+                               "(2-vCPU AMD EPYC with AVX512-BF16, 2026-12-02)")}
+
+
+def bf16_note(precision: str, device: str | torch.device, image_size: int) -> str | None:
+    """One line where bf16 is chosen for inputs smaller than where it was measured to pay on this
+    kind of device (or where it was never measured): a small net's step is dominated by overheads
+    that bf16 does not shrink, so the speed-up measured on CIFAR-10 need not carry over."""
+    if precision != "bf16":
+        return None
+    kind = torch.device(device).type
+    how = "python benchmarks/bench_training.py --precision-compare --shapes digits,cifar10"
+    if kind not in BF16_MEASURED:
+        return f"--precision bf16: not measured to pay on {kind} in this project; measure with `{how} --device {kind}`"
+    side, what = BF16_MEASURED[kind]
+    if image_size >= side:
+        return None
+    return (f"--precision bf16: measured to pay on {side}x{side} images ({what}), not on these "
+            f"{image_size}x{image_size}; compare with `{how}`")
+
+
+_said: set = set()
+
+
+def say_bf16_note(precision: str, device: str | torch.device, image_size: int) -> None:
+    """Print :func:`bf16_note` on stderr, once per process for each device kind and image size
+    (a grid trains many nets alike)."""
+    note = bf16_note(precision, device, image_size)
+    key = (torch.device(device).type, image_size)
+    if note is not None and key not in _said:
+        _said.add(key)
+        print(f"mcwt: note: {note}", file=sys.stderr)
 
 
 def autocast(precision: str, device: torch.device):

@@ -9,8 +9,14 @@ would print nothing useful: plain lines, at least one every ``MCWT_PROGRESS_INTE
 A step that ends ``interval`` seconds after the last line prints one; between steps (a long
 evaluation, a checkpoint, a slow batch) a heartbeat thread prints the innermost open bar's line
 once the log has been silent for ``interval`` seconds, naming the work under way (``Progress.aside``:
-``..., evaluating``). The ETA counts step time alone: time spent aside is left out of the rate.
-``enabled=False`` (the commands' ``--quiet``) silences both.
+``..., evaluating``). ``enabled=False`` (the commands' ``--quiet``) silences both.
+
+The ETA is measured in this process alone (a resumed run's earlier steps, done elsewhere, count
+neither as done nor in a rate): steps left x this process's time per step (everything but the
+evaluations: checkpoints included) + evaluations left x this process's time per evaluation
+(``Progress.evaluating``). Until an evaluation has been timed here, the evaluations left are named
+instead of guessed: ``eta 1m02s + 2 evaluations``. A bar that did no work in this process (a grid
+whose cells are all done) closes without a line.
 """
 from __future__ import annotations
 
@@ -105,12 +111,13 @@ class Progress:
     """``total`` steps of work named ``desc``, ``initial`` of them already done (a resumed run).
 
     ``update(n)`` counts steps, ``set(**values)`` shows the latest values (e.g. ``val_acc``),
-    ``aside(what)`` wraps work that is not a step (an evaluation), ``close()`` ends it (also as a
-    context manager). ``interval``: seconds between log lines (default:
+    ``aside(what)`` wraps work that is not a step (a checkpoint), ``evaluating(k)`` one of the
+    ``evaluations`` this process has to run (k of them at once: a pack's nets), ``close()`` ends
+    it (also as a context manager). ``interval``: seconds between log lines (default:
     ``$MCWT_PROGRESS_INTERVAL`` or 30)."""
 
     def __init__(self, total: int, desc: str, *, unit: str = "it", noun: str = "iteration",
-                 initial: int = 0, enabled: bool = True, leave: bool = True,
+                 initial: int = 0, evaluations: int = 0, enabled: bool = True, leave: bool = True,
                  interval: float | None = None, stream=None):
         self.total, self.desc, self.noun, self.n = total, desc, noun, initial
         self.stream = stream if stream is not None else sys.stderr
@@ -127,8 +134,10 @@ class Progress:
             self.interval = _interval() if interval is None else interval
             self._start = self._last = _now()
             self._initial = initial
-            self._aside_s = 0.0        # seconds spent aside (not steps), finished asides
-            self._aside_from = None    # when the aside under way began
+            self._evals_left = evaluations  # not yet finished (the one under way included)
+            self._evals_done = 0       # timed in this process
+            self._eval_s = 0.0         # seconds they took
+            self._eval_from = None     # (when the evaluation under way began, how many it counts)
             self._printed = None       # (n, values, doing) of the last line
             _log.open(self)
 
@@ -139,13 +148,6 @@ class Progress:
         elif self._log and self.n < self.total and _now() - self._last >= self.interval:
             self._line()  # the last step's line is close()'s, with the final values
 
-    def add_total(self, n: int) -> None:
-        """``n`` more steps of work than first counted."""
-        self.total += n
-        if self._bar is not None:
-            self._bar.total = self.total
-            self._bar.refresh()
-
     def set(self, **values) -> None:
         # a new dict, swapped in whole: the heartbeat thread may be reading the old one
         self.values = {**self.values, **{k: f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -155,33 +157,66 @@ class Progress:
 
     @contextlib.contextmanager
     def aside(self, what: str):
-        """Work between steps (``what``: e.g. "evaluating"): left out of the ETA's rate, and
-        named by the heartbeat lines printed while it lasts."""
+        """Work between steps (``what``: e.g. "checkpointing"), named by the heartbeat lines
+        printed while it lasts; its time counts as the steps' (it recurs with them)."""
         if not self._log:
             yield
             return
-        self.doing, self._aside_from = what, _now()
+        self.doing = what
         try:
             yield
         finally:
-            self._aside_s += _now() - self._aside_from
-            self.doing = self._aside_from = None
+            self.doing = None
+
+    @contextlib.contextmanager
+    def evaluating(self, count: int = 1):
+        """``count`` of the evaluations, timed apart from the steps for the ETA."""
+        if not self._log:
+            yield
+            return
+        with self.aside("evaluating"):
+            with _log.cond:  # the heartbeat thread reads these together
+                self._eval_from = (_now(), count)
+            try:
+                yield
+            finally:
+                with _log.cond:
+                    self._eval_s += _now() - self._eval_from[0]
+                    self._evals_done += count
+                    self._evals_left = max(0, self._evals_left - count)
+                    self._eval_from = None
+
+    def _eta(self, now: float) -> str | None:
+        """The time left (see the module's doc), None before a step was timed here."""
+        steps_left = max(0, self.total - self.n)
+        under_way, began = (0, now) if self._eval_from is None else (self._eval_from[1], self._eval_from[0])
+        eval_s = self._eval_s + (now - began)  # the evaluation under way's time so far included
+        done = self.n - self._initial
+        if steps_left and done <= 0:
+            return None
+        seconds = steps_left * max(0.0, now - self._start - eval_s) / done if steps_left else 0.0
+        if not self._evals_left:
+            return _duration(seconds) if steps_left else None
+        if not self._evals_done:
+            k = self._evals_left
+            return f"{_duration(seconds)} + {k} evaluation{'' if k == 1 else 's'}"
+        per = self._eval_s / self._evals_done
+        seconds += per * max(0, self._evals_left - under_way) + max(0.0, per * under_way - (now - began))
+        return _duration(seconds)
 
     def line(self) -> str:
         """The log line for the current state."""
-        now = _now()
-        elapsed = now - self._start
-        parts = [f"{self.noun} {self.n}/{self.total}"]
-        parts += [f"{k} {v}" for k, v in self.values.items()]
-        parts.append(f"elapsed {_duration(elapsed)}")
-        done = self.n - self._initial
-        if 0 < done and self.n < self.total:
-            aside_from = self._aside_from
-            stepping = elapsed - self._aside_s - (now - aside_from if aside_from is not None else 0.0)
-            parts.append(f"eta {_duration(max(0.0, stepping) / done * (self.total - self.n))}")
-        if self.doing:
-            parts.append(self.doing)
-        return f"{self.desc}: " + ", ".join(parts)
+        with _log.cond:
+            now = _now()
+            parts = [f"{self.noun} {self.n}/{self.total}"]
+            parts += [f"{k} {v}" for k, v in self.values.items()]
+            parts.append(f"elapsed {_duration(now - self._start)}")
+            eta = self._eta(now)
+            if eta is not None:
+                parts.append(f"eta {eta}")
+            if self.doing:
+                parts.append(self.doing)
+            return f"{self.desc}: " + ", ".join(parts)
 
     def _line(self) -> None:
         with _log.cond:  # one writer at a time: the heartbeat thread prints too
@@ -197,8 +232,9 @@ class Progress:
             self._bar = None
         elif self._log:
             _log.close(self)
-            with _log.cond:
-                if self._printed != (self.n, self.values, None):  # not the line just printed again
+            with _log.cond:  # no line for no work (a grid all done), nor the last one again
+                worked = self.n != self._initial or self._evals_done or self._printed is not None
+                if worked and self._printed != (self.n, self.values, None):
                     self._line()
             self._log = False
 

@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from .errors import UsageError
 from .runs import RunDir
 
 __all__ = ["RunLock", "RunBusy", "holding", "check_free", "sigterm_as_interrupt", "Terminated", "DEFAULT_TIMEOUT_S"]
@@ -33,8 +34,8 @@ __all__ = ["RunLock", "RunBusy", "holding", "check_free", "sigterm_as_interrupt"
 DEFAULT_TIMEOUT_S = 600.0
 
 
-class RunBusy(ValueError):
-    """The run directory is held by another live process (a ValueError: the CLI prints one line)."""
+class RunBusy(UsageError):
+    """The run directory is held by another live process (a usage error: the CLI prints one line)."""
 
 
 class RunLock:

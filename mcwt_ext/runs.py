@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UsageError
+
 __all__ = ["RunDir", "atomic_write", "is_temporary_of", "load_tensors", "load_masks", "load_weights",
            "check_identity", "Ticket", "load_ticket", "snapshot_name", "round_name", "round_index", "grid_cell",
            "RUNTIME_KEYS", "GRID_FILES", "FIGURE_FILES"]
@@ -55,12 +57,15 @@ RUNTIME_KEYS = frozenset({"data_root", "device", "num_workers", "checkpoint_minu
 #: that lacks one of these keys is read as having this value (so old runs still resume).
 ADDED_KEYS = {"optimizer": "adam", "momentum": 0.0, "weight_decay": 0.0, "warmup_iterations": 0,
               "lr_milestones": [], "lr_gamma": 0.1, "augment": "none", "allocation": "layer",
-              "init_scheme": "glorot-normal", "distribution": "uniform", "precision": "fp32"}
+              "init_scheme": "glorot-normal", "distribution": "uniform", "precision": "fp32",
+              # ERK's total before issue 28: rigl's, the dense first layer outside it (runs made
+              # now record mcwt_ext.distribution.ERK_TOTAL, so the two never resume each other)
+              "erk_total": "first-layer-outside"}
 
 #: The files a reproduce grid writes at its top level.
 GRID_FILES = dict(table_md="table.md", table_csv="table.csv", cost_md="cost.md", cost_csv="cost.csv",
                   methods_csv="methods.csv", overlap_csv="overlap.csv", per_seed_csv="per_seed.csv",
-                  figures="figures")
+                  layers_csv="layers.csv", figures="figures")
 
 #: The figures (PNG, with their numbers beside them as JSON of the same stem) in a figure folder.
 FIGURE_FILES = dict(fig1="fig1_initial_weights.png", fig2b="fig2b_connectivity.png",
@@ -98,7 +103,7 @@ def _flat(config: Mapping, prefix: str = "") -> dict:
 
 
 def check_identity(stored: Mapping, ours: Mapping, where, mutable=RUNTIME_KEYS) -> None:
-    """Raise a ValueError naming every difference between two run identities (nested dicts),
+    """Raise a UsageError naming every difference between two run identities (nested dicts),
     keys named in ``mutable`` (at any depth) aside. The one test of "is this the same run"."""
     def comparable(config):
         return {k: v for k, v in _flat(config).items() if k.rsplit(".", 1)[-1] not in mutable}
@@ -110,7 +115,7 @@ def check_identity(stored: Mapping, ours: Mapping, where, mutable=RUNTIME_KEYS) 
     diff = [f"{k} {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)]
     if diff:
-        raise ValueError(f"{where} belongs to another run ({'; '.join(diff)}); "
+        raise UsageError(f"{where} belongs to another run ({'; '.join(diff)}); "
                          f"use a fresh run directory")
 
 
@@ -187,7 +192,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"run directory {str(self.path)!r} exists and is not a directory")
+            raise UsageError(f"run directory {str(self.path)!r} exists and is not a directory")
 
     @classmethod
     def open(cls, path: str | os.PathLike, identity: Mapping, *, name: str = CONFIG,
@@ -266,7 +271,7 @@ class RunDir:
         except FileNotFoundError:
             raise FileNotFoundError(f"{path} does not exist") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raise UsageError(f"{path} is not valid JSON: {e}") from None
 
     def save_csv(self, name: str, rows: list[Mapping], fieldnames: list[str] | None = None) -> Path:
         """Write ``rows`` (dicts) as CSV with a header; columns from the first row by default."""
@@ -300,7 +305,7 @@ class RunDir:
             stored = self.load_tensors(name)
             if stored.keys() != tensors.keys() or \
                     not all(torch.equal(stored[k], tensors[k].detach().cpu()) for k in stored):
-                raise ValueError(f"{self.file(name)} holds other {what} than this run's; "
+                raise UsageError(f"{self.file(name)} holds other {what} than this run's; "
                                  f"use a fresh run directory")
         else:
             self.save_tensors(name, tensors)
@@ -332,7 +337,7 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     try:
         return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+        raise UsageError(f"{path} is not a readable safetensors file: {e}") from None
 
 
 def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -340,7 +345,7 @@ def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     masks = load_tensors(path)
     bad = [k for k, v in masks.items() if v.dtype != torch.bool]
     if bad:
-        raise ValueError(f"{path}: masks must be bool tensors, {bad} are not")
+        raise UsageError(f"{path}: masks must be bool tensors, {bad} are not")
     return masks
 
 
@@ -352,7 +357,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         if name not in state or name not in ours or state[name].shape != ours[name].shape:
             theirs = tuple(state[name].shape) if name in state else "absent"
             mine = tuple(ours[name].shape) if name in ours else "absent"
-            raise ValueError(f"{path} does not fit the model: {name} is {theirs} "
+            raise UsageError(f"{path} does not fit the model: {name} is {theirs} "
                              f"there, {mine} in the model")
     model.load_state_dict(state)
 
@@ -374,10 +379,10 @@ def load_ticket(path: str | os.PathLike, *, masks: bool = True) -> Ticket:
 
     rd = RunDir(path)
     if not rd.exists(RunDir.CONFIG):
-        raise ValueError(f"{path} is not a run directory (no {RunDir.CONFIG})")
+        raise UsageError(f"{path} is not a run directory (no {RunDir.CONFIG})")
     config = rd.load_json(RunDir.CONFIG)
     model = build_model_from_config(config)
     load_weights(model, rd.init_path)
     if masks and not rd.exists(RunDir.MASKS):
-        raise ValueError(f"{path} has no {RunDir.MASKS} (is IMP finished?)")
+        raise UsageError(f"{path} has no {RunDir.MASKS} (is IMP finished?)")
     return Ticket(rd, config, model, load_masks(rd.masks_path) if masks else None)

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import MissingFileError, UsageError
 from .models import build_model_from_config
 from .runs import RunDir, atomic_write, round_index, round_name
 
@@ -185,57 +186,70 @@ def export_state(root_dir: str | os.PathLike, file: str | os.PathLike, *, checkp
                    and not any(part in SKIPPED or part.startswith(".") for part in p.relative_to(root).parts))
     bad = [p for p in paths if p.name in UNDERIVABLE]
     if bad:
-        raise ValueError(f"{bad[0]} holds trained weights (IMP rewound to an iteration > 0), which a "
+        raise UsageError(f"{bad[0]} holds trained weights (IMP rewound to an iteration > 0), which a "
                          f"state bundle cannot rebuild; export needs rewind_iteration = 0")
     manifest = dict(format=FORMAT, files=[], masks=[], inits=[], checkpoints=[])
-
-    def order(p):  # parents first: an IMP run's round_00 < round_01 < ... < its ticket
-        is_round = round_index(p.parent.name) is not None
-        group = p.relative_to(root).parent.parent if is_round else p.relative_to(root).parent
-        return group.as_posix(), not is_round, p.as_posix()
-    mask_paths = sorted((p for p in paths if p.name in MASK_FILES), key=order)
-    decoded: dict[Path, dict] = {}
-    cache: dict = {}
     with zipfile.ZipFile(_tmp_path(file), "w", zipfile.ZIP_LZMA) as zf:
         for p in paths:
-            rel = p.relative_to(root)
             if p.suffix in TEXT_SUFFIXES:
-                zf.writestr(rel.as_posix(), p.read_bytes())
-                manifest["files"].append(rel.as_posix())
-        for p in mask_paths:
-            rel = p.relative_to(root)
-            rd = RunDir(p.parent)
-            masks = rd.load_tensors(p.name)
-            config = _config_for(p.parent, root)
-            entry, blob = _encode_masks(rd, rel, masks, decoded, _orders(config, cache))
-            decoded[rel] = masks
-            if config is not None:
-                entry["config"] = config.relative_to(root).as_posix()
-            manifest["masks"].append(dict(entry, path=rel.as_posix()))
-            if blob:
-                zf.writestr(rel.with_suffix(".bits").as_posix(), blob)
-        for p in paths:
-            if p.name != RunDir.INIT:
-                continue
-            rd, rel = RunDir(p.parent), p.relative_to(root)
-            if not rd.exists(RunDir.CONFIG):
-                raise ValueError(f"{p}: no config.json beside it to rebuild the initial weights from")
-            built = build_model_from_config(rd.load_json(RunDir.CONFIG)).state_dict()
-            stored = rd.load_tensors(RunDir.INIT)
-            if built.keys() != stored.keys() or not all(torch.equal(built[k], stored[k]) for k in built):
-                raise ValueError(f"{p} differs from the initial weights its config.json builds; "
-                                 f"a state bundle can only rebuild seed-derived inits")
-            manifest["inits"].append(rel.parent.as_posix())
-        for p in _in_progress(root) if checkpoints else ():
-            try:
-                data = p.read_bytes()
-            except FileNotFoundError:  # finished meanwhile (another process): its summary is newer
-                continue
-            zf.writestr(p.relative_to(root).as_posix(), data, compress_type=zipfile.ZIP_STORED)  # floats
-            manifest["checkpoints"].append(p.relative_to(root).as_posix())
+                zf.writestr(p.relative_to(root).as_posix(), p.read_bytes())
+                manifest["files"].append(p.relative_to(root).as_posix())
+        manifest["masks"] = _write_masks(zf, root, [p for p in paths if p.name in MASK_FILES])
+        manifest["inits"] = [_check_init(p, root) for p in paths if p.name == RunDir.INIT]
+        if checkpoints:
+            manifest["checkpoints"] = _write_checkpoints(zf, root)
         zf.writestr(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     os.replace(_tmp_path(file), file)
     return manifest
+
+
+def _write_masks(zf: zipfile.ZipFile, root: Path, mask_paths: list[Path]) -> list[dict]:
+    """Encode every mask file into ``zf``, parents first (an IMP run's round_00 < round_01 < ...
+    < its ticket), so a mask is stored as its difference from the one it was pruned from."""
+    def order(p):
+        is_round = round_index(p.parent.name) is not None
+        group = p.relative_to(root).parent.parent if is_round else p.relative_to(root).parent
+        return group.as_posix(), not is_round, p.as_posix()
+    entries, decoded, cache = [], {}, {}
+    for p in sorted(mask_paths, key=order):
+        rel, rd = p.relative_to(root), RunDir(p.parent)
+        masks = rd.load_tensors(p.name)
+        config = _config_for(p.parent, root)
+        entry, blob = _encode_masks(rd, rel, masks, decoded, _orders(config, cache))
+        decoded[rel] = masks
+        if config is not None:
+            entry["config"] = config.relative_to(root).as_posix()
+        entries.append(dict(entry, path=rel.as_posix()))
+        if blob:
+            zf.writestr(rel.with_suffix(".bits").as_posix(), blob)
+    return entries
+
+
+def _check_init(p: Path, root: Path) -> str:
+    """The run folder of the initial weights ``p``, which the bundle leaves out: its config.json
+    must rebuild them bit for bit."""
+    rd = RunDir(p.parent)
+    if not rd.exists(RunDir.CONFIG):
+        raise UsageError(f"{p}: no config.json beside it to rebuild the initial weights from")
+    built = build_model_from_config(rd.load_json(RunDir.CONFIG)).state_dict()
+    stored = rd.load_tensors(RunDir.INIT)
+    if built.keys() != stored.keys() or not all(torch.equal(built[k], stored[k]) for k in built):
+        raise UsageError(f"{p} differs from the initial weights its config.json builds; "
+                         f"a state bundle can only rebuild seed-derived inits")
+    return p.relative_to(root).parent.as_posix()
+
+
+def _write_checkpoints(zf: zipfile.ZipFile, root: Path) -> list[str]:
+    """Store the latest checkpoint of every unfinished training under ``root`` as it is."""
+    written = []
+    for p in _in_progress(root):
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:  # finished meanwhile (another process): its summary is newer
+            continue
+        zf.writestr(p.relative_to(root).as_posix(), data, compress_type=zipfile.ZIP_STORED)  # floats
+        written.append(p.relative_to(root).as_posix())
+    return written
 
 
 def _tmp_path(file) -> Path:
@@ -249,11 +263,11 @@ def _decode_masks(entry: dict, blob: bytes, decoded: Mapping[str, dict], rd: Run
         d = entry["derived"]
         masks = _derive(rd, d.get("kind", "random"), rd.load_json(RunDir.CONFIG), d["sparsity"])
         if masks is None:
-            raise ValueError(f"mask set {entry['path']!r} is derived ({d}) but cannot be re-derived here")
+            raise UsageError(f"mask set {entry['path']!r} is derived ({d}) but cannot be re-derived here")
         return masks
     parent = decoded.get(entry.get("parent"))
     if "parent" in entry and parent is None:
-        raise ValueError(f"mask set {entry['path']!r} nests in {entry['parent']!r}, which the bundle lacks")
+        raise UsageError(f"mask set {entry['path']!r} nests in {entry['parent']!r}, which the bundle lacks")
     masks = {}
     for name, layer in entry["layers"].items():
         shape, n = layer["shape"], int(np.prod(layer["shape"]))
@@ -270,7 +284,7 @@ def _decode_masks(entry: dict, blob: bytes, decoded: Mapping[str, dict], rd: Run
             kept[pf] = _unbits(data, int(pf.sum()))
             flat[order] = kept
         else:
-            raise ValueError(f"unknown mask encoding {layer['encoding']!r} for {name!r}")
+            raise UsageError(f"unknown mask encoding {layer['encoding']!r} for {name!r}")
         masks[name] = flat.view(shape)
     return masks
 
@@ -279,7 +293,7 @@ def _write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` unless it already holds exactly that; never overwrite other data."""
     if path.exists():
         if path.read_bytes() != data:
-            raise ValueError(f"{path} exists with other contents than the bundle's; import into a "
+            raise UsageError(f"{path} exists with other contents than the bundle's; import into a "
                              f"fresh directory")
         return
     atomic_write(path, data)
@@ -291,18 +305,18 @@ def import_state(file: str | os.PathLike, root_dir: str | os.PathLike) -> dict:
     there must match. Returns the manifest."""
     file, root = Path(file), Path(root_dir)
     if not file.is_file():
-        raise FileNotFoundError(f"state bundle {str(file)!r} does not exist")
+        raise MissingFileError(f"state bundle {str(file)!r} does not exist")
     try:
         zf = zipfile.ZipFile(file)
     except zipfile.BadZipFile:
-        raise ValueError(f"{file} is not a state bundle (not a zip file)") from None
+        raise UsageError(f"{file} is not a state bundle (not a zip file)") from None
     with zf:
         try:
             manifest = json.loads(zf.read(MANIFEST))
         except KeyError:
-            raise ValueError(f"{file} is not a state bundle (no {MANIFEST})") from None
+            raise UsageError(f"{file} is not a state bundle (no {MANIFEST})") from None
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"{file} has format {manifest.get('format')!r}; this version reads {FORMAT!r}")
+            raise UsageError(f"{file} has format {manifest.get('format')!r}; this version reads {FORMAT!r}")
         for name in manifest["files"]:
             _safe(name)
             _write(root / name, zf.read(name))
@@ -323,7 +337,7 @@ def import_state(file: str | os.PathLike, root_dir: str | os.PathLike) -> dict:
             if rd.exists(rel.name):
                 there = rd.load_tensors(rel.name)
                 if there.keys() != masks.keys() or not all(torch.equal(there[k], masks[k]) for k in masks):
-                    raise ValueError(f"{rd.file(rel.name)} exists with other masks than the bundle's")
+                    raise UsageError(f"{rd.file(rel.name)} exists with other masks than the bundle's")
             else:
                 rd.save_tensors(rel.name, masks)
         for name in manifest["inits"]:
@@ -340,7 +354,7 @@ def import_state(file: str | os.PathLike, root_dir: str | os.PathLike) -> dict:
 def _safe(name: str) -> None:
     p = Path(name)
     if p.is_absolute() or ".." in p.parts:
-        raise ValueError(f"state bundle entry {name!r} points outside the import directory")
+        raise UsageError(f"state bundle entry {name!r} points outside the import directory")
 
 
 class PeriodicExport:
@@ -353,7 +367,7 @@ class PeriodicExport:
 
     def __init__(self, root: str | os.PathLike, file: str | os.PathLike, minutes: float, clock=None):
         if not minutes > 0:
-            raise ValueError(f"--export-every-minutes: must be positive, got {minutes!r}")
+            raise UsageError(f"--export-every-minutes: must be positive, got {minutes!r}")
         self.root, self.file, self.minutes = Path(root), Path(file), float(minutes)
         self.clock = clock or time.monotonic
         self.last = self.clock()

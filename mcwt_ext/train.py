@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .errors import UsageError
 from . import distributed, supervision
 from .augment import Augment
 from .data import Dataset
-from .precision import autocast, check_precision, to_input_format
+from .precision import autocast, check_precision, say_bf16_note, to_input_format
 from .train_config import TrainConfig
 from .masks import (apply_masks, check_masks, dense_state_dict, densities, from_torch_prune,
                     is_torch_pruned, load_dense_state_dict, masked_parameters)
@@ -56,7 +57,7 @@ class BatchOrder:
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if batch_size > n:
-            raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
+            raise UsageError(f"batch_size {batch_size} exceeds the {n} training images")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.per_epoch = n // batch_size
         self._epoch, self._perm = -1, None
@@ -267,6 +268,14 @@ def _read_history(rd: RunDir) -> list[dict]:
             for row in rd.load_csv(RunDir.METRICS)]
 
 
+def evaluations_from(start: int, config: TrainConfig) -> int:
+    """How many evaluations a training resumed after ``start`` steps (0: a fresh one) runs: at 0
+    when fresh, then every ``eval_every`` iterations and at the end (the progress line's ETA)."""
+    n, every = config.iterations, config.eval_every
+    after = 0 if start >= n else n // every - start // every + (n % every != 0)
+    return after + (start == 0)
+
+
 def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] | None = None,
           config: TrainConfig | None = None, run_dir: RunDir | str | None = None,
           progress: bool = True, desc: str = "train", *,
@@ -295,6 +304,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         raise ValueError(f"snapshot_iterations must lie in [0, {config.iterations}], got {snapshots}")
     device = distributed.device_for(config.device)
     check_precision(config.precision, device)
+    say_bf16_note(config.precision, device, dataset.image_size)
     digest = _masks_digest(masks)
     model.to(device)
 
@@ -322,7 +332,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         try:  # weights_only: tensors, ints, floats, strings and dicts/lists of them, no code
             ckpt = torch.load(rd.file(RunDir.CHECKPOINT), map_location=device, weights_only=True)
         except Exception as e:  # truncated or not a checkpoint: torch raises several types
-            raise ValueError(f"{rd.file(RunDir.CHECKPOINT)} is not a readable checkpoint "
+            raise UsageError(f"{rd.file(RunDir.CHECKPOINT)} is not a readable checkpoint "
                              f"({type(e).__name__}); delete it to train this run from the start") from None
         _check_same_run(ckpt, config, digest, rd.file(RunDir.CHECKPOINT))
         model.load_state_dict(ckpt["model"])
@@ -336,7 +346,8 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
 
     val, test = (TensorDataset(*(t.to(device) for t in s.tensors)) for s in (dataset.val, dataset.test))
     order = BatchOrder(len(dataset.train), config.batch_size, config.seed)
-    bar = Progress(config.iterations, desc, initial=start, enabled=progress)
+    bar = Progress(config.iterations, desc, initial=start, evaluations=evaluations_from(start, config),
+                   enabled=progress)
     began = time.perf_counter()
 
     def record(iteration):
@@ -365,7 +376,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
         atomic_write(rd.file(RunDir.CHECKPOINT), lambda tmp: torch.save(state, tmp))
 
     if start == 0:
-        with bar.aside("evaluating"):
+        with bar.evaluating():
             record(0)
         if 0 in snapshots:
             rd.save_tensors(snapshot_name(0), dense_state_dict(model))
@@ -387,7 +398,7 @@ def train(model: nn.Module, dataset: Dataset, masks: Mapping[str, torch.Tensor] 
             if it in snapshots:
                 rd.save_tensors(snapshot_name(it), dense_state_dict(model))
             if it % config.eval_every == 0 or it == config.iterations:
-                with bar.aside("evaluating"):
+                with bar.evaluating():
                     record(it)
             stop = rd is not None and it < config.iterations and supervision.deadline_passed()
             if rd is not None and (stop or config.checkpoint_due(it, time.monotonic() - checkpointed)):

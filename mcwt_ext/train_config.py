@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import UsageError
 from .augment import AUGMENTS, parse_augment
 from .models import arch_spec, scheduled_lr
 from .precision import PRECISIONS, parse_precision
@@ -30,7 +31,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 def _parse_optimizer(text: str) -> str:
     if text not in OPTIMIZERS:
-        raise ValueError(f"{text!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise UsageError(f"{text!r} is not one of {', '.join(OPTIMIZERS)}")
     return text
 
 
@@ -39,20 +40,20 @@ def _parse_milestones(text: str) -> list[int]:
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"{text!r} is not a comma list of iterations") from None
+        raise UsageError(f"{text!r} is not a comma list of iterations") from None
 
 
 def _parse_fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"{text} does not lie in [0, 1)")
+        raise UsageError(f"{text} does not lie in [0, 1)")
     return value
 
 
 def _parse_nonnegative(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < math.inf:
-        raise ValueError(f"{text} is not a number >= 0")
+        raise UsageError(f"{text} is not a number >= 0")
     return value
 
 
@@ -107,35 +108,35 @@ class TrainConfig:
                 continue
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{f.name} must be an int >= {low}, got {value!r}")
+                raise UsageError(f"{f.name} must be an int >= {low}, got {value!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0 \
                 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+            raise UsageError(f"lr must be a positive number, got {self.lr!r}")
         self.lr = float(self.lr)
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise UsageError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
         for name, low, high in (("momentum", 0.0, 1.0), ("weight_decay", 0.0, math.inf),
                                 ("lr_gamma", 0.0, math.inf), ("checkpoint_minutes", 0.0, math.inf)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-                raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
+                raise UsageError(f"{name} must be a number in [{low}, {high}), got {value!r}")
             setattr(self, name, float(value))
         if self.augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {list(AUGMENTS)}, got {self.augment!r}")
+            raise UsageError(f"augment must be one of {list(AUGMENTS)}, got {self.augment!r}")
         if self.optimizer == "adam" and self.momentum:
-            raise ValueError(f"momentum {self.momentum} is SGD's; give optimizer='sgd' (--optimizer sgd)")
+            raise UsageError(f"momentum {self.momentum} is SGD's; give optimizer='sgd' (--optimizer sgd)")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+            raise UsageError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         milestones = self.lr_milestones
         if not isinstance(milestones, (list, tuple)) or any(
                 isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) \
                 or list(milestones) != sorted(set(milestones)):
-            raise ValueError(f"lr_milestones must be increasing ints >= 1, got {milestones!r}")
+            raise UsageError(f"lr_milestones must be increasing ints >= 1, got {milestones!r}")
         self.lr_milestones = list(milestones)  # a list, as in the JSON a resumed run compares with
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
-            raise ValueError(f"device {self.device!r} is not a torch device") from None
+            raise UsageError(f"device {self.device!r} is not a torch device") from None
 
     @classmethod
     def for_arch(cls, arch: str, **overrides) -> "TrainConfig":

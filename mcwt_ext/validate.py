@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numbers
 
+from .errors import UsageError
+
 __all__ = ["check_sparsity", "check_rate", "check_seed"]
 
 
@@ -14,7 +16,7 @@ def _share(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number, got {type(value).__name__}")
     if not 0.0 <= value < 1.0:  # NaN fails too
-        raise ValueError(f"{what} must lie in [0, 1), got {value!r}")
+        raise UsageError(f"{what} must lie in [0, 1), got {value!r}")
     return float(value)
 
 
@@ -33,5 +35,5 @@ def check_seed(value, what: str = "seed") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
     if value < 0:
-        raise ValueError(f"{what} must be an int >= 0, got {value!r}")
+        raise UsageError(f"{what} must be an int >= 0, got {value!r}")
     return int(value)

@@ -32,9 +32,12 @@ def test_bench_training(capsys, threads):
 
 def test_bench_training_precision(capsys, threads):
     _load("bench_training").main(["--device", "cpu", "--threads", "1", "--precision-compare", "--tiny",
-                                  "--eval-images", "60"])
+                                  "--eval-images", "60", "--shapes", "digits,cifar10"])
     out = capsys.readouterr().out
-    assert out.count("| bf16") == 2 and "floor / min" in out and "bf16/fp32 speed-up" in out
+    assert out.count("| bf16 |") == 2 and "floor / min" in out and out.count("bf16/fp32 speed-up") == 2
+    assert "1x8x8 inputs" in out and "3x32x32 inputs" in out
+    side_by_side = out.split("| inputs |", 1)[1].splitlines()
+    assert side_by_side[2].startswith("| digits (1x8x8) |") and side_by_side[3].startswith("| cifar10 (3x32x32) |")
 
 
 def test_bench_connectivity(capsys, threads):

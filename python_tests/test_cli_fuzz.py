@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from mcwt_ext import commands
 from mcwt_ext.cli import main
 from mcwt_ext.data import CIFAR_DIR, CIFAR_TEST_BATCH, CIFAR_TRAIN_BATCHES
+from mcwt_ext.errors import UsageError
 from mcwt_ext.masks import dense_masks
 from mcwt_ext.models import build_model
 from mcwt_ext.runs import RunDir
@@ -372,14 +373,20 @@ def test_a_corrupt_checkpoint_is_one_line_and_kept(tmp_path, capsys):
     assert _tree(out) == before
 
 
-def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
-    """Bugs are not dressed up as bad input."""
+def test_unexpected_errors_are_bugs_with_their_traceback(tmp_path, monkeypatch, capsys):
+    """Bugs are not dressed up as bad input: exit status 1, the traceback kept in a file."""
+    import tempfile
+
     def bug(*args, **kwargs):
         raise KeyError("a bug")
 
     monkeypatch.setattr(commands, "train", bug)
-    with pytest.raises(KeyError):
-        main(["train", *TRAIN, "--out", str(tmp_path / "run")])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["train", *TRAIN, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "internal error (a bug in mcwt" in err and "KeyError: 'a bug'" in err
+    [report] = tmp_path.glob("mcwt-train-*.traceback.txt")
+    assert "Traceback (most recent call last)" in report.read_text()
 
 
 # --- a failed first run, then the corrected retry ------------------------------------------------
@@ -397,7 +404,7 @@ def _fails_late(monkeypatch, module, name: str, out: Path) -> None:
     """``module.name`` raises bad-input news once the run directory is open."""
     def late_failure(*args, **kwargs):
         assert (out / RunDir.CONFIG).is_file()  # it is late: the run directory is open
-        raise ValueError("late: the input turned out bad")
+        raise UsageError("late: the input turned out bad")
 
     monkeypatch.setattr(module, name, late_failure)
 
@@ -439,7 +446,7 @@ def test_sample_retry_after_a_late_failure(inputs, tmp_path, capsys, monkeypatch
 
     def late_failure(*args, **kwargs):
         assert (out / RunDir.CONFIG).is_file()  # it is late: the run directory is open
-        raise ValueError("--fit: layer 0 has no model")
+        raise UsageError("--fit: layer 0 has no model")
 
     monkeypatch.setattr(mcwt_ext.sample, "sample_ticket", late_failure)
     base = ["sample", *MODEL, "--fit", str(inputs["fit"]), "--max-samples", "64", "--quiet", "--out", str(out)]
@@ -464,7 +471,7 @@ def test_fit_retry_after_a_late_failure(inputs, tmp_path, capsys, monkeypatch):
     argv = ["fit", "--ticket", str(inputs["ticket"]), "--max-samples", "64", "--out", str(out)]
     real = mcwt_ext.fit.fit_ticket
     monkeypatch.setattr(mcwt_ext.fit, "fit_ticket", lambda *a, **k: (_ for _ in ()).throw(
-        ValueError("max_weights_per_layer: too few")))
+        UsageError("max_weights_per_layer: too few")))
     with pytest.raises(SystemExit):
         main(argv)
     assert not out.exists() and "too few" in capsys.readouterr().err
@@ -489,7 +496,7 @@ def test_reproduce_retry_after_a_late_failure(tmp_path, capsys, monkeypatch):
 
     def late_failure(cell):
         assert (out / RunDir.CONFIG).is_file()
-        raise ValueError("a cell's input is bad")
+        raise UsageError("a cell's input is bad")
 
     monkeypatch.setattr(grid, "run_cell", late_failure)
     base = ["reproduce", "--dataset", "synthetic", "--seeds", "1", "--eval-every", "1", "--quiet",

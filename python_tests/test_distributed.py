@@ -135,12 +135,12 @@ def _final(run):
 @pytest.mark.slow
 @pytest.mark.numerics
 def test_readme_torchrun_command_runs(tmp_path):
-    """The README's "Scaling out" block, as written: torchrun on 2 processes and the one-process
+    """docs/scaling.md's torchrun block, as written: torchrun on 2 processes and the one-process
     command beside it. float32 rounding differs between them (a gradient summed in two halves),
     and Adam magnifies it, so what holds on any CPU is checked:
     - after one step (the same commands, --iterations 1) every weight lies within
       numerics.adam_step_tolerance of the one-process run's (derived from float32 rounding);
-    - after the README's 200 steps every weight lies within 2 * lr * 200 of it: an Adam step moves a
+    - after docs/scaling.md's 200 steps every weight lies within 2 * lr * 200 of it: an Adam step moves a
       weight by at most about lr (Kingma & Ba 2015, sec. 2.1), so two runs of T steps part by at
       most 2 * lr * T; rounding parts them far less (measured 2.2e-3 to 9.6e-3 on three instruction
       sets, against 0.08). The accuracies lie within two images."""

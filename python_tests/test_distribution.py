@@ -35,9 +35,14 @@ def test_erk_equals_a_hand_computed_case():
 
 
 def test_erk_through_a_model_keeps_the_first_layer_dense():
-    """The hand-computed layers behind a first conv, which stays dense and out of the total;
-    b as a 2 -> 50 Linear (its weight 50x2: the same size and raw share). Negative control:
-    uniform gives every layer 0.5."""
+    """The hand-computed layers behind a first conv, which stays dense and counts towards the total
+    (issue 28: the net keeps what uniform keeps, 18 + 244 = 262, so the pool keeps 262 - 36 = 226);
+    b as a 2 -> 50 Linear (its weight 50x2: the same size and raw share).
+
+    eps = 226 / 90 and eps * 0.52 = 1.31 > 1: b dense (100), eps = 126 / 38; a keeps
+    0.2*100*126/38 = 66.32 and c 0.0625*288*126/38 = 59.68: floors 66 + 59 = 125, one short of
+    126, and c's larger fraction (.68) takes it: 66 and 60. Negative control: uniform gives every
+    layer 0.5."""
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False),   # first: dense
                           nn.Conv2d(4, 8, 3, padding=1, bias=False),   # c
                           nn.Flatten(), nn.AdaptiveAvgPool1d(2),
@@ -47,8 +52,10 @@ def test_erk_through_a_model_keeps_the_first_layer_dense():
     x = torch.zeros(1, 1, 5, 5)
     sparsity = layer_sparsity("conv2", model, x, 0.5, "erk")
     assert list(sparsity) == ["0.weight", "1.weight", "4.weight", "6.weight"]
+    assert 226 / 90 * 0.52 > 1 and 126 / 38 * 0.2 <= 1
+    assert (math.floor(20 * 126 / 38), math.floor(18 * 126 / 38)) == (66, 59)
     assert {n: kept_count(model.get_parameter(n).numel(), 1 - s) for n, s in sparsity.items()} == \
-        {"0.weight": 36, "1.weight": 68, "4.weight": 100, "6.weight": 76}
+        {"0.weight": 36, "1.weight": 60, "4.weight": 100, "6.weight": 66}
     assert layer_sparsity("conv2", model, x, 0.5) == 0.5
 
 
@@ -98,11 +105,12 @@ def _run(tmp_path, argv, name="run"):
 
 
 def _check_erk(masks, sparsity=0.8):
-    """First layer whole; the others keep uniform's total, not uniform's per-layer counts."""
+    """First layer whole; the net keeps uniform's total (the first layer counted, issue 28), not
+    uniform's per-layer counts."""
     names = list(masks)
     assert bool(masks[names[0]].all())
-    kept = {n: int(masks[n].sum()) for n in names[1:]}
-    uniform = {n: kept_count(masks[n].numel(), 1 - sparsity) for n in names[1:]}
+    kept = {n: int(masks[n].sum()) for n in names}
+    uniform = {n: kept_count(masks[n].numel(), 1 - sparsity) for n in names}
     assert sum(kept.values()) == sum(uniform.values()) and kept != uniform
 
 

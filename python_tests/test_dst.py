@@ -253,7 +253,7 @@ def test_dst_cells_train_on_their_own_in_packed_grids(tmp_path):
 
 @pytest.mark.slow
 def test_readme_block_runs_as_written(tmp_path):
-    """The README's dynamic sparse training commands, as written: RigL from a random start, then SET
+    """docs/cli.md's dynamic sparse training commands, as written: RigL from a random start, then SET
     from the masks RigL ends with (the same counts), not from RigL's start."""
     from readme_blocks import block, explain, run_block, sandbox
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mcwt_ext.errors import UsageError
 import torch
 from conftest import IMPORT_ROOT
 from readme_blocks import block, explain, run_block, sandbox
@@ -104,7 +105,8 @@ def test_packs_make_one_task_per_architecture_and_depth(tmp_path):
     tasks = groups(g.cells, None)
     assert [sorted({c.kind for c in t}) for t in tasks[:4]] == [
         sorted(k for k in {c.kind for c in g.cells}
-               if k in ("imp", "random", "random_erk", "rigl", "set", "rigl_erk") or k.startswith("prune_")),
+               if k in ("imp", "random", "random_erk", "random_erk_dense", "rigl", "set", "rigl_erk")
+               or k.startswith("prune_")),
         sorted(["fit", "fit_layer", "fit_pooled_raw", "ablate_shuffle_mask", "ablate_reinit",
                 "ablate_shuffle_values"]),
         sorted(["mcwt_magnitude", "mcwt_connectivity", "mcwt_fit_layer", "mcwt_fit_pooled_raw",
@@ -126,7 +128,7 @@ def test_without_ray_the_executor_is_one_line_naming_the_extra(tmp_path, capsys,
 
 @pytest.mark.slow
 def test_readme_ray_block_runs_as_written(tmp_path):
-    """The README's one-machine Ray command, as written (it starts its own local Ray instance)."""
+    """docs/scaling.md's one-machine Ray command, as written (it starts its own local Ray instance)."""
     box = sandbox(tmp_path)
     text = block("--executor ray")
     done = run_block(text, box, timeout=900)
@@ -168,14 +170,14 @@ def test_a_cells_error_reaches_the_driver_as_the_cells_own(ray_local, tmp_path):
     imp = grid_cell(g.out, "conv2", 0, "imp")
     imp.path.mkdir(parents=True)
     imp.save_json("config.json", dict(command="train", arch="conv4"))
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(UsageError) as e:
         g.run()
-    assert type(e.value) is ValueError and "arch" in str(e.value), e.value
+    assert type(e.value) is UsageError and "arch" in str(e.value), e.value
 
 
 @pytest.mark.slow
 def test_workers_import_the_installed_package_not_a_checkout_in_the_working_directory(tmp_path):
-    """Ray puts the driver's working directory first on its workers' path; the README's commands
+    """Ray puts the driver's working directory first on its workers' path; the commands of docs/scaling.md
     run in a source checkout whose mcwt_ext may be unbuilt. A driver (a script, so its own path
     does not hold its working directory) in a folder whose mcwt_ext/ cannot be imported still
     runs the grid on a local Ray instance that mcwt_ext starts."""

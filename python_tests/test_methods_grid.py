@@ -129,20 +129,36 @@ def test_dst_rows_are_compared_by_the_masks_they_end_with(grid):
 
 @pytest.mark.slow
 def test_erk_rows_start_from_the_erk_counts(grid):
-    """random (ERK) and RigL (ERK): the first conv whole, and over the layers uniform prunes
-    (the first aside) the same total as the uniform random cell, spread otherwise (on these tiny
-    inputs ERK also keeps a small layer whole)."""
+    """random (ERK) and RigL (ERK): the first conv whole, and in all the same total as the uniform
+    random cell (issue 28: the first layer counted), spread otherwise (on these tiny inputs ERK
+    also keeps a small layer whole); ERK's control keeps ERK's whole layers whole and the same
+    total; the header names the whole layers."""
+    from mcwt_ext.distribution import ERK_TOTAL
+
     for seed in (0, 1):
         uniform = grid_cell(grid.out, "conv2", seed, "random").load_tensors(RunDir.MASKS)
-        for cell in ("random_erk", "rigl_erk"):
+        kept = lambda masks: [int(masks[n].sum()) for n in masks]  # noqa: E731
+        whole = lambda masks: [n for n, m in masks.items() if bool(m.all())]  # noqa: E731
+        for cell in ("random_erk", "rigl_erk", "random_erk_dense"):
             rd = grid_cell(grid.out, "conv2", seed, cell)
             erk = rd.load_tensors(RunDir.MASKS)
             first = next(n for n, m in erk.items() if m.dim() == 4 and m.shape[1] == 3)  # 3 image channels
             assert bool(erk[first].all()) and not bool(uniform[first].all()), cell
-            pooled = [n for n in erk if n != first and not bool(uniform[n].all())]
-            kept = lambda masks: [int(masks[n].sum()) for n in pooled]  # noqa: E731
             assert sum(kept(erk)) == sum(kept(uniform)) and kept(erk) != kept(uniform), cell
-            assert rd.load_json(RunDir.CONFIG)["distribution"] == "erk"
+            config = rd.load_json(RunDir.CONFIG)
+            assert (config["distribution"], config["erk_total"]) == (METHODS[cell].distribution, ERK_TOTAL)
+        random_erk, control = (grid_cell(grid.out, "conv2", seed, c).load_tensors(RunDir.MASKS)
+                               for c in ("random_erk", "random_erk_dense"))
+        assert whole(control) == whole(random_erk) and kept(control) != kept(random_erk)
+        assert "distribution" not in grid_cell(grid.out, "conv2", seed, "random").load_json(RunDir.CONFIG)
+    table = (grid.out / GRID_FILES["table_md"]).read_text()
+    header = table.split("### ")[0]
+    assert "- conv2, uniform rows (every other pruned row): dense layers: none;" in header
+    assert f"- conv2, ERK rows ({METHODS['random_erk'].label}, {METHODS['rigl_erk'].label}): dense layers: " \
+           "conv1 `0.weight` (first layer)" in header
+    assert "- conv2, ERK's control" in header
+    layers = _csv(grid.out / GRID_FILES["layers_csv"])
+    assert {r["distribution"] for r in layers} == {"uniform", "erk", "uniform-erk-dense"}
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..data import Dataset
 from ..masks import random_masks
 from ..runs import RunDir, check_identity
@@ -73,17 +74,17 @@ class DstConfig:
 
     def __post_init__(self):
         if self.method not in DST_METHODS:
-            raise ValueError(f"method must be one of {list(DST_METHODS)}, got {self.method!r}")
+            raise UsageError(f"method must be one of {list(DST_METHODS)}, got {self.method!r}")
         if isinstance(self.update_every, bool) or not isinstance(self.update_every, int) \
                 or self.update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1, got {self.update_every!r}")
+            raise UsageError(f"update_every must be an int >= 1, got {self.update_every!r}")
         for name in ("stop_at", "alpha"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+                raise UsageError(f"{name} must be a number in (0, 1], got {value!r}")
         check_seed(self.seed, "seed")
         if self.control != 2:
-            raise ValueError(f"control must be 2 (the reference's control flow), got {self.control!r}")
+            raise UsageError(f"control must be 2 (the reference's control flow), got {self.control!r}")
 
     def end(self, iterations: int) -> int:
         """The step count from which the masks stay fixed."""

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..supervision import BudgetSpent  # raised here when no waiting pack fits
 
 __all__ = ["Budget", "BudgetSpent", "Candidate", "arch_macs", "forward_macs"]
@@ -81,7 +82,7 @@ class Budget:
 
     def __init__(self, seconds: float | None = None, clock=time.monotonic):
         if seconds is not None and not seconds >= 0:
-            raise ValueError(f"time budget: must be non-negative seconds, got {seconds!r}")
+            raise UsageError(f"time budget: must be non-negative seconds, got {seconds!r}")
         self.clock = clock
         self.deadline = None if seconds is None else clock() + seconds
         self.rates: dict[tuple[str, str], dict[int, float]] = {}  # (arch, device type) -> {nets: s/iteration}

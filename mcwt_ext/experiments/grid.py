@@ -15,7 +15,11 @@ the cells go on (IMP prunes and asks for its next round). One pack trains at a t
 the time budget (:mod:`.budget`), and its cells go on as soon as it ends, so a long pack of one
 architecture never holds the next rounds of another. Only one thread runs at a time, so
 the cells' own work never overlaps. Each net keeps its run directory, so a killed pack resumes
-from its checkpoints and the reports read the same files.
+from its checkpoints and the reports read the same files. A training no pack can take (the pack's
+one capability check, :func:`mcwt_ext.lockstep.pack_refusal`: ResNet-20's batch norm and SGD,
+augmentation, ``--precision bf16``) trains alone in its cell's thread with train(), the same run
+as with ``--pack 1``, and the grid says so in one line per architecture and reason: nothing is
+refused because of packing.
 
 Shards (``shard=(i, n)``, a job array over a shared directory) run whole chains of cells
 (:mod:`.shards`), so no shard waits on another process. A lock file in a cell's directory
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from ..models import arch_spec
 from ..runlock import RunBusy, RunLock
 from ..runs import RUNTIME_KEYS, RunDir, grid_cell
@@ -44,6 +49,7 @@ from ..validate import check_seed
 from .methods import CELLS, cells_for, select_methods
 from .packer import Packer, packer_of_this_thread
 from .protocol import PROTOCOLS, Protocol
+from .ray_executor import check_ray, run_on_ray
 from .shards import parse_shard, shard_cells
 
 __all__ = ["CellSettings", "Cell", "Grid", "run_cell", "schedule", "parse_pack", "parse_executor"]
@@ -52,7 +58,7 @@ __all__ = ["CellSettings", "Cell", "Grid", "run_cell", "schedule", "parse_pack",
 def parse_executor(text: str) -> str:
     """``local`` (this process and its workers) or ``ray`` (cells as Ray tasks)."""
     if text not in EXECUTORS:
-        raise ValueError(f"--executor: must be one of {', '.join(EXECUTORS)}, got {text!r}")
+        raise UsageError(f"--executor: must be one of {', '.join(EXECUTORS)}, got {text!r}")
     return text
 
 
@@ -64,7 +70,7 @@ def parse_pack(text: str) -> str | int:
     if str(text) == "auto":
         return "auto"
     if not str(text).isdigit() or int(text) < 1:
-        raise ValueError(f"--pack: must be auto or a positive int (nets per pack), got {text!r}")
+        raise UsageError(f"--pack: must be auto or a positive int (nets per pack), got {text!r}")
     return int(text)
 
 
@@ -143,14 +149,16 @@ class Cell:
     def train(self, model, dataset, masks, config, run_dir, progress=False, desc="train", *,
               snapshot_iterations=()):
         """What cells train with: :func:`mcwt_ext.train.train`, or, when the scheduler packs,
-        the pack that trains this training together with others (same result files)."""
+        the pack that trains this training together with others (same result files); a training
+        no pack can take (:func:`mcwt_ext.lockstep.pack_refusal`) trains alone, as with --pack 1
+        (:meth:`.packer.Packer.train`)."""
         packer = packer_of_this_thread()
         if packer is None:
             from ..train import train
             return train(model, dataset, masks, config, run_dir, progress, desc,
                          snapshot_iterations=snapshot_iterations)
-        from ..lockstep import PackNet
-        return packer.request(self, PackNet(model, masks, config, run_dir, snapshot_iterations), dataset)
+        return packer.train(self, model, dataset, masks, config, run_dir, progress, desc,
+                            snapshot_iterations=snapshot_iterations)
 
 
 def run_cell(cell: Cell) -> tuple:
@@ -177,7 +185,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
     from ..progress import Progress
 
     if jobs > 1 and pack != 1:
-        raise ValueError("jobs: packs train in one process; use --jobs 1 with --pack")
+        raise UsageError("jobs: packs train in one process; use --jobs 1 with --pack")
     pending = {c.key: c for c in cells if not c.done()}
     finished: set[tuple] = set()
     bar = Progress(len(cells), "reproduce", unit="cell", noun="cell", initial=len(cells) - len(pending),
@@ -211,7 +219,7 @@ def schedule(cells: list[Cell], jobs: int = 1, progress: bool = True, *, pack: i
 
     try:
         if pack != 1:
-            packer = Packer(pack, progress, run_cell)
+            packer = Packer(pack, progress, run_cell, budget)
             while pending:
                 for cell in ready():
                     if cell.key not in packer.threads:
@@ -282,7 +290,7 @@ class Grid:
     budget: object = None           # a .budget.Budget: picks the packs; cell by cell, trainings stop at its deadline
     checkpoint_minutes: float | None = None  # overrides the trainings' clock checkpoints (runtime only)
     augment: str | None = None      # training augmentation for every arch; None: each arch's own
-    precision: str = "fp32"         # training arithmetic (mcwt_ext.precision); bf16: no packs
+    precision: str = "fp32"         # training arithmetic (mcwt_ext.precision); bf16 cells train alone
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self):
@@ -293,29 +301,28 @@ class Grid:
         for seed in self.seeds:
             check_seed(seed, "seeds")
         if self.dataset not in DATASETS:
-            raise ValueError(f"dataset: must be one of {list(DATASETS)}, got {self.dataset!r}")
+            raise UsageError(f"dataset: must be one of {list(DATASETS)}, got {self.dataset!r}")
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol: must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
+            raise UsageError(f"protocol: must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
         if not isinstance(self.jobs, int) or self.jobs < 1:
-            raise ValueError(f"jobs: must be a positive int, got {self.jobs!r}")
+            raise UsageError(f"jobs: must be a positive int, got {self.jobs!r}")
         self.pack = parse_pack(self.pack)
         if self.shard is not None:
             self.shard = parse_shard("/".join(map(str, self.shard)))
         if not self.lock_timeout > 0:
-            raise ValueError(f"lock_timeout: must be positive seconds, got {self.lock_timeout!r}")
+            raise UsageError(f"lock_timeout: must be positive seconds, got {self.lock_timeout!r}")
         if self.jobs > 1 and self.pack not in ("auto", 1):
-            raise ValueError("pack: packs train in one process; use jobs=1 with pack > 1")
+            raise UsageError("pack: packs train in one process; use jobs=1 with pack > 1")
         self.executor = parse_executor(self.executor)
         if self.executor == "ray":
-            from .ray_executor import check_ray
             check_ray(self)
         elif self.ray_address is not None:
-            raise ValueError("--ray-address: joins a Ray cluster; give it with --executor ray")
+            raise UsageError("--ray-address: joins a Ray cluster; give it with --executor ray")
         self._check_precision()
         self.methods = select_methods(self.methods)
         kinds = cells_for(self.methods)
         if any(CELLS[k].needs_seed0 for k in kinds) and 0 not in self.seeds:
-            raise ValueError(f"seeds: the methods {self.methods} need seed 0's cells (fit transfer); "
+            raise UsageError(f"seeds: the methods {self.methods} need seed 0's cells (fit transfer); "
                              f"got seeds {self.seeds}")
         self.out = Path(self.out)
         local = self.executor == "local"
@@ -337,10 +344,7 @@ class Grid:
         from ..precision import PRECISIONS, check_precision
 
         if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.precision != "fp32" and self.pack_size() != 1:
-            raise ValueError(f"--precision {self.precision}: packs train in float32; give --pack 1 (--pack auto "
-                             f"packs on CUDA) to train every cell on its own in {self.precision}")
+            raise UsageError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         check_precision(self.precision, self.device)
 
     def settings(self) -> dict:
@@ -372,8 +376,7 @@ class Grid:
         """Run every unfinished cell (of this shard's chains), each after the cells it needs."""
         self.open()
         if self.executor == "ray":
-            from .ray_executor import run_on_ray
-            return run_on_ray(self)
+            return run_on_ray(self, schedule)
         if self.budget is not None:
             self.budget.learn(self.out)
         shard = self.shard

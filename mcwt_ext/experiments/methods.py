@@ -34,6 +34,12 @@ and, for ``reproduce --methods all`` (issue 12; group in brackets)::
     rigl, set           [dst] dynamic sparse training (issue 21) from a random start at the
                         protocol's per-layer sparsity: RigL, SET (mcwt_ext.dst defaults)
     rigl_mcwt           [dst] RigL started from this seed's MCWT (with connectivity) sample
+    random_erk,         [baseline] random masks under ERK (:mod:`mcwt_ext.distribution`: the first
+    rigl_erk            layer dense, the same total kept count as uniform), trained; [dst] RigL
+                        from such a start
+    random_erk_dense    [baseline] ERK's control (issue 28): random masks with ERK's dense layers
+                        dense and the others pruned to one share, the same total, trained: random
+                        (ERK) minus it is ERK's allocation alone, it minus random the dense layers
 
 A method's ``cost`` is what constructing one of its masks took (seconds, one arch and seed):
 the IMP rounds before the ticket for the WT and its ablations, the fit plus sampling for MCWT,
@@ -47,6 +53,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from ..errors import UsageError
 from ..runs import RunDir, grid_cell, load_ticket
 from . import costs
 
@@ -83,6 +90,9 @@ class Method:
     #: seconds to construct one mask: ``cost(cell_dir, seeds)`` with ``cell_dir(cell, seed)`` the
     #: run directory of a cell of this arch (``seed`` None: this seed); None: not measured / no mask
     cost: Callable | None = None
+    #: how its masks spread the sparsity over the layers (:data:`mcwt_ext.distribution.DISTRIBUTIONS`;
+    #: the table's header names each distribution's dense layers)
+    distribution: str = "uniform"
 
 
 CELLS: dict[str, CellKind] = {}
@@ -116,7 +126,7 @@ def select_methods(spec: str | list[str]) -> list[str]:
         spec = [k.strip() for k in spec.split(",") if k.strip()]
     unknown = [k for k in spec if k not in METHODS]
     if unknown or not spec:
-        raise ValueError(f"methods: must be paper, all or a comma list of {', '.join(METHODS)}; "
+        raise UsageError(f"methods: must be paper, all or a comma list of {', '.join(METHODS)}; "
                          f"got {unknown or spec}")
     return [k for k in METHODS if k in spec or k == "wt"]
 
@@ -132,9 +142,11 @@ def cells_for(methods: list[str]) -> list[str]:
 
 
 def register_method(method: Method) -> Method:
-    if method.key in METHODS or method.cell not in CELLS:
-        raise ValueError(f"method {method.key!r}: already registered, or its cell {method.cell!r} "
-                         f"is not")
+    from ..distribution import DISTRIBUTIONS
+
+    if method.key in METHODS or method.cell not in CELLS or method.distribution not in DISTRIBUTIONS:
+        raise ValueError(f"method {method.key!r}: already registered, its cell {method.cell!r} is not, "
+                         f"or its distribution {method.distribution!r} is none of {list(DISTRIBUTIONS)}")
     METHODS[method.key] = method
     return method
 
@@ -155,8 +167,12 @@ def _sparsity(cell, ds, model, distribution: str = "uniform"):
 
 def _distribution_entry(distribution: str) -> dict:
     """What a cell's config records of its distribution: nothing for uniform, so the uniform
-    cells keep the identity they had before ERK existed (and resume from their runs)."""
-    return {} if distribution == "uniform" else dict(distribution=distribution)
+    cells keep the identity they had before ERK existed (and resume from their runs); the others
+    their distribution and the rule of ERK's total (:func:`mcwt_ext.distribution.identity_entry`),
+    so a cell made under the earlier rule (the first layer outside the total) does not resume."""
+    from ..distribution import identity_entry
+
+    return {} if distribution == "uniform" else dict(distribution=distribution, **identity_entry(distribution))
 
 
 @register_cell("imp")
@@ -194,6 +210,7 @@ def _run_random_cell(cell, distribution: str = "uniform") -> None:
 
 register_cell("random")(_run_random_cell)
 register_cell("random_erk")(lambda cell: _run_random_cell(cell, "erk"))
+register_cell("random_erk_dense")(lambda cell: _run_random_cell(cell, "uniform-erk-dense"))
 
 
 def _run_fit_cell(cell, granularity: str) -> None:
@@ -414,5 +431,10 @@ register_method(Method("set", "SET (dynamic sparse training)", "set", group="dst
 register_method(Method("rigl_mcwt", "RigL from the MCWT sample", "rigl_mcwt", group="dst",
                        cost=costs.dst("rigl_mcwt", costs.mcwt("mcwt_connectivity"))))
 register_method(Method("random_erk", "Randomly pruned network (ERK)", "random_erk", group="baseline",
-                       cost=costs.construction("random_erk")))
-register_method(Method("rigl_erk", "RigL (ERK)", "rigl_erk", group="dst", cost=costs.dst("rigl_erk")))
+                       cost=costs.construction("random_erk"), distribution="erk"))
+# issue 28: ERK's control, uniform random pruning with ERK's dense layers, at the same total
+register_method(Method("random_erk_dense", "Randomly pruned network (ERK's dense layers)", "random_erk_dense",
+                       group="baseline", cost=costs.construction("random_erk_dense"),
+                       distribution="uniform-erk-dense"))
+register_method(Method("rigl_erk", "RigL (ERK)", "rigl_erk", group="dst", cost=costs.dst("rigl_erk"),
+                       distribution="erk"))

@@ -1,12 +1,20 @@
 """Packs: cells run in threads of their own, one at a time, until they ask to train; the packer
 trains what they asked for together (:func:`mcwt_ext.lockstep.train_pack`, one pack at a time,
-the time budget's pick: :mod:`.budget`) and lets each cell go on with its result."""
+the time budget's pick: :mod:`.budget`) and lets each cell go on with its result.
+
+A training the pack cannot take (:func:`mcwt_ext.lockstep.pack_refusal`: batch norm, SGD or a
+schedule, augmentation, ``--precision bf16``, ...) is trained at once, alone, in its cell's
+thread by :func:`mcwt_ext.train.train`, exactly as with ``--pack 1`` (same run directory, same
+files, so either resumes the other), and the packer says so once per architecture and reason."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
 import torch
+
+from .. import supervision
 
 __all__ = ["Packer", "packer_of_this_thread", "cell_threads_alive"]
 
@@ -29,14 +37,50 @@ def cell_threads_alive() -> bool:
 class Packer:
     """Runs cells in threads, one at a time, and trains what they ask for in packs."""
 
-    def __init__(self, size: int | None, progress: bool, run_cell):
-        self.size, self.progress, self.run_cell = size, progress, run_cell
+    def __init__(self, size: int | None, progress: bool, run_cell, budget=None):
+        self.size, self.progress, self.run_cell, self.budget = size, progress, run_cell, budget
+        self.said: set[tuple[str, str]] = set()  # (arch, reason) of the trainings said to train alone
         self.turn = threading.Event()      # set by a cell thread when it blocks or ends
         self.requests: dict[tuple, tuple] = {}  # cell key -> (cell, PackNet, dataset, Event, [result])
         self.threads: dict[tuple, threading.Thread] = {}
         self.ended: dict[tuple, BaseException | None] = {}
 
+    @staticmethod
+    def options(device: str | torch.device):
+        """The PackOptions of the packs on ``device`` (a CUDA graph on CUDA)."""
+        from ..lockstep import PackOptions
+
+        return PackOptions(cuda_graph=torch.device(device).type == "cuda")
+
     # -- in a cell thread
+    def train(self, cell, model, dataset, masks, config, run_dir, progress=False, desc="train", *,
+              snapshot_iterations=()):
+        """:meth:`Cell.train` under packs: a training a pack can take waits for its pack; one it
+        cannot (:func:`~mcwt_ext.lockstep.pack_refusal`) trains now, alone, with
+        :func:`mcwt_ext.train.train` (as with ``--pack 1``: the same run), within the time
+        budget's deadline if there is one."""
+        from ..lockstep import PackNet, pack_refusal
+        from ..train import train  # looked up at each call, so a patched train() is the one used
+
+        reason = pack_refusal(model, config, self.options(config.device))
+        if reason is None:
+            return self.request(cell, PackNet(model, masks, config, run_dir, snapshot_iterations), dataset)
+        self.say_alone(cell.arch, reason)
+        left = None if self.budget is None else self.budget.left()
+        deadline = None if left is None or left == float("inf") else time.time() + left
+        with supervision.stopping_at(deadline):
+            return train(model, dataset, masks, config, run_dir, progress, desc,
+                         snapshot_iterations=snapshot_iterations)
+
+    def say_alone(self, arch: str, reason: str) -> None:
+        """One line on stderr, once per architecture and reason: its trainings train alone."""
+        if (arch, reason) in self.said:
+            return
+        self.said.add((arch, reason))
+        size = "auto" if self.size is None else self.size
+        print(f"reproduce: --pack {size}: {arch} cells train one at a time, as with --pack 1 ({reason})",
+              file=sys.stderr, flush=True)
+
     def request(self, cell, net, dataset):
         box = [None]
         go = threading.Event()
@@ -86,10 +130,10 @@ class Packer:
         """Train one pack of the trainings asked for (the budget's pick: see :mod:`.budget`),
         then let its cells go on until they ask again or end (one at a time), so the next pick
         sees their next requests beside the waiting ones."""
-        from ..lockstep import PackOptions, train_pack
+        from ..lockstep import train_pack
         from .budget import Budget, Candidate
 
-        budget = budget or Budget()
+        budget = budget or self.budget or Budget()
         groups: dict[tuple, list] = {}
         for key, req in sorted(self.requests.items()):
             cfg = req[1].config
@@ -103,7 +147,7 @@ class Packer:
             del self.requests[req[0].key]
         device = torch.device(cand.device)
         began = time.perf_counter()
-        results = train_pack([r[1] for r in chunk], chunk[0][2], PackOptions(cuda_graph=device.type == "cuda"),
+        results = train_pack([r[1] for r in chunk], chunk[0][2], self.options(device),
                              self.progress, desc=f"{cand.arch} pack of {m}, {cand.iterations} iterations")
         budget.observe(cand.arch, cand.device, m, cand.iterations, time.perf_counter() - began)
         for (_, _, _, go, box), result in zip(chunk, results):

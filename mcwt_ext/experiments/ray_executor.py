@@ -2,7 +2,8 @@
 retries them, on this machine or on a cluster.
 
 A task runs a *group* of cells in one process, with the local scheduler
-(:func:`.grid.schedule`): one cell when packs are off, or, with packs, every cell of one
+(:func:`.grid.schedule`, which :mod:`.grid` passes in, so that the two modules do not import
+each other): one cell when packs are off, or, with packs, every cell of one
 architecture at one depth of the need graph (IMP and random of every seed, then the fits, then
 the MCWT cells), so their trainings train together as packs (:mod:`.packer`) on the task's GPU.
 A task's arguments hold the object references of the tasks that run its cells' needs, so Ray
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from .methods import CELLS
 
 __all__ = ["RETRIES", "parse_ray_address", "check_ray", "groups", "resources", "init_ray", "run_on_ray"]
@@ -41,7 +43,7 @@ def parse_ray_address(text: str) -> str:
     """``auto``, ``HOST:PORT`` or ``ray://HOST:PORT`` (Ray Client): the cluster to join."""
     host, sep, port = str(text).removeprefix("ray://").rpartition(":")
     if text != "auto" and not (sep and host and port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"--ray-address: must be HOST:PORT (a head started by `ray start --head`), "
+        raise UsageError(f"--ray-address: must be HOST:PORT (a head started by `ray start --head`), "
                          f"ray://HOST:PORT or auto, got {text!r}")
     return text
 
@@ -50,7 +52,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise ValueError("--executor ray: Ray is not installed; install the ray extra: pip install "
+        raise UsageError("--executor ray: Ray is not installed; install the ray extra: pip install "
                          "--no-build-isolation '.[ray]' in the checkout (scripts/install.sh --test does)") from None
     return ray
 
@@ -58,19 +60,19 @@ def _ray():
 def check_ray(grid) -> None:
     """Raise a ValueError naming the flag if ``grid`` cannot run on Ray (before anything is written)."""
     if grid.shard is not None:
-        raise ValueError("--shard: splits a grid over job-array tasks; with --executor ray, Ray places the "
+        raise UsageError("--shard: splits a grid over job-array tasks; with --executor ray, Ray places the "
                          "cells itself: give one or the other")
     if grid.budget is not None:
-        raise ValueError("--time-budget: picks packs within one process; not with --executor ray")
+        raise UsageError("--time-budget: picks packs within one process; not with --executor ray")
     from .. import distributed
 
     if distributed.active():
-        raise ValueError("--executor ray: Ray starts its own processes; run it without torchrun")
+        raise UsageError("--executor ray: Ray starts its own processes; run it without torchrun")
     device = torch.device(grid.device)
     if device.type == "cuda" and device.index is not None:
-        raise ValueError(f"--device {grid.device}: with --executor ray give cuda (Ray picks each task's GPU)")
+        raise UsageError(f"--device {grid.device}: with --executor ray give cuda (Ray picks each task's GPU)")
     if grid.jobs > 1 and device.type != "cuda":
-        raise ValueError("--jobs: with --executor ray, Ray runs as many cells at once as it has CPUs; --jobs J "
+        raise UsageError("--jobs: with --executor ray, Ray runs as many cells at once as it has CPUs; --jobs J "
                          "is for --device cuda (J cells share a GPU)")
     _ray()
 
@@ -96,11 +98,10 @@ def resources(grid) -> dict:
     return dict(num_cpus=1, num_gpus=1 if grid.pack_size() != 1 else 1 / grid.jobs)
 
 
-def _run_group(cells: list, pack: int | None, *needs) -> list[tuple]:
-    """A task: ``cells`` in this process, after ``needs`` (the tasks of their needs, done: Ray
+def _run_group(schedule, cells: list, pack: int | None, *needs) -> list[tuple]:
+    """A task: ``cells`` in this process by ``schedule`` (:func:`.grid.schedule`, passed in: this
+    module imports nothing of the grid's), after ``needs`` (the tasks of their needs, done: Ray
     resolved these references before starting the task)."""
-    from .grid import schedule
-
     schedule(cells, progress=False, pack=pack)
     return [c.key for c in cells]
 
@@ -129,8 +130,9 @@ def init_ray(ray, address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def run_on_ray(grid) -> None:
-    """Run every unfinished cell of ``grid`` as Ray tasks, each after the tasks of its needs."""
+def run_on_ray(grid, schedule) -> None:
+    """Run every unfinished cell of ``grid`` as Ray tasks, each after the tasks of its needs;
+    each task runs its cells with ``schedule`` (:func:`.grid.schedule`)."""
     from ..progress import Progress
 
     ray = _ray()
@@ -144,7 +146,7 @@ def run_on_ray(grid) -> None:
             continue
         needs = {owner[k] for c in todo for k in CELLS[c.kind].need_keys(c.arch, c.seed) if k in owner}
         name = " ".join(map(str, todo[0].key)) + (f" (+{len(todo) - 1})" if len(todo) > 1 else "")
-        ref = task.options(name=name).remote(todo, pack, *needs)
+        ref = task.options(name=name).remote(schedule, todo, pack, *needs)
         refs.append(ref)
         owner.update((c.key, ref) for c in todo)
     total = len(grid.cells)

@@ -1,7 +1,8 @@
 """What a finished (or partial) grid reports: Table 1 (mean ± std over seeds beside the paper's
 numbers, and every row's paired difference to the WT with its interval, :mod:`.stats`), the rows
 against the WT (overlap, dead units, cost), the cost of constructing each kind of mask, and the
-figures (drawn by plots.py)."""
+figures (drawn by plots.py). The table's header names the layers each group of rows keeps whole
+(by its distribution, :mod:`mcwt_ext.distribution`), every layer's kept count in ``layers.csv``."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,8 @@ import math
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 from ..compare import dead_units, overlap_with_ticket, total_dead, total_overlap
 from ..masks import densities
@@ -20,7 +23,7 @@ from .stats import COVERS_ZERO, LEVEL, MIN_SEEDS, Paired, holm, paired_differenc
 
 __all__ = ["METRICS", "method_run", "method_masks", "compare_methods", "comparison_markdown",
            "extra_cost_rows", "method_run", "collect", "write_table_csv", "read_table_csv", "table_markdown",
-           "cost_rows", "cost_markdown", "figures", "report"]
+           "cost_rows", "cost_markdown", "figures", "report", "layer_rows", "dense_layers_markdown"]
 
 METRICS = {
     "val_acc_early_stop": "Validation accuracy at early stop (min. validation loss)",
@@ -32,6 +35,7 @@ TABLE_FIELDS = ["metric", "method", "arch", "n", "mean", "std", "paper",
                 "diff_n", "diff_mean", "diff_low", "diff_high", "diff_covers_zero", "diff_p", "diff_p_holm",
                 "diff_seeds"]
 PER_SEED_FIELDS = ["metric", "method", "arch", "seed", "value"]
+LAYER_FIELDS = ["arch", "distribution", "methods", "layer", "weight", "shape", "size", "kept", "dense"]
 
 
 def method_run(grid_out: Path, arch: str, seed: int, method: str) -> RunDir | None:
@@ -142,6 +146,87 @@ def holm_note(count: int) -> str:
     return (f"This table makes {count} comparisons to the WT at once; each p_Holm is its paired t-test's "
             f"p-value Holm-adjusted over all of them, so that the chance of any false detection in the "
             f"table stays below {1 - LEVEL:.0%}." if count else "")
+
+
+#: How the header names each distribution's rows (:attr:`~.methods.Method.distribution`).
+DISTRIBUTION_TITLES = {"uniform": "uniform rows", "erk": "ERK rows",
+                       "uniform-erk-dense": "ERK's control (ERK's dense layers, the others at one share)"}
+
+
+def layer_labels(kinds: Mapping[str, str]) -> dict[str, str]:
+    """``{weight name: conv1, conv2, ..., fc1, ...}``, numbered per kind in forward order (the
+    output layer is the last fc)."""
+    seen = {"conv": 0, "fc": 0}
+    labels = {}
+    for name, kind in kinds.items():
+        short = "conv" if kind == "conv" else "fc"
+        seen[short] += 1
+        labels[name] = f"{short}{seen[short]}"
+    return labels
+
+
+def _layer_model(grid: Grid, arch: str):
+    """A model of ``arch`` shaped for the grid's data, and an input that traces it: from a cell's
+    ``config.json`` (no data needed), else from the data."""
+    from ..models import build_model, build_model_from_config
+
+    for cell in grid.cells:
+        if cell.arch == arch and cell.dir().exists(RunDir.CONFIG):
+            config = cell.dir().load_json(RunDir.CONFIG)
+            size = config["image_size"]
+            return build_model_from_config(config), torch.zeros(1, config["in_channels"], size, size)
+    from .grid import _dataset
+
+    ds = _dataset(grid.dataset, grid.data_root)
+    return build_model(arch, ds.in_channels, ds.num_classes, ds.image_size, 0), ds.example_input()
+
+
+def layer_rows(grid: Grid) -> list[dict]:
+    """``layers.csv``: every prunable layer of each arch under each distribution of the grid's
+    pruned rows, at the protocol's sparsity, by :func:`mcwt_ext.distribution.layer_counts` (the
+    rule the rows' masks are made by): its size, its kept count and why it is kept whole, if it is."""
+    from ..distribution import DENSE_REASONS, layer_counts
+    from ..masks import layer_kind
+    from .protocol import PROTOCOLS
+
+    groups: dict[str, list[str]] = {}
+    for method in grid.methods:
+        if method != "dense":  # the unpruned network
+            groups.setdefault(METHODS[method].distribution, []).append(method)
+    rows = []
+    for arch in grid.archs:
+        model, x = _layer_model(grid, arch)
+        labels = layer_labels(layer_kind(model, x))
+        for distribution, methods in groups.items():
+            for c in layer_counts(arch, model, x, PROTOCOLS[grid.protocol].sparsity, distribution):
+                rows.append(dict(arch=arch, distribution=distribution, methods=";".join(methods),
+                                 layer=labels[c.name], weight=c.name, shape="x".join(map(str, c.shape)),
+                                 size=c.size, kept=c.kept, dense=DENSE_REASONS[c.dense] if c.dense else ""))
+    return rows
+
+
+def dense_layers_markdown(rows: list[dict]) -> str:
+    """The table header's note on the layers each group of rows keeps whole (from :func:`layer_rows`)."""
+    if not rows:
+        return ""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["distribution"]), []).append(r)
+    several = len({d for _, d in groups}) > 1
+    lines = [f"Layers kept whole, by the rule each row's masks are made by (every layer's count in "
+             f"`{GRID_FILES['layers_csv']}`; the unpruned network aside):"]
+    for (arch, distribution), layers in groups.items():
+        who = ("every other pruned row" if several else "every pruned row") if distribution == "uniform" else \
+            ", ".join(METHODS[m].label for m in layers[0]["methods"].split(";"))
+        dense = ", ".join(f"{r['layer']} `{r['weight']}` ({r['dense']})" for r in layers if r["dense"]) or "none"
+        kept, size = sum(r["kept"] for r in layers), sum(r["size"] for r in layers)
+        lines.append(f"- {arch}, {DISTRIBUTION_TITLES[distribution]} ({who}): dense layers: {dense}; "
+                     f"{kept:,} of {size:,} weights kept")
+    if "uniform-erk-dense" in {d for _, d in groups}:
+        lines.append("\nAll of them keep the same total: random pruning under ERK minus ERK's control is ERK's "
+                     "allocation alone; the control minus uniform random pruning is the dense layers alone "
+                     "(with the weights they take from the other layers).")
+    return "\n".join(lines)
 
 
 def table_markdown(rows: list[dict], archs: list[str], header: str) -> str:
@@ -416,12 +501,16 @@ def report(grid: Grid) -> dict[str, Path]:
     protocol = f"Protocol: `{json.dumps(grid.settings())}`"
     paths = {k: grid.out / name for k, name in GRID_FILES.items()}
     comparison, overlaps = compare_methods(grid)
-    atomic_write(paths["table_md"], table_markdown(rows, grid.archs, f"## Table 1 on {what}\n\n{protocol}")
+    layers = layer_rows(grid)
+    dense = dense_layers_markdown(layers)
+    atomic_write(paths["table_md"], table_markdown(rows, grid.archs, f"## Table 1 on {what}\n\n{protocol}"
+                                                   + (f"\n\n{dense}" if dense else ""))
                  + "\n" + comparison_markdown(comparison) + dst_note(grid))
     write_table_csv(rows, paths["table_csv"])
     _save_csv(paths["per_seed_csv"], per_seed_rows(grid), PER_SEED_FIELDS)
     _save_csv(paths["methods_csv"], comparison, COMPARISON_FIELDS)
     _save_csv(paths["overlap_csv"], overlaps, OVERLAP_FIELDS)
+    _save_csv(paths["layers_csv"], layers, LAYER_FIELDS)
     costs = cost_rows(grid)
     settings = grid.cells[0].settings if grid.cells else None
     costs += extra_cost_rows(comparison, costs, {a: settings.protocol.train_config(

@@ -11,12 +11,9 @@ its chains wait for its rerun. Chain j, counted from 1 in grid order, goes to sh
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
+from ..errors import UsageError
 from .methods import CELLS
-
-if TYPE_CHECKING:
-    from .grid import Cell
 
 __all__ = ["SHARD_RULE", "parse_shard", "chains", "shard_cells"]
 
@@ -29,12 +26,13 @@ def parse_shard(text: str) -> tuple[int, int]:
     """``"I/N"`` -> (I, N), 1 <= I <= N."""
     i, sep, n = str(text).partition("/")
     if not sep or not i.strip().isdigit() or not n.strip().isdigit() or not 1 <= int(i) <= int(n):
-        raise ValueError(f"--shard: must be I/N with 1 <= I <= N (this task's share of N), got {text!r}")
+        raise UsageError(f"--shard: must be I/N with 1 <= I <= N (this task's share of N), got {text!r}")
     return int(i), int(n)
 
 
-def chains(cells: list[Cell]) -> list[list[Cell]]:
-    """The chains of ``cells``, in grid order: each connected component of the need graph goes
+def chains(cells: list) -> list[list]:
+    """The chains of ``cells`` (the grid's :class:`.grid.Cell`; this module imports nothing of the
+    grid's, which imports it), in grid order: each connected component of the need graph goes
     to the (arch, seed) of its first cell, so no cell of one chain needs a cell of another."""
     parent = {c.key: c.key for c in cells}
 
@@ -48,13 +46,13 @@ def chains(cells: list[Cell]) -> list[list[Cell]]:
             if k in parent:  # join the two components under the earlier root: a root is its component's first
                 a, b = sorted((root(c.key), root(k)), key=order.get)
                 parent[b] = a
-    out: dict[tuple, list[Cell]] = {}
+    out: dict[tuple, list] = {}
     for c in cells:
         out.setdefault(root(c.key)[:2], []).append(c)
     return list(out.values())
 
 
-def shard_cells(cells: list[Cell], shard: tuple[int, int]) -> list[Cell]:
+def shard_cells(cells: list, shard: tuple[int, int]) -> list:
     """Shard ``shard=(i, n)``'s share of ``cells``: whole chains, every n-th from the i-th. Says
     which on stderr."""
     every = chains(cells)

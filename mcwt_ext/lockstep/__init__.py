@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -31,39 +30,17 @@ from .. import supervision
 from ..data import Dataset
 from ..progress import Progress
 from ..runs import RunDir, snapshot_name
-from ..train import METRICS_FIELDS, BatchOrder, TrainResult
+from ..train import METRICS_FIELDS, BatchOrder, TrainResult, evaluations_from
+from .capabilities import PACK_CAPABILITIES, PackCapability, pack_refusal, pack_refusals
 from .forward import IMPLS, PRECISIONS, _autocast, _net_losses, pack_forward
 from .nets import PackNet, _checkpoint, _finish, _NetState, _open
+from .options import PackOptions
 
-__all__ = ["PackNet", "PackOptions", "train_pack", "IMPLS", "PRECISIONS", "pack_forward"]
+__all__ = ["PackNet", "PackOptions", "train_pack", "IMPLS", "PRECISIONS", "pack_forward", "PACK_CAPABILITIES",
+           "PackCapability", "pack_refusal", "pack_refusals"]
 
 EVAL_IMAGES = 1000  # images per evaluation batch, summed over the nets evaluated (as evaluate())
 _SHARED_FIELDS = ("iterations", "lr", "batch_size", "device")
-
-
-@dataclass(kw_only=True)
-class PackOptions:
-    """How a pack computes; none of it changes the result beyond float rounding, except
-    ``precision``.
-
-    ``impl``: "grouped" (grouped convolutions + batched matmuls, the default: measured faster on
-    CPU, see benchmarks/RESULTS.md) or "vmap" (``torch.func.vmap`` over ``functional_call``, for
-    any model). ``cuda_graph``: capture the training step in a CUDA graph (CUDA only).
-    ``precision``: "float32" (default; TF32 convolutions where PyTorch enables them), or
-    autocast to "bfloat16"/"float16" (opt-in; recorded in each net's summary and checkpoint, and a
-    run trained in one precision refuses to resume in another)."""
-
-    impl: str = "grouped"
-    cuda_graph: bool = False
-    precision: str = "float32"
-
-    def __post_init__(self):
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {list(IMPLS)}, got {self.impl!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if not isinstance(self.cuda_graph, bool):
-            raise ValueError(f"cuda_graph must be a bool, got {self.cuda_graph!r}")
 
 
 # --- the stacked forward pass ----------------------------------------------------------------
@@ -209,25 +186,29 @@ class _Pack:
 
 # --- the driver -----------------------------------------------------------------------------------
 
-def _check_pack(nets: Sequence[PackNet]) -> None:
+def _check_pack(nets: Sequence[PackNet], options: PackOptions) -> None:
+    """A ValueError if ``nets`` do not make one pack: what a pack cannot train at all is
+    :func:`.capabilities.pack_refusal`'s (the reproduce grid trains such nets alone)."""
     if not nets:
         raise ValueError("nets must hold at least one PackNet")
     first = nets[0]
+    if not isinstance(first, PackNet):
+        raise TypeError(f"nets[0] must be a PackNet, got {type(first).__name__}")
     shapes = {n: tuple(p.shape) for n, p in first.model.state_dict().items()}
     for i, net in enumerate(nets):
         if not isinstance(net, PackNet):
             raise TypeError(f"nets[{i}] must be a PackNet, got {type(net).__name__}")
+        reason = pack_refusal(net.model, net.config, options)
+        if reason is not None:
+            raise ValueError(f"nets[{i}]: {reason}; train it with mcwt_ext.train.train (--pack 1; a "
+                             f"reproduce grid trains such nets alone itself)")
         if {n: tuple(p.shape) for n, p in net.model.state_dict().items()} != shapes:
             raise ValueError(f"nets[{i}] has another architecture than nets[0]; a pack holds one")
-        if dict(net.model.named_buffers()):
-            raise ValueError(f"nets[{i}] has buffers (e.g. batch norm); the pack trains parameter-only nets")
         for name in _SHARED_FIELDS:
             if getattr(net.config, name) != getattr(first.config, name):
                 raise ValueError(f"nets[{i}] has config.{name} {getattr(net.config, name)!r}, nets[0] "
                                  f"{getattr(first.config, name)!r}; the nets of a pack must share "
                                  f"{', '.join(_SHARED_FIELDS)}")
-        if net.config.num_workers:
-            raise ValueError(f"nets[{i}]: num_workers must be 0 in a pack (batches are gathered on the device)")
     dirs = [RunDir(n.run_dir).path.resolve() if not isinstance(n.run_dir, RunDir) else n.run_dir.path.resolve()
             for n in nets if n.run_dir is not None]
     if len(set(dirs)) != len(dirs):
@@ -260,23 +241,10 @@ def train_pack(nets: Sequence[PackNet], dataset: Dataset, options: PackOptions |
     options = options or PackOptions()
     if not isinstance(options, PackOptions):
         raise TypeError(f"options must be a PackOptions, got {type(options).__name__}")
-    _check_pack(nets)
+    _check_pack(nets, options)
     device = torch.device(nets[0].config.device)
     if options.cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
-    plain_adam = dict(optimizer="adam", weight_decay=0.0, warmup_iterations=0, lr_milestones=[])
-    for net in nets:  # the stacked optimiser is Adam at a constant rate (the Conv nets' protocol)
-        other = {k: getattr(net.config, k) for k in plain_adam if getattr(net.config, k) != plain_adam[k]}
-        if other:
-            raise ValueError(f"a pack trains with Adam at a constant rate; this net's config sets "
-                             f"{other} (train it with mcwt_ext.train.train)")
-        if net.config.precision != "fp32":  # a pack's precision is PackOptions.precision
-            raise ValueError(f"--precision {net.config.precision}: a pack trains in "
-                             f"PackOptions.precision; train this net with mcwt_ext.train.train "
-                             f"(--pack 1)")
-        if net.config.augment != "none":  # batches are gathered on the device, unaugmented
-            raise ValueError(f"a pack trains without augmentation; this net's config sets augment "
-                             f"{net.config.augment!r} (train it with mcwt_ext.train.train, e.g. --pack 1)")
     states = [_open(net, options, device) for net in nets]
     iterations = nets[0].config.iterations
     extra = dict(pack_size=len(nets), impl=options.impl, precision=options.precision,
@@ -284,7 +252,8 @@ def train_pack(nets: Sequence[PackNet], dataset: Dataset, options: PackOptions |
                  matmul_precision=torch.get_float32_matmul_precision(), pack_wall_time_s=0.0)
     todo = [st for st in states if st.result is None]
     bar = Progress(iterations * len(todo), desc, unit="net-step", noun="net-step",
-                   initial=sum(st.iteration for st in todo), enabled=progress)
+                   initial=sum(st.iteration for st in todo),
+                   evaluations=sum(evaluations_from(st.iteration, st.net.config) for st in todo), enabled=progress)
     try:
         while todo:
             start = min(st.iteration for st in todo)
@@ -331,7 +300,7 @@ def _train_stage(stage: list[_NetState], dataset: Dataset, options: PackOptions,
                 st.rd.save_tensors(snapshot_name(it), pack.net_weights(j))
 
     if start == 0:
-        with bar.aside("evaluating"):
+        with bar.evaluating(len(stage)):
             record(0, list(range(len(stage))))
         snapshot(0)
     checkpointed = [time.monotonic()] * len(stage)  # per net: when its last checkpoint was written
@@ -349,7 +318,7 @@ def _train_stage(stage: list[_NetState], dataset: Dataset, options: PackOptions,
         snapshot(it)
         due = [j for j, st in enumerate(stage) if it % st.net.config.eval_every == 0 or it == iterations]
         if due:
-            with bar.aside("evaluating"):
+            with bar.evaluating(len(due)):
                 record(it, due)
         now = time.monotonic()
         ckpt = [j for j, st in enumerate(stage)

@@ -13,6 +13,25 @@ from torch import nn
 
 IMPLS = ("grouped", "vmap")
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_GROUPED_LAYERS = (nn.Conv2d, nn.Linear, nn.Flatten, nn.ReLU, nn.MaxPool2d)
+
+
+def grouped_layout_problem(model: nn.Module) -> str | None:
+    """Why the ``grouped`` forward cannot run ``model`` (None: it can): it runs an
+    ``nn.Sequential`` of Conv2d, ReLU and MaxPool2d layers, a Flatten, then Linear and ReLU
+    layers (what :func:`_grouped_forward` raises on at run time, read off the structure)."""
+    if not isinstance(model, nn.Sequential):
+        return f"needs an nn.Sequential model, got {type(model).__name__}"
+    flat = False
+    for name, module in model.named_children():
+        if not isinstance(module, _GROUPED_LAYERS):
+            return f"does not run layer {name!r} ({type(module).__name__})"
+        if isinstance(module, nn.Linear) and not flat:
+            return f"needs a Flatten before the first Linear (layer {name!r})"
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.Flatten)) and flat:
+            return f"runs no {type(module).__name__} after the Flatten (layer {name!r})"
+        flat = flat or isinstance(module, nn.Flatten)
+    return None if flat else "needs a model that ends in Linear layers after a Flatten"
 
 
 def _grouped_forward(model: nn.Sequential, params: Mapping[str, torch.Tensor], x: torch.Tensor,

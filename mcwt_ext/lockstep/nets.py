@@ -6,18 +6,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..masks import apply_masks, check_masks
+from ..errors import UsageError
 from ..runs import RunDir, atomic_write
 from ..train import TrainConfig, TrainResult, _check_same_run, _masks_digest, _read_history, _summary
-
-
-if TYPE_CHECKING:
-    from . import PackOptions
+from .options import PackOptions
 
 CHECKPOINT = RunDir.CHECKPOINT
 
@@ -67,7 +64,7 @@ def _check_resumable(stored: dict, config: TrainConfig, options: PackOptions, di
     stored_precision = stored["config"].get("precision", "fp32")
     stored_precision = "float32" if stored_precision == "fp32" else stored_precision  # TrainConfig's name
     if stored_precision != options.precision:
-        raise ValueError(f"{where} was trained in {stored_precision}, not {options.precision}; "
+        raise UsageError(f"{where} was trained in {stored_precision}, not {options.precision}; "
                          f"use the same precision or a fresh run directory")
     stored = dict(stored, config={k: v for k, v in stored["config"].items() if k != "precision"})
     _check_same_run(stored, config, digest, where)
