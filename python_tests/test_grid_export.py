@@ -95,8 +95,10 @@ def test_a_time_budget_stops_a_cell_by_cell_grid_mid_training_and_exports_it(ref
     took = time.monotonic() - began
     assert result.returncode == 0, result.stderr
     assert "time budget spent: the time budget ran out at iteration" in result.stderr
-    # the budget counts from the command's start; then one step, a checkpoint and the export
-    assert took <= 12 + 10, took
+    # the budget counts from the command's start; then one step, a checkpoint and the export, a
+    # few seconds idle (23.9 s in all measured at load 9 on 2 cores); the grid unstopped runs for
+    # minutes, so this still tells a stop in time from none
+    assert took <= 12 + 20, took
     assert not (tmp_path / "a" / "table.csv").exists()
     checkpoints = _manifest(bundle)["checkpoints"]
     assert len(checkpoints) == 1 and _checkpoint_iteration(bundle, checkpoints[0]) > 0
