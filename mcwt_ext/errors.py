@@ -17,6 +17,8 @@ import sys
 import tempfile
 import traceback
 
+from ._version import __version__
+
 __all__ = ["UsageError", "MissingFileError", "report_bug"]
 
 
@@ -36,8 +38,6 @@ def _one_line(text: str) -> str:
 def _write_traceback(error: BaseException, argv: list[str]) -> str | None:
     """The path of a new file holding the command line and ``error``'s traceback; None if no
     file can be written (then the caller prints the traceback)."""
-    from ._version import __version__
-
     text = (f"mcwt {shlex.join(argv)}\nmcwt_ext {__version__}, Python {sys.version.split()[0]}\n\n"
             + "".join(traceback.format_exception(type(error), error, error.__traceback__)))
     try:
